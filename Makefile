@@ -1,0 +1,44 @@
+# medcnn: `make run` (whole pipeline), `make test`, `make ui`. Everything runs inside .venv,
+# created and filled from requirements.lock by `make setup` (idempotent; instant when the
+# lock and pyproject.toml are unchanged).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed
+# This project's machines carry the CPU build of torch in /opt/wheels; elsewhere pip's index is used.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+export PATH := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: setup run test test-fast ui lock clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(FIND_LINKS) --no-deps -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+run: setup
+	dvc repro
+	python -m pipeline.summary
+
+test: setup
+	python -m pytest
+
+test-fast: setup
+	python -m pytest -m "not slow"
+
+ui: setup
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
+
+# Re-pin after changing dependencies in pyproject.toml (run in a fresh venv with torch==2.13.0).
+lock:
+	{ sed -n '1,3p' requirements.lock; $(BIN)/python -m pip freeze --all --exclude-editable \
+	  | grep -v -E '^(pip|medcnn)==' | sed 's/+cpu$$//' | LC_ALL=C sort -f; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,171 @@
+"""Network definitions, a builder from config, and the checkpoint format.
+
+Every network takes images scaled to [0, 1] (N×C×H×W) and returns class logits. Input
+standardisation (mean/std of the training split) is a fixed buffer inside the model, so a
+checkpoint is self-contained and Captum attributes in the image's own [0, 1] space. ReLUs are
+never in-place, which some Captum methods require.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.errors import PipelineError
+from pipeline.files import write_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a network before loading its weights."""
+
+    name: str
+    in_channels: int
+    num_classes: int
+    image_size: int
+    width: int
+    mean: float
+    std: float
+
+
+class SeedCNN(nn.Module):
+    """The seed design, exactly: Conv2d(C,16,3,p=1) → ReLU → MaxPool2d(2) → Linear(→128) → ReLU → Linear."""
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 16, kernel_size=3, padding=1),
+            nn.ReLU(inplace=False),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(16 * (image_size // 2) ** 2, 128),
+            nn.ReLU(inplace=False),
+            nn.Linear(128, num_classes),
+        )
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        return self.features[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class SmallCNN(nn.Module):
+    """Three conv → batch norm → ReLU → max-pool blocks (width w, 2w, 4w), global pooling, linear.
+
+    Global max and average pooling are concatenated: max pooling suits detection (one small
+    finding anywhere decides the class), average pooling keeps diffuse evidence.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, width: int) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        channels = in_channels
+        for out in (width, 2 * width, 4 * width):
+            blocks += [
+                nn.Conv2d(channels, out, kernel_size=3, padding=1, bias=False),
+                nn.BatchNorm2d(out),
+                nn.ReLU(inplace=False),
+                nn.Conv2d(out, out, kernel_size=3, padding=1, bias=False),
+                nn.BatchNorm2d(out),
+                nn.ReLU(inplace=False),
+                nn.MaxPool2d(2),
+            ]
+            channels = out
+        self.features = nn.Sequential(*blocks)
+        self.classifier = nn.Linear(2 * channels, num_classes)
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        return self.features[-2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps = self.features(x)
+        pooled = torch.cat([maps.amax(dim=(2, 3)), maps.mean(dim=(2, 3))], dim=1)
+        return self.classifier(pooled)
+
+
+class Classifier(nn.Module):
+    """A network behind a fixed input standardisation; what every stage loads and calls."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.register_buffer("mean", torch.tensor(config.mean, dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(config.std, dtype=torch.float32))
+        self.net = _build_net(config)
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        """The layer Grad-CAM reads: the last convolutional feature map."""
+        return self.net.cam_layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+def _build_net(config: ModelConfig) -> nn.Module:
+    if config.name == "seed_cnn":
+        return SeedCNN(config.in_channels, config.num_classes, config.image_size)
+    if config.name == "small_cnn":
+        return SmallCNN(config.in_channels, config.num_classes, config.width)
+    raise PipelineError(f"unknown model '{config.name}'")
+
+
+def build_model(config: ModelConfig) -> Classifier:
+    return Classifier(config)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_checkpoint(path: str | Path, model: Classifier, extra: dict[str, Any]) -> None:
+    """state_dict + config (+ plain ``extra``), loadable with ``torch.load(weights_only=True)``.
+
+    Saved through an in-memory buffer: torch embeds the file name in the archive, so writing
+    to a temporary name and renaming would change the bytes from run to run.
+    """
+    buffer = io.BytesIO()
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"config": dataclasses.asdict(model.config), "state_dict": state, **extra}, buffer)
+    write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: str | Path) -> tuple[Classifier, dict[str, Any]]:
+    """The model in eval mode and the checkpoint's other entries."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: model checkpoint not found (run the train stage first)") from None
+    model = build_model(ModelConfig(**checkpoint.pop("config")))
+    model.load_state_dict(checkpoint.pop("state_dict"))
+    model.eval()
+    return model, checkpoint
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """N×H×W×C uint8 → N×C×H×W float32 in [0, 1], the input every network expects."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, images: np.ndarray, batch_size: int = 256,
+                  device: torch.device | None = None) -> np.ndarray:
+    """Softmax probabilities (N×K float64) for uint8 images, in batches, in eval mode."""
+    device = device or torch.device("cpu")
+    model.eval()
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        batch = images_to_tensor(np.asarray(images[start:start + batch_size])).to(device)
+        chunks.append(torch.softmax(model(batch), dim=1).double().cpu().numpy())
+    return np.concatenate(chunks)

@@ -1,0 +1,244 @@
+"""Typed, validated view of ``params.yaml``.
+
+One frozen dataclass per section, field names identical to the YAML keys. Building them is
+strict: an unknown key, a missing key, a value of the wrong type or an unknown choice fails
+with a :class:`PipelineError` naming the file and the dotted key, so a typo in
+``dvc exp run -S train.lrr=0.1`` can never be silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+DATA_SOURCES = ("phantom", "npz")
+BALANCE_STRATEGIES = ("none", "class_weight", "oversample", "undersample", "smote")
+MODELS = ("seed_cnn", "small_cnn")
+OPTIMIZERS = ("sgd", "adamw")
+DEVICES = ("auto", "cpu", "cuda")
+EXPLAIN_METHODS = ("saliency", "integrated_gradients", "grad_cam")
+
+
+@dataclasses.dataclass(frozen=True)
+class PhantomParams:
+    """Settings of the built-in simulated scans (see :mod:`pipeline.phantom`)."""
+
+    image_size: int
+    n_train: int
+    n_val: int
+    n_test: int
+    prevalence: float
+    lesion_contrast: float
+    lesion_radius: tuple[float, float]
+    lookalikes: float
+    noise: float
+
+    def __post_init__(self) -> None:
+        _check(self.image_size >= 16, "data.phantom.image_size", "must be at least 16")
+        for key in ("n_train", "n_val", "n_test"):
+            _check(getattr(self, key) >= 4, f"data.phantom.{key}", "must be at least 4")
+        _check(0.0 < self.prevalence < 1.0, "data.phantom.prevalence", "must lie in (0, 1)")
+        _check(self.lesion_contrast > 0, "data.phantom.lesion_contrast", "must be positive")
+        low, high = self.lesion_radius
+        _check(0 < low <= high, "data.phantom.lesion_radius", "must be [min, max] with 0 < min <= max")
+        _check(self.lookalikes >= 0, "data.phantom.lookalikes", "must be >= 0")
+        _check(self.noise >= 0, "data.phantom.noise", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParams:
+    source: str
+    path: Union[str, None]
+    class_names: tuple[str, ...]
+    phantom: PhantomParams
+
+    def __post_init__(self) -> None:
+        _choice(self.source, DATA_SOURCES, "data.source")
+        if self.source != "phantom":
+            _check(bool(self.path), "data.path", f"must name the input file for data.source={self.source}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BalanceParams:
+    strategy: str
+    smote_k_neighbors: int
+
+    def __post_init__(self) -> None:
+        _choice(self.strategy, BALANCE_STRATEGIES, "balance.strategy")
+        _check(self.smote_k_neighbors >= 1, "balance.smote_k_neighbors", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainParams:
+    model: str
+    width: int
+    optimizer: str
+    lr: float
+    momentum: float
+    weight_decay: float
+    batch_size: int
+    epochs: int
+    patience: int
+    threads: int
+    device: str
+
+    def __post_init__(self) -> None:
+        _choice(self.model, MODELS, "train.model")
+        _choice(self.optimizer, OPTIMIZERS, "train.optimizer")
+        _choice(self.device, DEVICES, "train.device")
+        _check(self.width >= 1, "train.width", "must be >= 1")
+        _check(self.lr > 0, "train.lr", "must be positive")
+        _check(0 <= self.momentum < 1, "train.momentum", "must lie in [0, 1)")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _check(self.patience >= 1, "train.patience", "must be >= 1")
+        _check(self.threads >= 1, "train.threads", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateParams:
+    positive_class: int
+    batch_size: int
+
+    def __post_init__(self) -> None:
+        _check(self.positive_class >= 0, "evaluate.positive_class", "must be >= 0")
+        _check(self.batch_size >= 1, "evaluate.batch_size", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExplainParams:
+    methods: tuple[str, ...]
+    per_class: int
+    ig_steps: int
+
+    def __post_init__(self) -> None:
+        _check(len(self.methods) > 0, "explain.methods", "must name at least one method")
+        for method in self.methods:
+            _choice(method, EXPLAIN_METHODS, "explain.methods")
+        _check(self.per_class >= 1, "explain.per_class", "must be >= 1")
+        _check(self.ig_steps >= 2, "explain.ig_steps", "must be >= 2")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportParams:
+    title: str
+    intended_use: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackParams:
+    experiment: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    seed: int
+    data: DataParams
+    balance: BalanceParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    explain: ExplainParams
+    report: ReportParams
+    track: TrackParams
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; every problem is a :class:`PipelineError`."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: params file not found") from None
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{path}: not valid YAML ({exc})") from None
+    try:
+        return build(Params, raw, "")
+    except PipelineError as exc:
+        raise PipelineError(f"{path}: {exc}") from None
+
+
+def as_dict(params: Any) -> dict[str, Any]:
+    """Params back to plain YAML-like data (tuples become lists)."""
+    return _plain(dataclasses.asdict(params))
+
+
+def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 0.1}}`` -> ``{"train.lr": 0.1}``, the names MLflow and DVC show."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def build(cls: type, raw: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown and missing keys."""
+    if not isinstance(raw, dict):
+        raise PipelineError(f"'{where or 'top level'}' must be a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise PipelineError(f"unknown key '{_join(where, unknown[0])}' (expected one of: {', '.join(fields)})")
+    missing = [name for name in fields if name not in raw]
+    if missing:
+        raise PipelineError(f"missing key '{_join(where, missing[0])}'")
+    hints = typing.get_type_hints(cls)
+    values = {name: _coerce(hints[name], raw[name], _join(where, name)) for name in fields}
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, where)
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise PipelineError(f"'{where}' must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise PipelineError(f"'{where}' must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    raise PipelineError(f"'{where}' must be {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _check(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+        raise PipelineError(f"'{key}' {problem}")
+
+
+def _choice(value: str, choices: tuple[str, ...], key: str) -> None:
+    _check(value in choices, key, f"is {value!r}; choose one of: {', '.join(choices)}")

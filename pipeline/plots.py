@@ -1,0 +1,91 @@
+"""Figures written as PNG (offline reviewers cannot load DVC's Vega-from-CDN plots).
+
+Matplotlib runs on the Agg backend: no display is needed. Each function writes one file
+atomically and closes its figure.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
+import numpy as np  # noqa: E402
+
+from pipeline.files import write_bytes  # noqa: E402
+
+
+def save_figure(fig: "plt.Figure", path: str | Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    write_bytes(path, buffer.getvalue())
+
+
+def plot_history(history: Sequence[dict[str, float]], path: str | Path) -> None:
+    """Training and validation loss and AUC per epoch."""
+    epochs = [row["epoch"] for row in history]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, key in zip(axes, ("loss", "roc_auc")):
+        for split, style in (("train", "-o"), ("val", "-s")):
+            values = [row[f"{split}_{key}"] for row in history]
+            ax.plot(epochs, [np.nan if v is None else v for v in values], style, ms=3, label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    save_figure(fig, path)
+
+
+def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: str | Path) -> None:
+    """One ROC curve per name: (fpr, tpr, auc)."""
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    for name, (fpr, tpr, auc) in curves.items():
+        ax.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set_xlabel("false positive rate (1 - specificity)")
+    ax.set_ylabel("true positive rate (sensitivity)")
+    ax.legend(loc="lower right", fontsize=8)
+    save_figure(fig, path)
+
+
+def plot_confusion(matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: str | Path) -> None:
+    cm = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(cm), 1 + 0.7 * len(cm)))
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), value in np.ndenumerate(cm):
+        ax.text(j, i, str(value), ha="center", va="center", color="white" if value > cm.max() / 2 else "black")
+    ax.set_xticks(range(len(cm)), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(cm)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    save_figure(fig, path)
+
+
+def plot_attributions(image: np.ndarray, maps: dict[str, np.ndarray], title: str, path: str | Path,
+                      mask: np.ndarray | None = None) -> None:
+    """The image, then each method's map blended over it (lesion outline where known).
+
+    ``image`` is H×W×C in [0, 1]; each map is H×W, normalised here to its own maximum
+    absolute value so methods with different scales can be read side by side.
+    """
+    gray = image.mean(axis=2) if image.shape[2] == 3 else image[..., 0]
+    shown = image if image.shape[2] == 3 else gray
+    fig, axes = plt.subplots(1, 1 + len(maps), figsize=(2.4 * (1 + len(maps)), 2.7))
+    axes[0].imshow(shown, cmap=None if image.shape[2] == 3 else "gray", vmin=0, vmax=1)
+    axes[0].set_title("image", fontsize=9)
+    for ax, (name, attribution) in zip(axes[1:], maps.items()):
+        scale = float(np.abs(attribution).max()) or 1.0
+        ax.imshow(gray, cmap="gray", vmin=0, vmax=1)
+        ax.imshow(attribution / scale, cmap="bwr", vmin=-1, vmax=1, alpha=0.55)
+        ax.set_title(name, fontsize=9)
+    for ax in axes:
+        if mask is not None and mask.any():
+            ax.contour(mask, levels=[0.5], colors="lime", linewidths=0.8)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    save_figure(fig, path)

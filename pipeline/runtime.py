@@ -1,0 +1,73 @@
+"""Process-wide settings every stage shares: seeding, threads, device, logging, entry point."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+from pipeline.params import Params, load_params
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the global generators that third-party code may still use.
+
+    Project code passes explicit ``numpy.random.Generator``/``torch.Generator`` objects; this
+    only guards against libraries that draw from global state.
+    """
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def configure_torch(threads: int, deterministic: bool = True) -> None:
+    """Fix the thread count and ask for deterministic kernels (same seed => same bytes)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
+def select_device(name: str) -> "torch.device":  # noqa: F821 - torch imported lazily
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("train.device is 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def stage_main(description: str, run: Callable[[Params], object]) -> None:
+    """Command-line entry point shared by every stage.
+
+    Parses ``--params``, configures logging, loads params, seeds, and runs the stage. A
+    :class:`PipelineError` becomes one line on stderr and exit code 1 (no traceback).
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default="params.yaml", type=Path, help="params file (default: params.yaml)")
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=os.environ.get("MEDCNN_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        params = load_params(args.params)
+        seed_everything(params.seed)
+        run(params)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)

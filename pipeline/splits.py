@@ -1,0 +1,46 @@
+"""The prepared dataset on disk: ``data/prepared/{train,val,test}/*.npy`` plus ``meta.json``.
+
+Arrays are plain ``.npy`` (no pickle) so later stages can memory-map them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+from pipeline.files import load_npy, read_json, save_npy, write_json
+
+SPLITS = ("train", "val", "test")
+ARRAYS = ("images", "labels", "ids", "masks")
+
+
+def save_split(root: Path, split: str, data: dict[str, np.ndarray]) -> dict[str, str]:
+    """Write one split's arrays; returns the written file names relative to ``root``."""
+    written = {}
+    for name in ARRAYS:
+        if name in data:
+            path = root / split / f"{name}.npy"
+            save_npy(path, data[name])
+            written[name] = path.relative_to(root).as_posix()
+    return written
+
+
+def load_split(root: str | Path, split: str, mmap: bool = False) -> dict[str, np.ndarray]:
+    folder = Path(root) / split
+    if not (folder / "images.npy").is_file():
+        raise PipelineError(f"{folder}: prepared split not found (run the prepare stage first)")
+    return {name: load_npy(folder / f"{name}.npy", mmap=mmap) for name in ARRAYS if (folder / f"{name}.npy").is_file()}
+
+
+def save_meta(root: Path, meta: dict[str, Any]) -> None:
+    write_json(root / "meta.json", meta)
+
+
+def load_meta(root: str | Path) -> dict[str, Any]:
+    path = Path(root) / "meta.json"
+    if not path.is_file():
+        raise PipelineError(f"{path}: not found (run the prepare stage first)")
+    return read_json(path)

@@ -1,0 +1,182 @@
+"""Stage 3, train: fit the configured CNN, keep the checkpoint with the best validation AUC.
+
+Writes ``models/model.pt`` (state_dict + model config, loadable with
+``torch.load(weights_only=True)``), ``reports/train/history.csv`` (per-epoch train/val loss,
+accuracy and AUC), ``reports/train/metrics.json``, ``reports/train/curves.png`` and
+``reports/train/timing.json`` (wall time lives apart from metrics so metrics stay
+byte-identical between runs).
+
+Determinism: one seeded ``torch.Generator`` drives initialisation and shuffling, thread count
+comes from params, deterministic kernels are requested: same params + seed ⇒ same bytes on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pipeline import paths
+from pipeline.errors import PipelineError
+from pipeline.files import load_npy, read_json, write_csv, write_json
+from pipeline.metrics import roc_auc
+from pipeline.models import (Classifier, ModelConfig, build_model, count_parameters, predict_proba,
+                             save_checkpoint)
+from pipeline.params import Params, TrainParams
+from pipeline.plots import plot_history
+from pipeline.runtime import configure_torch, select_device, stage_main
+from pipeline.splits import load_meta, load_split
+
+log = logging.getLogger(__name__)
+
+HISTORY_COLUMNS = ("epoch", "train_loss", "train_accuracy", "train_roc_auc", "val_loss", "val_accuracy", "val_roc_auc")
+
+
+def load_training_set(prepared: Path, balanced: Path) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """The balanced training images/labels (resampled rows + synthetic images) and class weights."""
+    train = load_split(prepared, "train")
+    if not (balanced / "indices.npy").is_file():
+        raise PipelineError(f"{balanced}: balanced training set not found (run the balance stage first)")
+    indices = load_npy(balanced / "indices.npy")
+    images = np.concatenate([train["images"][indices], load_npy(balanced / "synthetic_images.npy")])
+    labels = np.concatenate([train["labels"][indices], load_npy(balanced / "synthetic_labels.npy")])
+    return images, labels, read_json(balanced / "class_weights.json")
+
+
+def make_optimizer(model: nn.Module, cfg: TrainParams) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train_epoch(model: Classifier, images: torch.Tensor, labels: torch.Tensor, loss_fn: nn.Module,
+                optimizer: torch.optim.Optimizer, cfg: TrainParams, generator: torch.Generator,
+                device: torch.device, epoch: int) -> dict[str, float | None]:
+    """One pass over a seeded permutation of the training set; loss/accuracy/AUC as seen in training."""
+    model.train()
+    order = torch.randperm(len(labels), generator=generator)
+    total_loss, probs = 0.0, []
+    batches = range(0, len(order), cfg.batch_size)
+    for start in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=None):
+        idx = order[start:start + cfg.batch_size]
+        x = images[idx].to(device).float().div_(255.0)
+        y = labels[idx].to(device)
+        logits = model(x)
+        loss = loss_fn(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * len(idx)  # .item() syncs with the device; once per batch is fine
+        probs.append(torch.softmax(logits.detach(), dim=1).double().cpu())
+    seen = labels[order].numpy()
+    probs_np = torch.cat(probs).numpy()
+    return {
+        "loss": total_loss / len(order),
+        "accuracy": float((probs_np.argmax(1) == seen).mean()),
+        "roc_auc": roc_auc(seen, probs_np),
+    }
+
+
+def evaluate_split(model: Classifier, images: np.ndarray, labels: np.ndarray, loss_fn: nn.Module,
+                   device: torch.device) -> dict[str, float | None]:
+    probs = predict_proba(model, images, device=device)
+    loss = loss_fn(torch.log(torch.from_numpy(probs).float().clamp_min(1e-12)).to(device),
+                   torch.from_numpy(labels).to(device))
+    return {"loss": float(loss), "accuracy": float((probs.argmax(1) == labels).mean()), "roc_auc": roc_auc(labels, probs)}
+
+
+def fit(params: Params, images: np.ndarray, labels: np.ndarray, weights: list[float], val: dict[str, np.ndarray],
+        meta: dict[str, Any]) -> tuple[Classifier, list[dict[str, Any]], int]:
+    """Train with early stopping on validation AUC; returns the best model, history, best epoch."""
+    cfg = params.train
+    configure_torch(cfg.threads)
+    device = select_device(cfg.device)
+    height, width = meta["image_size"]
+    if cfg.model == "seed_cnn" and height != width:
+        raise PipelineError(f"train.model=seed_cnn needs square images, got {height}x{width}")
+    generator = torch.Generator().manual_seed(params.seed)
+    scaled = images.astype(np.float64) / 255.0
+    config = ModelConfig(name=cfg.model, in_channels=meta["channels"], num_classes=meta["num_classes"],
+                         image_size=height, width=cfg.width, mean=round(float(scaled.mean()), 6),
+                         std=round(float(scaled.std()) or 1.0, 6))
+    torch.manual_seed(params.seed)  # weight initialisation draws from the global generator
+    model = build_model(config).to(device)
+    optimizer = make_optimizer(model, cfg)
+    # Cross-entropy over log-probabilities: the same weighted loss for training logits and
+    # validation probabilities.
+    weight = torch.tensor(weights, dtype=torch.float32, device=device)
+    train_loss = nn.CrossEntropyLoss(weight=weight)
+    val_loss = nn.NLLLoss(weight=weight)
+    # Kept as N×C×H×W uint8 (4× smaller than float); each batch is scaled to [0, 1] on the fly.
+    x_train = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    y_train = torch.from_numpy(labels)
+    history: list[dict[str, Any]] = []
+    best_auc, best_epoch, best_state = -1.0, 0, None
+    for epoch in range(1, cfg.epochs + 1):
+        tr = train_epoch(model, x_train, y_train, train_loss, optimizer, cfg, generator, device, epoch)
+        va = evaluate_split(model, val["images"], val["labels"], val_loss, device)
+        history.append({"epoch": epoch, **{f"train_{k}": v for k, v in tr.items()}, **{f"val_{k}": v for k, v in va.items()}})
+        auc = va["roc_auc"] if va["roc_auc"] is not None else -va["loss"]
+        improved = auc > best_auc
+        if improved:
+            best_auc, best_epoch, best_state = auc, epoch, copy.deepcopy(model.state_dict())
+        log.info("epoch %d/%d  train loss %.4f auc %s | val loss %.4f acc %.4f auc %s%s", epoch, cfg.epochs,
+                 tr["loss"], _fmt(tr["roc_auc"]), va["loss"], va["accuracy"], _fmt(va["roc_auc"]), "  *best" if improved else "")
+        if epoch - best_epoch >= cfg.patience:
+            log.info("early stopping: no validation AUC gain for %d epochs", cfg.patience)
+            break
+    model.load_state_dict(best_state)
+    return model.cpu(), history, best_epoch
+
+
+def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.BALANCED,
+        model_path: Path = paths.MODEL, out_dir: Path = paths.TRAIN_DIR) -> dict[str, Any]:
+    meta = load_meta(prepared)
+    images, labels, weights = load_training_set(prepared, balanced)
+    val = load_split(prepared, "val")
+    log.info("training %s on %d images (%s), validating on %d", params.train.model, len(labels),
+             np.bincount(labels).tolist(), len(val["labels"]))
+    start = time.perf_counter()
+    model, history, best_epoch = fit(params, images, labels, weights, val, meta)
+    seconds = time.perf_counter() - start
+    best = history[best_epoch - 1]
+    metrics = {"train": {
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "parameters": count_parameters(model),
+        "val_roc_auc": _round(best["val_roc_auc"]),
+        "val_accuracy": _round(best["val_accuracy"]),
+        "val_loss": _round(best["val_loss"]),
+    }}
+    save_checkpoint(model_path, model, {"class_names": meta["class_names"], "best_epoch": best_epoch})
+    write_csv(out_dir / "history.csv", HISTORY_COLUMNS, [[_round(row[c]) for c in HISTORY_COLUMNS] for row in history])
+    write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "timing.json", {"seconds": round(seconds, 2),
+                                         "images_per_second": round(len(labels) * len(history) / seconds, 1)})
+    plot_history(history, out_dir / "curves.png")
+    log.info("best epoch %d, val AUC %s, %d parameters, %.1f s", best_epoch, _fmt(best["val_roc_auc"]),
+             metrics["train"]["parameters"], seconds)
+    return metrics
+
+
+def _round(value: Any) -> Any:
+    return round(value, 6) if isinstance(value, float) else value
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def main() -> None:
+    stage_main(__doc__.splitlines()[0], run)
+
+
+if __name__ == "__main__":
+    main()
