@@ -1,0 +1,53 @@
+"""params.yaml is strict: unknown, missing, mistyped keys and unknown choices fail by name."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import PipelineError
+from pipeline.params import as_dict, flatten, load_params
+from tests.conftest import REPO, write_params
+
+
+def test_repository_params_load():
+    params = load_params(REPO / "params.yaml")
+    assert params.data.source == "phantom"
+    assert params.balance.strategy in ("none", "class_weight", "oversample", "undersample", "smote")
+    assert params.data.phantom.lesion_radius[0] <= params.data.phantom.lesion_radius[1]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"train.lrr": 0.1}, "unknown key 'train.lrr'"),
+        ({"balance.strategy": "magic"}, "'balance.strategy' is 'magic'; choose one of"),
+        ({"train.epochs": "ten"}, "'train.epochs' must be int"),
+        ({"train.lr": -1.0}, "'train.lr' must be positive"),
+        ({"data.source": "npz", "data.path": None}, "'data.path' must name the input file"),
+        ({"explain.methods": ["saliency", "lime"]}, "'explain.methods' is 'lime'"),
+        ({"data.phantom.lesion_radius": [3.0]}, "'data.phantom.lesion_radius' must be a list of 2 values"),
+        ({"train.epochs": True}, "'train.epochs' must be int"),
+    ],
+)
+def test_bad_params_name_the_key(tmp_path: Path, overrides, message):
+    path = write_params(tmp_path / "params.yaml", overrides)
+    with pytest.raises(PipelineError) as err:
+        load_params(path)
+    assert message in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_missing_key_and_missing_file(tmp_path: Path):
+    text = (REPO / "params.yaml").read_text().replace("  patience: 5", "")
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(PipelineError, match="missing key 'train.patience'"):
+        load_params(tmp_path / "params.yaml")
+    with pytest.raises(PipelineError, match="params file not found"):
+        load_params(tmp_path / "absent.yaml")
+
+
+def test_flatten_gives_dotted_names():
+    flat = flatten(as_dict(load_params(REPO / "params.yaml")))
+    assert flat["train.lr"] == load_params(REPO / "params.yaml").train.lr
+    assert flat["data.phantom.image_size"] == 64
+    assert isinstance(flat["explain.methods"], list)

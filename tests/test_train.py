@@ -1,0 +1,62 @@
+"""train: determinism, early stopping, history and checkpoint contents."""
+
+import csv
+
+import pytest
+import torch
+
+from pipeline import balance, prepare, train
+from pipeline.files import read_json
+from tests.conftest import tiny_params
+
+
+@pytest.fixture
+def balanced(tmp_path):
+    params = tiny_params(tmp_path)
+    prepare.run(params, tmp_path / "prepared", tmp_path / "summary.json")
+    balance.run(params, tmp_path / "prepared", tmp_path / "balanced", tmp_path / "balance.json")
+    return tmp_path
+
+
+def run_train(root, out, **overrides):
+    params = tiny_params(root, **overrides)
+    return train.run(params, root / "prepared", root / "balanced", root / out / "model.pt", root / out)
+
+
+def test_same_params_and_seed_give_identical_bytes(balanced):
+    run_train(balanced, "a")
+    run_train(balanced, "b")
+    for name in ("model.pt", "metrics.json", "history.csv"):
+        assert (balanced / "a" / name).read_bytes() == (balanced / "b" / name).read_bytes(), name
+    run_train(balanced, "c", seed=7)
+    assert (balanced / "a" / "model.pt").read_bytes() != (balanced / "c" / "model.pt").read_bytes()
+
+
+def test_history_checkpoint_and_metrics(balanced):
+    metrics = run_train(balanced, "out", **{"train.epochs": 3, "train.patience": 3})["train"]
+    with open(balanced / "out" / "history.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == list(train.HISTORY_COLUMNS)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    best = max(rows, key=lambda r: float(r["val_roc_auc"]))
+    assert metrics["best_epoch"] == int(best["epoch"])
+    assert metrics["val_roc_auc"] == pytest.approx(float(best["val_roc_auc"]))
+    checkpoint = torch.load(balanced / "out" / "model.pt", weights_only=True)
+    assert checkpoint["class_names"] == ["normal", "lesion"] and checkpoint["best_epoch"] == metrics["best_epoch"]
+    assert read_json(balanced / "out" / "timing.json")["seconds"] > 0
+
+
+def test_early_stopping_stops(balanced):
+    # With a vanishing learning rate (and no batch-norm statistics to update) the validation
+    # AUC cannot improve after epoch 1.
+    metrics = run_train(balanced, "out", **{"train.epochs": 10, "train.patience": 2, "train.lr": 1e-12,
+                                             "train.optimizer": "sgd", "train.momentum": 0.0,
+                                             "train.model": "seed_cnn"})["train"]
+    assert metrics["epochs_run"] == 3 and metrics["best_epoch"] == 1
+
+
+@pytest.mark.parametrize("model", ["seed_cnn", "small_cnn"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_models_and_optimizers_train(balanced, model, optimizer):
+    metrics = run_train(balanced, "out", **{"train.model": model, "train.optimizer": optimizer, "train.epochs": 1})
+    assert metrics["train"]["epochs_run"] == 1 and metrics["train"]["parameters"] > 0
