@@ -1,77 +1,192 @@
-"""Stage 4, evaluate: the trained model on the held-out test split.
+"""Stage 4, evaluate: the trained model on the held-out test split, as a clinical study reports it.
+
+Every choice is made on the validation split and frozen before the test split is scored:
+the temperature (``evaluate.calibrate``), then the binary operating threshold
+(``evaluate.threshold``: Youden, a target sensitivity, or fixed). Test metrics come with 95%
+bootstrap confidence intervals (patients resampled when patient ids exist). Classical
+scikit-learn baselines are fitted on the same training set and scored the same way.
 
 Writes ``reports/eval/``:
-- ``metrics.json`` (DVC metrics): accuracy (the seed's metric), balanced accuracy, ROC AUC
-  (one-vs-rest macro for multi-class), sensitivity, specificity, F1, confusion matrix;
-- ``predictions.csv`` (DVC confusion plot): id, true label, one probability per class,
-  prediction: enough for a reviewer to recompute every number;
-- ``roc.csv`` (DVC ROC plot): false/true positive rate per threshold (one curve per class
-  for multi-class tasks);
-- ``roc.png`` and ``confusion.png`` for offline readers.
+- ``metrics.json`` (DVC metrics): ``test.<metric>`` with ``_ci_low``/``_ci_high``, the threshold,
+  confusion matrices, calibration before/after, baselines, subgroups;
+- ``predictions.csv``: id, true label, calibrated and uncalibrated probabilities, prediction:
+  enough for a reviewer to recompute every number;
+- DVC plot data ``roc.csv``, ``pr.csv``, ``calibration.csv`` and PNGs of ROC, precision-recall,
+  confusion, calibration and failure cases; ``failures.json``; ``timing.json``.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import roc_curve
+from sklearn.metrics import precision_recall_curve, roc_curve
 
-from pipeline import paths
+from pipeline import baselines as classical
+from pipeline import calibration, paths
 from pipeline.errors import PipelineError
 from pipeline.files import write_csv, write_json
-from pipeline.metrics import classification_metrics, confusion_matrix
+from pipeline.metrics import (HEADLINE, bootstrap_ci, choose_threshold, classification_metrics, confusion_matrix,
+                              decide, normalised, per_class_auc)
 from pipeline.models import load_checkpoint, predict_proba
-from pipeline.params import Params
-from pipeline.plots import plot_confusion, plot_roc
-from pipeline.splits import load_meta, load_split
+from pipeline.params import EvaluateParams, Params
+from pipeline.plots import plot_calibration, plot_confusion, plot_failures, plot_pr, plot_roc
 from pipeline.runtime import configure_torch, stage_main
+from pipeline.splits import load_meta, load_split, load_training_set
 
 log = logging.getLogger(__name__)
 
 
-def roc_curves(labels: np.ndarray, probs: np.ndarray, class_names: list[str],
-               positive_class: int) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Binary: one curve for ``positive_class``; multi-class: one-vs-rest per present class."""
-    classes = [positive_class] if probs.shape[1] == 2 else [k for k in range(probs.shape[1]) if (labels == k).any()]
-    curves = {}
-    for k in classes:
-        fpr, tpr, thresholds = roc_curve(labels == k, probs[:, k])
-        curves[class_names[k]] = (fpr, tpr, np.minimum(thresholds, 1.0))  # sklearn's first threshold is inf
-    return curves
+def score(labels: np.ndarray, probs: np.ndarray, threshold: float | None, cfg: EvaluateParams, seed: int,
+          patients: np.ndarray | None = None) -> dict[str, Any]:
+    """Headline metrics at ``threshold`` with ``<metric>_ci_low``/``_ci_high`` bootstrap bounds."""
+    def scorer(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
+        values = classification_metrics(y, p, cfg.positive_class, threshold)
+        return {k: values[k] for k in HEADLINE}
+
+    point = classification_metrics(labels, probs, cfg.positive_class, threshold)
+    intervals = bootstrap_ci(labels, probs, scorer, cfg.bootstrap, seed, groups=patients)
+    out: dict[str, Any] = {"n": point["n"]}
+    for key in HEADLINE:
+        low, high = intervals.get(key, (None, None))
+        out.update({key: point[key], f"{key}_ci_low": low, f"{key}_ci_high": high})
+    return out
 
 
-def run(params: Params, prepared: Path = paths.PREPARED, model_path: Path = paths.MODEL,
-        out_dir: Path = paths.EVAL_DIR) -> dict[str, Any]:
+def failure_cases(labels: np.ndarray, probs: np.ndarray, preds: np.ndarray, ids: np.ndarray, names: list[str],
+                  positive: int, k: int) -> dict[str, list[dict[str, Any]]]:
+    """The most confident mistakes: false positives and false negatives (binary) or errors (multi-class).
+
+    The score is P(positive) for binary tasks (high for the worst false positives, low for the
+    worst false negatives) and the predicted class's probability otherwise.
+    """
+    binary = probs.shape[1] == 2
+    scores = probs[:, positive] if binary else probs.max(axis=1)
+
+    def rows(index: np.ndarray, worst_first: np.ndarray) -> list[dict[str, Any]]:
+        return [{"index": int(i), "id": str(ids[i]), "label": names[labels[i]], "predicted": names[preds[i]],
+                 "score": round(float(scores[i]), 6)} for i in index[np.argsort(worst_first, kind="stable")][:k]]
+
+    if binary:
+        fp = np.flatnonzero((preds == positive) & (labels != positive))
+        fn = np.flatnonzero((preds != positive) & (labels == positive))
+        return {"false_positives": rows(fp, -scores[fp]), "false_negatives": rows(fn, scores[fn])}
+    wrong = np.flatnonzero(preds != labels)
+    return {"errors": rows(wrong, -scores[wrong])}
+
+
+def curves(labels: np.ndarray, probs: np.ndarray, names: list[str], positive: int):
+    """(class name, ROC (fpr, tpr, thr), PR (recall, precision)) for the positive class or each class."""
+    classes = [positive] if probs.shape[1] == 2 else [c for c in range(probs.shape[1]) if (labels == c).any()]
+    for c in classes:
+        fpr, tpr, thr = roc_curve(labels == c, probs[:, c])
+        precision, recall, _ = precision_recall_curve(labels == c, probs[:, c])
+        yield names[c], (fpr, tpr, np.minimum(thr, 1.0)), (recall, precision)
+
+
+def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.BALANCED,
+        model_path: Path = paths.MODEL, out_dir: Path = paths.EVAL_DIR) -> dict[str, Any]:
+    cfg = params.evaluate
     configure_torch(params.train.threads)
     meta = load_meta(prepared)
     names = meta["class_names"]
-    positive = params.evaluate.positive_class
+    positive = cfg.positive_class
     if positive >= len(names):
         raise PipelineError(f"evaluate.positive_class={positive} but the data have {len(names)} classes")
     model, _ = load_checkpoint(model_path)
-    test = load_split(prepared, "test")
-    labels = test["labels"]
-    probs = predict_proba(model, test["images"], batch_size=params.evaluate.batch_size)
-    scores = classification_metrics(labels, probs, positive)
-    matrix = confusion_matrix(labels, probs)
-    result = {"test": {**scores, "confusion_matrix": matrix}}
-    preds = probs.argmax(axis=1)
-    header = ["id", "label", *[f"prob_{n}" for n in names], "prediction"]
-    rows = [[i, names[y], *[f"{p:.6f}" for p in row], names[pred]] for i, y, row, pred in zip(test["ids"], labels, probs, preds)]
-    curves = roc_curves(labels, probs, names, positive)
-    roc_rows = [[name, f"{a:.6f}", f"{b:.6f}", f"{t:.6f}"] for name, (fpr, tpr, thr) in curves.items()
-                for a, b, t in zip(fpr, tpr, thr)]
-    write_json(out_dir / "metrics.json", result)
-    write_csv(out_dir / "predictions.csv", header, rows)
-    write_csv(out_dir / "roc.csv", ["class", "fpr", "tpr", "threshold"], roc_rows)
-    aucs = {name: float(np.trapezoid(tpr, fpr)) for name, (fpr, tpr, _) in curves.items()}
-    plot_roc({name: (fpr, tpr, aucs[name]) for name, (fpr, tpr, _) in curves.items()}, out_dir / "roc.png")
-    plot_confusion(matrix, names, out_dir / "confusion.png")
-    log.info("test: " + ", ".join(f"{k} {v}" for k, v in scores.items()))
+    val, test = load_split(prepared, "val"), load_split(prepared, "test")
+    y_val, y_test = val["labels"], test["labels"]
+    raw = {split: predict_proba(model, data["images"], cfg.batch_size) for split, data in (("val", val), ("test", test))}
+
+    # 1. Choices on validation only, then frozen.
+    temperature = calibration.fit_temperature(y_val, raw["val"]) if cfg.calibrate == "temperature" else 1.0
+    probs = {split: calibration.apply_temperature(p, temperature) for split, p in raw.items()}
+    threshold = choose_threshold(cfg.threshold, y_val, probs["val"], positive)
+    log.info("validation choices: temperature %.4f, threshold %s (%s)", temperature, threshold, cfg.threshold)
+
+    # 2. Test, scored once.
+    patients = test.get("patients")
+    preds = decide(probs["test"], threshold, positive)
+    matrix = confusion_matrix(y_test, preds, len(names))
+    test_metrics = {
+        **score(y_test, probs["test"], threshold, cfg, params.seed, patients),
+        "threshold": threshold, "threshold_rule": cfg.threshold if threshold is not None else "argmax",
+        "confusion_matrix": matrix, "confusion_matrix_normalized": normalised(matrix),
+    }
+    if len(names) > 2:
+        test_metrics["roc_auc_per_class"] = per_class_auc(y_test, probs["test"], names)
+    calib = {"method": cfg.calibrate, "temperature": temperature}
+    for when, p in (("before", raw["test"]), ("after", probs["test"])):
+        overall = classification_metrics(y_test, p, positive, threshold)
+        calib[when] = {**calibration.summarise(y_test, p, positive), "brier": overall["brier"], "log_loss": overall["log_loss"]}
+    result: dict[str, Any] = {"test": test_metrics, "calibration": calib, "val": {
+        "roc_auc": classification_metrics(y_val, probs["val"], positive, threshold)["roc_auc"], "n": int(len(y_val))}}
+
+    # 3. Subgroups (e.g. scanner site) with their own intervals.
+    if "groups" in test:
+        result["subgroups"] = {meta.get("group_name") or "group": {
+            str(g): score(y_test[test["groups"] == g], probs["test"][test["groups"] == g], threshold, cfg,
+                          params.seed, None if patients is None else patients[test["groups"] == g])
+            for g in np.unique(test["groups"])}}
+
+    # 4. Classical baselines on the same training set, choices on validation the same way.
+    timing: dict[str, float] = {}
+    baseline_probs = {}
+    if cfg.baselines:
+        images, labels, weights = load_training_set(prepared, balanced)
+        result["baselines"] = {}
+        for name in cfg.baselines:
+            if name == "svm" and len(labels) > cfg.svm_max_train:
+                log.info("skipping svm: %d training images > evaluate.svm_max_train=%d", len(labels), cfg.svm_max_train)
+                continue
+            out, timing[f"baseline_{name}_seconds"] = classical.fit_predict(
+                name, images, labels, np.asarray(weights)[labels], val["images"], y_val, test["images"],
+                params.seed, params.train.threads)
+            t = choose_threshold(cfg.threshold, y_val, out["val"], positive)
+            result["baselines"][name] = {**score(y_test, out["test"], t, cfg, params.seed, patients), "threshold": t}
+            baseline_probs[name] = out["test"]
+
+    write_outputs(out_dir, result, test, probs["test"], raw["test"], preds, names, positive, baseline_probs, cfg, timing)
+    log.info("test: %s", ", ".join(f"{k} {test_metrics[k]}" for k in ("roc_auc", "accuracy", "sensitivity", "specificity")))
     return result
+
+
+def write_outputs(out_dir: Path, result: dict[str, Any], test: dict[str, np.ndarray], probs: np.ndarray,
+                  raw: np.ndarray, preds: np.ndarray, names: list[str], positive: int,
+                  baseline_probs: dict[str, np.ndarray], cfg: EvaluateParams, timing: dict[str, float]) -> None:
+    labels = test["labels"]
+    header = ["id", "label", *[f"prob_{n}" for n in names], *[f"uncalibrated_prob_{n}" for n in names], "prediction"]
+    rows = [[i, names[y], *[f"{v:.6f}" for v in p], *[f"{v:.6f}" for v in r], names[d]]
+            for i, y, p, r, d in zip(test["ids"], labels, probs, raw, preds)]
+    write_csv(out_dir / "predictions.csv", header, rows)
+    roc_rows, pr_rows, roc_plot, pr_plot = [], [], {}, {}
+    for name, (fpr, tpr, thr), (recall, precision) in curves(labels, probs, names, positive):
+        roc_rows += [[name, f"{a:.6f}", f"{b:.6f}", f"{t:.6f}"] for a, b, t in zip(fpr, tpr, thr)]
+        pr_rows += [[name, f"{r:.6f}", f"{p:.6f}"] for r, p in zip(recall, precision)]
+        roc_plot[f"CNN {name}"] = (fpr, tpr, float(np.trapezoid(tpr, fpr)))
+        pr_plot[f"CNN {name}"] = (recall, precision)
+    for model_name, p in baseline_probs.items():
+        for name, (fpr, tpr, _), (recall, precision) in curves(labels, p, names, positive):
+            if len(names) == 2:
+                roc_plot[model_name] = (fpr, tpr, float(np.trapezoid(tpr, fpr)))
+                pr_plot[model_name] = (recall, precision)
+    write_csv(out_dir / "roc.csv", ["class", "fpr", "tpr", "threshold"], roc_rows)
+    write_csv(out_dir / "pr.csv", ["class", "recall", "precision"], pr_rows)
+    reliability = {when: calibration.reliability(labels, p, positive) for when, p in (("before", raw), ("after", probs))}
+    write_csv(out_dir / "calibration.csv", ["calibration", "bin", "predicted", "observed", "count"],
+              [[when, r["bin"], r["predicted"], r["observed"], r["count"]] for when, rs in reliability.items() for r in rs])
+    failures = failure_cases(labels, probs, preds, test["ids"], names, positive, cfg.failure_cases)
+    write_json(out_dir / "failures.json", failures)
+    write_json(out_dir / "metrics.json", result)
+    write_json(out_dir / "timing.json", {k: round(v, 2) for k, v in timing.items()})
+    plot_roc(roc_plot, out_dir / "roc.png")
+    plot_pr(pr_plot, out_dir / "pr.png")
+    plot_confusion(result["test"]["confusion_matrix"], names, out_dir / "confusion.png")
+    plot_calibration(reliability, result["calibration"], out_dir / "calibration.png")
+    plot_failures(test["images"], failures, out_dir / "failures.png")
 
 
 def main() -> None:

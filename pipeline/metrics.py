@@ -1,70 +1,215 @@
-"""Classification metrics shared by training (validation AUC) and evaluation.
+"""Classification metrics, operating points and bootstrap confidence intervals.
 
-Binary tasks report sensitivity, specificity and F1 for ``positive_class``; multi-class tasks
-report their macro averages (one-vs-rest). A metric that is undefined on the given labels
-(e.g. AUC with one class present) is ``None``, never NaN, so JSON stays valid.
+Metrics are computed with plain numpy from the confusion matrix and score ranks (the
+bootstrap calls them thousands of times; scikit-learn's input checks would dominate), and
+the tests check every one against scikit-learn or imbalanced-learn.
+
+Binary tasks report sensitivity, specificity, PPV, NPV and F1 for ``positive_class`` at a
+probability threshold; multi-class tasks decide by arg-max and report macro averages
+(one-vs-rest). A metric that is undefined on the given labels (AUC with one class present,
+PPV with no positive call) is ``None``, never NaN, so JSON stays valid.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Callable
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn import metrics as skm
+
+HEADLINE = ("accuracy", "balanced_accuracy", "roc_auc", "average_precision", "sensitivity", "specificity",
+            "ppv", "npv", "f1", "mcc", "g_mean", "brier", "log_loss")
+
+
+def binary_auc(positive: np.ndarray, score: np.ndarray) -> float | None:
+    """Mann-Whitney AUC with ties counted half; None when one class is absent."""
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = rankdata(score)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def average_precision(positive: np.ndarray, score: np.ndarray) -> float | None:
+    """Step-wise area under precision-recall, as scikit-learn defines it; None without positives."""
+    n_pos = int(positive.sum())
+    if n_pos == 0:
+        return None
+    order = np.argsort(-score, kind="mergesort")
+    score, positive = score[order], positive[order]
+    last = np.r_[np.flatnonzero(np.diff(score)), len(score) - 1]  # last index of each distinct score
+    tp = np.cumsum(positive)[last]
+    precision = tp / (last + 1)
+    recall = tp / n_pos
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
 def roc_auc(labels: np.ndarray, probs: np.ndarray) -> float | None:
-    """Binary: AUC of P(class 1). Multi-class: one-vs-rest macro AUC."""
-    if len(np.unique(labels)) < 2:
+    """Binary: AUC of P(class 1). Multi-class: one-vs-rest macro AUC over the classes present."""
+    present = np.unique(labels)
+    if len(present) < 2:
         return None
     if probs.shape[1] == 2:
-        return float(skm.roc_auc_score(labels, probs[:, 1]))
+        return binary_auc(labels == 1, probs[:, 1])
+    return float(np.mean([binary_auc(labels == k, probs[:, k]) for k in present]))
+
+
+def decide(probs: np.ndarray, threshold: float | None, positive_class: int = 1) -> np.ndarray:
+    """Predicted classes: P(positive) >= threshold for binary tasks, arg-max otherwise."""
+    if probs.shape[1] == 2 and threshold is not None:
+        return np.where(probs[:, positive_class] >= threshold, positive_class, 1 - positive_class)
+    return probs.argmax(axis=1)
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray, positive_class: int = 1,
+                           threshold: float | None = None) -> dict[str, float | None]:
+    """Every headline metric (see ``HEADLINE``) plus ``n``, at ``threshold`` (binary) or arg-max."""
+    k = probs.shape[1]
+    preds = decide(probs, threshold, positive_class)
+    cm = np.bincount(labels * k + preds, minlength=k * k).reshape(k, k).astype(float)
+    tp = np.diag(cm)
+    fn = cm.sum(axis=1) - tp
+    fp = cm.sum(axis=0) - tp
+    tn = cm.sum() - tp - fn - fp
+    recall, specificity = _div(tp, tp + fn), _div(tn, tn + fp)
+    ppv, npv = _div(tp, tp + fp), _div(tn, tn + fn)
+    f1 = _div(2 * tp, 2 * tp + fp + fn)
+    onehot = np.eye(k)[labels]
     present = np.unique(labels)
-    if len(present) < probs.shape[1]:
-        # sklearn's multi-class AUC needs every class present; average over the ones that are.
-        return float(np.mean([skm.roc_auc_score(labels == k, probs[:, k]) for k in present]))
-    return float(skm.roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
-
-
-def classification_metrics(labels: np.ndarray, probs: np.ndarray, positive_class: int = 1) -> dict[str, float | None]:
-    """Headline metrics at the arg-max decision (threshold 0.5 for binary tasks)."""
-    num_classes = probs.shape[1]
-    preds = probs.argmax(axis=1)
-    cm = skm.confusion_matrix(labels, preds, labels=list(range(num_classes)))
-    per_class_recall = _safe_div(np.diag(cm), cm.sum(axis=1))
-    # Specificity of class k: true negatives / all negatives, one-vs-rest.
-    negatives = cm.sum() - cm.sum(axis=1)
-    true_negatives = negatives - (cm.sum(axis=0) - np.diag(cm))
-    per_class_specificity = _safe_div(true_negatives, negatives)
-    if num_classes == 2:
-        sensitivity = per_class_recall[positive_class]
-        specificity = per_class_specificity[positive_class]
-        f1 = skm.f1_score(labels, preds, pos_label=positive_class, average="binary", zero_division=0)
+    if k == 2:
+        pick = positive_class
+        sens, spec, ppv_, npv_, f1_ = recall[pick], specificity[pick], ppv[pick], npv[pick], f1[pick]
+        ap = average_precision(labels == pick, probs[:, pick])
+        brier = float(np.mean((probs[:, pick] - onehot[:, pick]) ** 2))
     else:
-        sensitivity = np.nanmean(per_class_recall)
-        specificity = np.nanmean(per_class_specificity)
-        f1 = skm.f1_score(labels, preds, average="macro", labels=list(range(num_classes)), zero_division=0)
+        sens, spec, ppv_, npv_, f1_ = (_nanmean(v) for v in (recall, specificity, ppv, npv, f1))
+        ap = _nanmean(np.array([average_precision(labels == c, probs[:, c]) for c in present]))
+        brier = float(np.mean(np.sum((probs - onehot) ** 2, axis=1)))
+    per_class_recall = recall[present]
     values = {
-        "accuracy": skm.accuracy_score(labels, preds),
-        "balanced_accuracy": np.nanmean(per_class_recall),
+        "accuracy": float(tp.sum() / cm.sum()),
+        "balanced_accuracy": _nanmean(per_class_recall),
         "roc_auc": roc_auc(labels, probs),
-        "sensitivity": sensitivity,
-        "specificity": specificity,
-        "f1": f1,
+        "average_precision": ap,
+        "sensitivity": sens,
+        "specificity": spec,
+        "ppv": ppv_,
+        "npv": npv_,
+        "f1": f1_,
+        "mcc": _mcc(cm),
+        "g_mean": float(np.prod(per_class_recall) ** (1 / len(per_class_recall))),
+        "brier": brier,
+        "log_loss": float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-15, 1)))),
         "n": len(labels),
     }
-    return {k: _clean(v) for k, v in values.items()}
+    return {key: _clean(v) for key, v in values.items()}
 
 
-def confusion_matrix(labels: np.ndarray, probs: np.ndarray) -> list[list[int]]:
-    """Rows: true class; columns: predicted class (arg-max)."""
-    cm = skm.confusion_matrix(labels, probs.argmax(axis=1), labels=list(range(probs.shape[1])))
-    return cm.astype(int).tolist()
+def per_class_auc(labels: np.ndarray, probs: np.ndarray, class_names: list[str]) -> dict[str, float | None]:
+    """One-vs-rest AUC of each class (None for a class absent from ``labels``)."""
+    out = {}
+    for c, name in enumerate(class_names):
+        out[name] = _clean(binary_auc(labels == c, probs[:, c]))
+    return out
 
 
-def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    num, den = num.astype(float), den.astype(float)
+def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> list[list[int]]:
+    """Counts; rows: true class, columns: predicted class."""
+    return np.bincount(labels * num_classes + preds, minlength=num_classes**2).reshape(num_classes, -1).tolist()
+
+
+def normalised(matrix: list[list[int]]) -> list[list[float | None]]:
+    """Each row divided by its total: the fraction of each true class predicted as each class."""
+    cm = np.asarray(matrix, dtype=float)
+    rows = cm.sum(axis=1, keepdims=True)
+    return [[_clean(v) for v in row] for row in _div(cm, np.broadcast_to(rows, cm.shape))]
+
+
+def choose_threshold(rule: str, labels: np.ndarray, probs: np.ndarray, positive_class: int = 1) -> float | None:
+    """The binary operating point under ``rule``, from (validation) labels and probabilities.
+
+    ``youden``: maximises sensitivity + specificity - 1; ``sensitivity@S``: the highest
+    threshold whose sensitivity is at least S; ``fixed:T``: T. Multi-class tasks return
+    None (arg-max decides).
+    """
+    if probs.shape[1] != 2:
+        return None
+    if rule.startswith("fixed:"):
+        return float(rule.split(":", 1)[1])
+    y, score = labels == positive_class, probs[:, positive_class]
+    if y.all() or not y.any():
+        return 0.5
+    fpr, tpr, thresholds = skm.roc_curve(y, score)
+    thresholds = np.minimum(thresholds, 1.0)  # sklearn's first threshold is +inf
+    if rule == "youden":
+        return float(thresholds[int(np.argmax(tpr - fpr))])
+    target = float(rule.split("@", 1)[1])
+    reaching = np.flatnonzero(tpr >= target)
+    return float(thresholds[reaching[0]])
+
+
+def parse_threshold_rule(rule: str) -> str | None:
+    """None when ``rule`` is valid, else what is wrong with it."""
+    if rule == "youden":
+        return None
+    match = re.fullmatch(r"sensitivity@([0-9.]+)|fixed:([0-9.]+)", rule)
+    if not match:
+        return "must be youden, sensitivity@<0..1> or fixed:<0..1>"
+    value = float(match.group(1) or match.group(2))
+    return None if 0 < value < 1 else "needs a value strictly between 0 and 1"
+
+
+def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, metric_fn: Callable[[np.ndarray, np.ndarray], dict],
+                 n_resamples: int, seed: int, groups: np.ndarray | None = None,
+                 level: float = 0.95) -> dict[str, tuple[float | None, float | None]]:
+    """Percentile bootstrap interval of every metric ``metric_fn`` returns.
+
+    With ``groups`` (pseudonymised patient ids), whole patients are resampled, so images of
+    one patient stay together and the interval is not falsely narrow.
+    """
+    rng = np.random.default_rng([seed, 11])
+    if groups is None:
+        units = [np.array([i]) for i in range(len(labels))]
+    else:
+        _, inverse = np.unique(groups, return_inverse=True)
+        units = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
+    draws: dict[str, list[float]] = {}
+    for _ in range(n_resamples):
+        chosen = rng.integers(0, len(units), len(units))
+        idx = np.concatenate([units[u] for u in chosen]) if groups is not None else chosen
+        for key, value in metric_fn(labels[idx], probs[idx]).items():
+            if value is not None:
+                draws.setdefault(key, []).append(value)
+    alpha = (1 - level) / 2
+    out = {}
+    for key, values in draws.items():
+        # A metric undefined in more than 5% of resamples gets no interval.
+        if len(values) < 0.95 * n_resamples:
+            out[key] = (None, None)
+        else:
+            out[key] = (_clean(np.quantile(values, alpha)), _clean(np.quantile(values, 1 - alpha)))
+    return out
+
+
+def _mcc(cm: np.ndarray) -> float:
+    """Matthews correlation from a K×K confusion matrix (Gorodkin's multi-class form); 0 if undefined."""
+    t, p, c, s = cm.sum(axis=1), cm.sum(axis=0), np.trace(cm), cm.sum()
+    den = np.sqrt((s**2 - p @ p) * (s**2 - t @ t))
+    return float((c * s - t @ p) / den) if den > 0 else 0.0
+
+
+def _div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    num, den = np.asarray(num, float), np.asarray(den, float)
     return np.divide(num, den, out=np.full_like(num, np.nan), where=den > 0)
+
+
+def _nanmean(values: np.ndarray) -> float:
+    values = np.asarray(values, float)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
 
 
 def _clean(value: object) -> float | int | None:

@@ -24,6 +24,8 @@ MODELS = ("seed_cnn", "small_cnn")
 OPTIMIZERS = ("sgd", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
 EXPLAIN_METHODS = ("saliency", "integrated_gradients", "grad_cam")
+CALIBRATIONS = ("temperature", "none")
+BASELINES = ("logistic_regression", "random_forest", "svm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +41,7 @@ class PhantomParams:
     lesion_radius: tuple[float, float]
     lookalikes: float
     noise: float
+    site_noise: tuple[float, ...]
 
     def __post_init__(self) -> None:
         _check(self.image_size >= 16, "data.phantom.image_size", "must be at least 16")
@@ -50,6 +53,8 @@ class PhantomParams:
         _check(0 < low <= high, "data.phantom.lesion_radius", "must be [min, max] with 0 < min <= max")
         _check(self.lookalikes >= 0, "data.phantom.lookalikes", "must be >= 0")
         _check(self.noise >= 0, "data.phantom.noise", "must be >= 0")
+        _check(len(self.site_noise) >= 1 and min(self.site_noise) > 0, "data.phantom.site_noise",
+               "must list one positive noise factor per simulated scanner site")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,10 +111,26 @@ class TrainParams:
 @dataclasses.dataclass(frozen=True)
 class EvaluateParams:
     positive_class: int
+    threshold: str
+    calibrate: str
+    bootstrap: int
+    baselines: tuple[str, ...]
+    svm_max_train: int
+    failure_cases: int
     batch_size: int
 
     def __post_init__(self) -> None:
+        from pipeline.metrics import parse_threshold_rule
+
         _check(self.positive_class >= 0, "evaluate.positive_class", "must be >= 0")
+        problem = parse_threshold_rule(self.threshold)
+        _check(problem is None, "evaluate.threshold", f"is {self.threshold!r}: {problem}")
+        _choice(self.calibrate, CALIBRATIONS, "evaluate.calibrate")
+        _check(self.bootstrap >= 100, "evaluate.bootstrap", "must be >= 100 resamples (1000+ recommended)")
+        for name in self.baselines:
+            _choice(name, BASELINES, "evaluate.baselines")
+        _check(self.svm_max_train >= 0, "evaluate.svm_max_train", "must be >= 0")
+        _check(self.failure_cases >= 0, "evaluate.failure_cases", "must be >= 0")
         _check(self.batch_size >= 1, "evaluate.batch_size", "must be >= 1")
 
 

@@ -17,5 +17,6 @@ TRAIN_DIR = REPORTS / "train"
 EVAL_DIR = REPORTS / "eval"
 EXPLAIN_DIR = REPORTS / "explain"
 REPORT_HTML = REPORTS / "report.html"
+MODEL_CARD = REPORTS / "model_card.md"
 MLFLOW_RUN = REPORTS / "mlflow_run.json"
 DVC_LOCK = Path("dvc.lock")

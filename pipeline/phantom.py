@@ -23,7 +23,7 @@ SPLITS = ("train", "val", "test")
 
 
 def generate_split(params: PhantomParams, seed: int, split: str) -> dict[str, np.ndarray]:
-    """Images (N×H×W×1 uint8), labels (N,), ids (N,) and lesion masks (N×H×W uint8)."""
+    """Images (N×H×W×1 uint8), labels (N,), ids (N,), lesion masks (N×H×W uint8), sites (N,)."""
     n = {"train": params.n_train, "val": params.n_val, "test": params.n_test}[split]
     rng = np.random.default_rng([seed, SPLITS.index(split)])
     n_pos = max(1, round(params.prevalence * n))
@@ -33,21 +33,23 @@ def generate_split(params: PhantomParams, seed: int, split: str) -> dict[str, np
     size = params.image_size
     images = np.empty((n, size, size, 1), dtype=np.uint8)
     masks = np.zeros((n, size, size), dtype=np.uint8)
+    sites = rng.integers(0, len(params.site_noise), n)
     for i, label in enumerate(labels):
-        image, mask = _scan(params, rng, bool(label))
+        image, mask = _scan(params, rng, bool(label), params.noise * params.site_noise[sites[i]])
         images[i, :, :, 0] = np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
         masks[i] = mask
     ids = np.array([f"phantom-{split}-{i:05d}" for i in range(n)])
-    return {"images": images, "labels": labels, "ids": ids, "masks": masks}
+    groups = np.array([f"site-{chr(ord('A') + s)}" for s in sites])
+    return {"images": images, "labels": labels, "ids": ids, "masks": masks, "groups": groups}
 
 
-def _scan(params: PhantomParams, rng: np.random.Generator, lesion: bool) -> tuple[np.ndarray, np.ndarray]:
+def _scan(params: PhantomParams, rng: np.random.Generator, lesion: bool, noise: float) -> tuple[np.ndarray, np.ndarray]:
     size = params.image_size
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     organ = _organ(rng, yy, xx, size)
     image = 0.06 + organ * (0.42 + _low_frequency(rng, yy, xx, size))
     texture = gaussian_filter(rng.standard_normal((size, size)), sigma=1.2)
-    image += organ * texture * (params.noise * 2.5)
+    image += organ * texture * (noise * 2.5)
     for _ in range(rng.poisson(params.lookalikes)):
         cy, cx = _point_inside(rng, organ)
         sigma = rng.uniform(0.6, 1.1)
@@ -66,7 +68,7 @@ def _scan(params: PhantomParams, rng: np.random.Generator, lesion: bool) -> tupl
         blob *= 1.0 + 0.25 * gaussian_filter(rng.standard_normal((size, size)), sigma=1.0)
         image += contrast * blob
         mask = (dist <= radius).astype(np.uint8)
-    image += params.noise * rng.standard_normal((size, size))
+    image += noise * rng.standard_normal((size, size))
     return np.clip(image, 0.0, 1.0), mask
 
 

@@ -89,3 +89,45 @@ def plot_attributions(image: np.ndarray, maps: dict[str, np.ndarray], title: str
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
     save_figure(fig, path)
+
+
+def plot_pr(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path) -> None:
+    """One precision-recall curve per name: (recall, precision)."""
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    for name, (recall, precision) in curves.items():
+        ax.plot(recall, precision, label=name)
+    ax.set_xlabel("recall (sensitivity)")
+    ax.set_ylabel("precision (PPV)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="lower left", fontsize=8)
+    save_figure(fig, path)
+
+
+def plot_calibration(reliability: dict[str, list[dict[str, float]]], summary: dict, path: str | Path) -> None:
+    """Reliability diagram before and after calibration, with ECE in the legend."""
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfect")
+    for when, rows in reliability.items():
+        ece = summary[when]["ece"]
+        ax.plot([r["predicted"] for r in rows], [r["observed"] for r in rows], "-o", ms=3, label=f"{when} (ECE {ece:.3f})")
+    ax.set_xlabel("predicted probability")
+    ax.set_ylabel("observed frequency")
+    ax.legend(loc="upper left", fontsize=8)
+    save_figure(fig, path)
+
+
+def plot_failures(images: np.ndarray, failures: dict[str, list[dict]], path: str | Path) -> None:
+    """Thumbnails of the most confident mistakes, one row per kind, with their scores."""
+    kinds = [k for k, rows in failures.items() if rows] or list(failures)
+    cols = max([len(failures[k]) for k in kinds] + [1])
+    fig, axes = plt.subplots(len(kinds), cols, figsize=(1.9 * cols, 2.2 * len(kinds)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, kind in enumerate(kinds):
+        for c, row in enumerate(failures[kind]):
+            image = images[row["index"]]
+            axes[r, c].imshow(image[..., 0] if image.shape[2] == 1 else image, cmap="gray", vmin=0, vmax=255)
+            axes[r, c].set_title(f"{row['id']}\n{row['label']}→{row['predicted']} {row['score']:.2f}", fontsize=7)
+        axes[r, 0].text(-0.1, 0.5, kind.replace("_", " "), transform=axes[r, 0].transAxes, rotation=90,
+                        ha="right", va="center", fontsize=8)
+    save_figure(fig, path)

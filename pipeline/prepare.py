@@ -63,6 +63,7 @@ def run(params: Params, out_dir: Path = paths.PREPARED, summary_path: Path = pat
         "image_size": [int(height), int(width)],
         "channels": int(channels),
         "has_masks": all("masks" in s for s in splits.values()),
+        "group_name": "site" if all("groups" in s for s in splits.values()) else None,
     }
     with staged_dir(out_dir) as tmp:
         for split in SPLITS:

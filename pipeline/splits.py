@@ -1,4 +1,5 @@
-"""The prepared dataset on disk: ``data/prepared/{train,val,test}/*.npy`` plus ``meta.json``.
+"""The prepared dataset on disk: ``data/prepared/{train,val,test}/*.npy`` plus ``meta.json``,
+and the balanced training set the balance stage derives from it (``data/balanced/``).
 
 Arrays are plain ``.npy`` (no pickle) so later stages can memory-map them.
 """
@@ -14,7 +15,9 @@ from pipeline.errors import PipelineError
 from pipeline.files import load_npy, read_json, save_npy, write_json
 
 SPLITS = ("train", "val", "test")
-ARRAYS = ("images", "labels", "ids", "masks")
+# masks: lesion masks where ground truth exists; groups: a subgroup column (e.g. site);
+# patients: pseudonymised patient ids. All optional but images, labels and ids.
+ARRAYS = ("images", "labels", "ids", "masks", "groups", "patients")
 
 
 def save_split(root: Path, split: str, data: dict[str, np.ndarray]) -> dict[str, str]:
@@ -44,3 +47,14 @@ def load_meta(root: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise PipelineError(f"{path}: not found (run the prepare stage first)")
     return read_json(path)
+
+
+def load_training_set(prepared: Path, balanced: Path) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """The balanced training images/labels (resampled rows + synthetic images) and class weights."""
+    train = load_split(prepared, "train")
+    if not (balanced / "indices.npy").is_file():
+        raise PipelineError(f"{balanced}: balanced training set not found (run the balance stage first)")
+    indices = load_npy(balanced / "indices.npy")
+    images = np.concatenate([train["images"][indices], load_npy(balanced / "synthetic_images.npy")])
+    labels = np.concatenate([train["labels"][indices], load_npy(balanced / "synthetic_labels.npy")])
+    return images, labels, read_json(balanced / "class_weights.json")

@@ -30,8 +30,9 @@ def collect_metrics(root: Path) -> dict[str, float]:
         for key, value in flatten(read_json(root / path)).items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 found[key] = float(value)
-    for key, value in read_json(root / paths.TRAIN_DIR / "timing.json").items():
-        found[f"timing.train_{key}"] = float(value)
+    for stage in ("train", "eval"):
+        for key, value in read_json(root / paths.REPORTS / stage / "timing.json").items():
+            found[f"timing.{stage}.{key}"] = float(value)
     return found
 
 
@@ -63,6 +64,7 @@ def collect_tags(root: Path) -> dict[str, str]:
 def run(params: Params, root: Path = Path("."), out: Path = paths.MLFLOW_RUN) -> dict[str, Any]:
     artifacts = [
         (root / paths.REPORT_HTML, ""),
+        (root / paths.MODEL_CARD, ""),
         (root / paths.PARAMS, ""),
         (root / paths.DVC_LOCK, ""),
         (root / paths.MODEL, "model"),

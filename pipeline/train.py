@@ -25,29 +25,18 @@ from tqdm import tqdm
 
 from pipeline import paths
 from pipeline.errors import PipelineError
-from pipeline.files import load_npy, read_json, write_csv, write_json
+from pipeline.files import write_csv, write_json
 from pipeline.metrics import roc_auc
 from pipeline.models import (Classifier, ModelConfig, build_model, count_parameters, predict_proba,
                              save_checkpoint)
 from pipeline.params import Params, TrainParams
 from pipeline.plots import plot_history
 from pipeline.runtime import configure_torch, select_device, stage_main
-from pipeline.splits import load_meta, load_split
+from pipeline.splits import load_meta, load_split, load_training_set
 
 log = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_accuracy", "train_roc_auc", "val_loss", "val_accuracy", "val_roc_auc")
-
-
-def load_training_set(prepared: Path, balanced: Path) -> tuple[np.ndarray, np.ndarray, list[float]]:
-    """The balanced training images/labels (resampled rows + synthetic images) and class weights."""
-    train = load_split(prepared, "train")
-    if not (balanced / "indices.npy").is_file():
-        raise PipelineError(f"{balanced}: balanced training set not found (run the balance stage first)")
-    indices = load_npy(balanced / "indices.npy")
-    images = np.concatenate([train["images"][indices], load_npy(balanced / "synthetic_images.npy")])
-    labels = np.concatenate([train["labels"][indices], load_npy(balanced / "synthetic_labels.npy")])
-    return images, labels, read_json(balanced / "class_weights.json")
 
 
 def make_optimizer(model: nn.Module, cfg: TrainParams) -> torch.optim.Optimizer:

@@ -30,6 +30,7 @@ TINY: dict[str, Any] = {
     "train.epochs": 2,
     "train.batch_size": 32,
     "train.threads": 1,
+    "evaluate.bootstrap": 200,
     "explain.per_class": 1,
     "explain.ig_steps": 4,
 }

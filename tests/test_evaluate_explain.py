@@ -1,31 +1,73 @@
-"""evaluate and explain on the tiny run; Captum maps point where a model looks."""
+"""evaluate and explain on the tiny run: recomputable numbers, validation-only choices, Captum maps."""
 
 import csv
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from pipeline import explain
-from pipeline.files import load_npy, read_json
-from pipeline.metrics import classification_metrics
+from pipeline import evaluate, explain
+from pipeline.files import load_npy, read_json, save_npy
+from pipeline.metrics import HEADLINE, classification_metrics
 
 
-def test_metrics_file_matches_predictions(tiny_run):
+def read_predictions(path):
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_every_test_metric_recomputes_from_predictions(tiny_run):
     root, _ = tiny_run
-    metrics = read_json(root / "reports/eval/metrics.json")["test"]
-    with open(root / "reports/eval/predictions.csv") as handle:
-        rows = list(csv.DictReader(handle))
-    assert len(rows) == metrics["n"] == 80
+    result = read_json(root / "reports/eval/metrics.json")
+    test = result["test"]
+    rows = read_predictions(root / "reports/eval/predictions.csv")
     names = ["normal", "lesion"]
     labels = np.array([names.index(r["label"]) for r in rows])
     probs = np.array([[float(r["prob_normal"]), float(r["prob_lesion"])] for r in rows])
-    recomputed = classification_metrics(labels, probs)
-    for key in ("accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity", "f1"):
-        assert metrics[key] == pytest.approx(recomputed[key], abs=1e-5), key
-    assert np.array(metrics["confusion_matrix"]).sum() == 80
-    assert all(r["prediction"] == names[int(p.argmax())] for r, p in zip(rows, probs))
+    recomputed = classification_metrics(labels, probs, 1, test["threshold"])
+    for key in HEADLINE:
+        assert test[key] == pytest.approx(recomputed[key], abs=1e-4), key
+        if test[key] is not None and test[f"{key}_ci_low"] is not None:
+            assert test[f"{key}_ci_low"] <= test[key] + 1e-9 <= test[f"{key}_ci_high"] + 2e-9, key
+    assert np.array(test["confusion_matrix"]).sum() == len(rows) == test["n"] == 80
+    preds = np.where(probs[:, 1] >= test["threshold"], 1, 0)
+    assert [r["prediction"] for r in rows] == [names[p] for p in preds]
+    raw = np.array([[float(r["uncalibrated_prob_normal"]), float(r["uncalibrated_prob_lesion"])] for r in rows])
+    assert classification_metrics(labels, raw)["brier"] == pytest.approx(result["calibration"]["before"]["brier"], abs=1e-4)
+
+
+def test_report_sections_of_evaluate(tiny_run):
+    root, params = tiny_run
+    result = read_json(root / "reports/eval/metrics.json")
+    assert set(result["baselines"]) == set(params.evaluate.baselines)
+    assert set(result["subgroups"]["site"]) <= {"site-A", "site-B"}
+    assert sum(m["n"] for m in result["subgroups"]["site"].values()) == 80
+    failures = read_json(root / "reports/eval/failures.json")
+    assert set(failures) == {"false_positives", "false_negatives"}
+    for row in failures["false_positives"]:
+        assert row["label"] == "normal" and row["predicted"] == "lesion" and row["score"] >= result["test"]["threshold"]
+    scores = [r["score"] for r in failures["false_positives"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_choices_never_look_at_the_test_split(tiny_run, tmp_path):
+    """Scrambling test labels and images changes test metrics but not the threshold or temperature."""
+    root, params = tiny_run
+    shutil.copytree(root / "data", tmp_path / "data")
+    first = evaluate.run(params, tmp_path / "data/prepared", tmp_path / "data/balanced", root / "models/model.pt",
+                         tmp_path / "a")
+    test_dir = tmp_path / "data/prepared/test"
+    save_npy(test_dir / "labels.npy", 1 - load_npy(test_dir / "labels.npy"))
+    save_npy(test_dir / "images.npy", load_npy(test_dir / "images.npy")[::-1].copy())
+    second = evaluate.run(params, tmp_path / "data/prepared", tmp_path / "data/balanced", root / "models/model.pt",
+                          tmp_path / "b")
+    assert second["test"]["threshold"] == first["test"]["threshold"]
+    assert second["calibration"]["temperature"] == first["calibration"]["temperature"]
+    for name in first["baselines"]:
+        assert second["baselines"][name]["threshold"] == first["baselines"][name]["threshold"]
+    assert second["test"]["roc_auc"] != first["test"]["roc_auc"]
 
 
 def test_explain_outputs(tiny_run):
