@@ -103,3 +103,35 @@ def sha256_tree(root: str | Path) -> dict[str, str]:
     """sha256 of every file under ``root``, keyed by its path relative to ``root``."""
     root = Path(root)
     return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+class NpyWriter:
+    """Append rows to a ``.npy`` file one at a time, without holding the array in memory.
+
+    Rows go to a raw side file; :meth:`close` writes the final file (same bytes as
+    ``np.save``) by streaming them behind the header, so peak memory is one chunk, not the
+    array. Used inside a :func:`staged_dir`, which removes everything on failure.
+    """
+
+    CHUNK = 1 << 24
+
+    def __init__(self, path: Path, dtype: np.dtype, row_shape: tuple[int, ...]) -> None:
+        self.path, self.dtype, self.row_shape, self.rows = Path(path), np.dtype(dtype), tuple(row_shape), 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._raw = open(self.path.with_suffix(".raw"), "wb")
+
+    def append(self, row: np.ndarray) -> None:
+        if row.shape != self.row_shape or row.dtype != self.dtype:
+            raise ValueError(f"row {row.shape} {row.dtype} does not fit {self.row_shape} {self.dtype}")
+        self._raw.write(np.ascontiguousarray(row).tobytes())
+        self.rows += 1
+
+    def close(self) -> None:
+        raw_path = Path(self._raw.name)
+        self._raw.close()
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                  "shape": (self.rows, *self.row_shape)}
+        with open(self.path, "wb") as out, open(raw_path, "rb") as raw:
+            np.lib.format.write_array_header_1_0(out, header)
+            shutil.copyfileobj(raw, out, self.CHUNK)
+        raw_path.unlink()

@@ -18,7 +18,10 @@ import yaml
 
 from pipeline.errors import PipelineError
 
-DATA_SOURCES = ("phantom", "npz")
+DATA_SOURCES = ("phantom", "npz", "medmnist", "folder", "csv")
+DUPLICATE_POLICIES = ("error", "warn", "drop")
+ON_ERROR = ("error", "skip")
+DICOM_FRAMES = ("error", "first")
 BALANCE_STRATEGIES = ("none", "class_weight", "oversample", "undersample", "smote")
 MODELS = ("seed_cnn", "small_cnn")
 OPTIMIZERS = ("sgd", "adamw")
@@ -58,16 +61,58 @@ class PhantomParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class SplitParams:
+    val: float
+    test: float
+
+    def __post_init__(self) -> None:
+        _check(0 < self.val < 1 and 0 < self.test < 1 and self.val + self.test < 1, "data.split",
+               "needs 0 < val, 0 < test and val + test < 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class DicomParams:
+    window_center: Union[float, None]
+    window_width: Union[float, None]
+    frames: str
+
+    def __post_init__(self) -> None:
+        _choice(self.frames, DICOM_FRAMES, "data.dicom.frames")
+        _check(self.window_width is None or self.window_width > 0, "data.dicom.window_width", "must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
 class DataParams:
     source: str
     path: Union[str, None]
+    name: Union[str, None]
+    size: int
+    raw_dir: str
     class_names: tuple[str, ...]
+    image_size: Union[int, None]
+    channels: Union[int, None]
+    split: SplitParams
+    group_column: Union[str, None]
+    duplicates: str
+    on_error: str
+    pseudonym_salt: str
+    dicom: DicomParams
     phantom: PhantomParams
 
     def __post_init__(self) -> None:
+        from pipeline.catalog import MEDMNIST_NAMES, SIZES
+
         _choice(self.source, DATA_SOURCES, "data.source")
-        if self.source != "phantom":
-            _check(bool(self.path), "data.path", f"must name the input file for data.source={self.source}")
+        if self.source in ("npz", "folder", "csv"):
+            _check(bool(self.path), "data.path", f"must name the input for data.source={self.source}")
+        if self.source == "medmnist":
+            _check(self.name in MEDMNIST_NAMES, "data.name",
+                   f"is {self.name!r}; for data.source=medmnist choose one of: {', '.join(MEDMNIST_NAMES)}")
+            _check(self.size in SIZES, "data.size", f"must be one of {SIZES}")
+        _check(self.image_size is None or self.image_size >= 8, "data.image_size", "must be null or >= 8")
+        _check(self.channels in (None, 1, 3), "data.channels", "must be null, 1 or 3")
+        _choice(self.duplicates, DUPLICATE_POLICIES, "data.duplicates")
+        _choice(self.on_error, ON_ERROR, "data.on_error")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,7 @@ from pipeline import catalog, paths
 from pipeline.files import read_csv, read_json, sha256_file, write_text
 from pipeline.metrics import HEADLINE
 from pipeline.params import Params, as_dict, flatten
+from pipeline.privacy import public_params
 from pipeline.provenance import git_state, hardware, versions
 from pipeline.runtime import stage_main
 from pipeline.splits import SPLITS
@@ -268,7 +269,8 @@ def reproducibility_section(params: Params, out: dict[str, Any], root: Path) -> 
         rows = [[stage, o["path"], o.get("md5", "")] for stage, entry in lock.get("stages", {}).items()
                 for o in entry.get("outs", [])]
         body += "<h3>dvc.lock: stage outputs</h3>" + table(rows, ["stage", "output", "md5"])
-    return body + "<h3>Parameters</h3>" + table([[k, v] for k, v in flatten(as_dict(params)).items()], ["parameter", "value"])
+    shown = public_params(flatten(as_dict(params)))
+    return body + "<h3>Parameters</h3>" + table([[k, v] for k, v in shown.items()], ["parameter", "value"])
 
 
 def build_sections(params: Params, root: Path, out: dict[str, Any]) -> list[str]:

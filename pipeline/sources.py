@@ -6,12 +6,22 @@ plus ``masks`` (N×H×W uint8) where ground-truth localisation exists.
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from pipeline import catalog
 from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 
@@ -49,6 +59,51 @@ def read_npz(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
     if len(set(shapes.values())) != 1:
         raise PipelineError(f"{path}: splits have different image shapes {shapes}")
     return splits
+
+
+def md5_file(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_medmnist(name: str, size: int, raw_dir: Path, url_template: str = catalog.MEDMNIST_URL) -> Path:
+    """The official MedMNIST file in ``raw_dir``: downloaded once, MD5-verified every time.
+
+    A file already there with a wrong MD5 is an error (it is never deleted: it may be the
+    user's); a download is written to a temporary name and kept only if its MD5 matches.
+    """
+    entry = catalog.medmnist(name)
+    if entry is None:
+        raise PipelineError(f"unknown MedMNIST dataset '{name}' (known: {', '.join(catalog.MEDMNIST_NAMES)})")
+    expected = entry["md5"][size]
+    target = raw_dir / catalog.medmnist_file(name, size)
+    if target.exists():
+        found = md5_file(target)
+        if found != expected:
+            raise PipelineError(f"{target}: MD5 {found} does not match the official {expected}; "
+                                "the file is corrupt or not the official release (move it away to download again)")
+        return target
+    url = url_template.format(file=target.name)
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=raw_dir)
+    try:
+        log.info("downloading %s", url)
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            shutil.copyfileobj(response, out, 1 << 20)
+        found = md5_file(Path(tmp))
+        if found != expected:
+            raise PipelineError(f"{url}: downloaded file has MD5 {found}, not the official {expected}; not kept")
+        os.replace(tmp, target)
+    except (urllib.error.URLError, OSError) as exc:
+        raise PipelineError(f"could not download {url} ({getattr(exc, 'reason', exc)}). Without network access, "
+                            f"download {target.name} elsewhere and place it at {target} (MD5 {expected})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
 
 
 def check_classes(splits: dict[str, dict[str, np.ndarray]], class_names: tuple[str, ...], source: str) -> list[str]:

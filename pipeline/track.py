@@ -2,7 +2,7 @@
 
 Logs every param (dotted names as in params.yaml), every final metric (data summary counts,
 training, test), the per-epoch history as step metrics, the report, figures, model,
-params.yaml and dvc.lock as artifacts, and tags: git commit, dirty flag, DVC experiment name,
+params.yaml and dvc.lock as artifacts (the pseudonym salt redacted), and tags: git commit, dirty flag, DVC experiment name,
 data and model sha256. Writes ``reports/mlflow_run.json`` (run id; not cached by DVC, so a
 run restored from DVC's cache never points at a run that does not exist in this store).
 """
@@ -16,6 +16,7 @@ from typing import Any
 from pipeline import paths
 from pipeline.files import read_csv, read_json, sha256_file, write_json
 from pipeline.params import Params, as_dict, flatten
+from pipeline.privacy import public_params, redact, resolve_salt
 from pipeline.provenance import dvc_experiment, git_state, versions
 from pipeline.runtime import stage_main
 from pipeline.tracking import log_run
@@ -62,11 +63,12 @@ def collect_tags(root: Path) -> dict[str, str]:
 
 
 def run(params: Params, root: Path = Path("."), out: Path = paths.MLFLOW_RUN) -> dict[str, Any]:
+    salt = resolve_salt(params.data.pseudonym_salt)
+    texts = {name: redact((root / name).read_text(), salt) for name in (paths.PARAMS, paths.DVC_LOCK)
+             if (root / name).is_file()}
     artifacts = [
         (root / paths.REPORT_HTML, ""),
         (root / paths.MODEL_CARD, ""),
-        (root / paths.PARAMS, ""),
-        (root / paths.DVC_LOCK, ""),
         (root / paths.MODEL, "model"),
         (root / paths.DATA_SUMMARY, "data"),
         (root / paths.BALANCE_REPORT, "balance"),
@@ -75,8 +77,9 @@ def run(params: Params, root: Path = Path("."), out: Path = paths.MLFLOW_RUN) ->
         (root / paths.EXPLAIN_DIR, "explain"),
     ]
     tags = collect_tags(root)
-    record = log_run(params.track.experiment, tags["dvc.exp_name"] or None, flatten(as_dict(params)),
-                     collect_metrics(root), collect_history(root), tags, artifacts)
+    record = log_run(params.track.experiment, tags["dvc.exp_name"] or None, public_params(flatten(as_dict(params))),
+                     collect_metrics(root), collect_history(root), tags, artifacts,
+                     {Path(name).name: text for name, text in texts.items()})
     write_json(root / out, record)
     log.info("logged MLflow run %s to %s", record["run_id"], record["tracking_uri"])
     return record

@@ -27,10 +27,11 @@ def tracking_uri() -> str:
 
 def log_run(experiment: str, run_name: str | None, params: Mapping[str, Any], metrics: Mapping[str, float],
             step_metrics: Iterable[tuple[int, Mapping[str, float]]], tags: Mapping[str, str],
-            artifacts: Iterable[tuple[Path, str]]) -> dict[str, str]:
+            artifacts: Iterable[tuple[Path, str]], texts: Mapping[str, str] | None = None) -> dict[str, str]:
     """Create one run holding everything; returns its ids and the store it went to.
 
     ``artifacts`` are (local path, artifact folder) pairs; folders are logged recursively.
+    ``texts`` are logged as files named by their keys (copies edited before they leave).
     """
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -58,6 +59,8 @@ def log_run(experiment: str, run_name: str | None, params: Mapping[str, Any], me
                 mlflow.log_artifacts(str(path), artifact_path=folder)
             elif path.is_file():
                 mlflow.log_artifact(str(path), artifact_path=folder or None)
+        for name, text in (texts or {}).items():
+            mlflow.log_text(text, name)
         return {"run_id": run.info.run_id, "experiment_id": experiment_id, "tracking_uri": _redact(uri)}
 
 

@@ -23,10 +23,15 @@ def test_repository_params_load():
         ({"balance.strategy": "magic"}, "'balance.strategy' is 'magic'; choose one of"),
         ({"train.epochs": "ten"}, "'train.epochs' must be int"),
         ({"train.lr": -1.0}, "'train.lr' must be positive"),
-        ({"data.source": "npz", "data.path": None}, "'data.path' must name the input file"),
+        ({"data.source": "npz", "data.path": None}, "'data.path' must name the input"),
         ({"explain.methods": ["saliency", "lime"]}, "'explain.methods' is 'lime'"),
         ({"data.phantom.lesion_radius": [3.0]}, "'data.phantom.lesion_radius' must be a list of 2 values"),
         ({"train.epochs": True}, "'train.epochs' must be int"),
+        ({"data.source": "medmnist", "data.name": "mnist"}, "'data.name' is 'mnist'"),
+        ({"data.source": "medmnist", "data.name": "breastmnist", "data.size": 32}, "'data.size' must be one of"),
+        ({"data.split": {"val": 0.5, "test": 0.6}}, "'data.split' needs"),
+        ({"data.duplicates": "ignore"}, "'data.duplicates' is 'ignore'"),
+        ({"data.channels": 2}, "'data.channels' must be null, 1 or 3"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path: Path, overrides, message):

@@ -1,0 +1,85 @@
+"""Image files to uint8 arrays, and the preprocessing every source shares.
+
+PNG, JPEG and TIFF are read with Pillow (16-bit grayscale is scaled to 8 bits); DICOM with
+pydicom (:mod:`pipeline.dicom`). Preprocessing, in order: centre-crop to a square and resize
+to ``data.image_size`` (bilinear; skipped when null, and then every image must already have
+the same size), then convert to ``data.channels`` (ITU-R 601 luma for RGB → gray, copies for
+gray → RGB). Everything is deterministic, so equal inputs give equal bytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.dicom import ImageError, read_dicom
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+DICOM_SUFFIXES = (".dcm",)
+SUPPORTED = IMAGE_SUFFIXES + DICOM_SUFFIXES
+
+
+def read_file(path: Path, window_center: float | None = None, window_width: float | None = None,
+              frames: str = "error") -> tuple[np.ndarray, dict[str, Any]]:
+    """H×W×C uint8 (C 1 or 3) and whitelisted metadata (DICOM only); ImageError when unreadable."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ImageError(f"cannot open ({exc.strerror})") from None
+    if size == 0:
+        raise ImageError("empty file (0 bytes)")
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return read_dicom(path, window_center, window_width, frames)
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ImageError(f"not an image file (suffix '{path.suffix}'; supported: {', '.join(SUPPORTED)})")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return _to_array(image), {}
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"not a readable image ({type(exc).__name__}: {exc})") from None
+
+
+def _to_array(image: Any) -> np.ndarray:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        return np.rint(np.clip(values, 0, 65535) / 257).astype(np.uint8)[..., None]
+    if image.mode in ("L", "P", "1", "LA"):
+        return np.asarray(image.convert("L"), dtype=np.uint8)[..., None]
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def preprocess(image: np.ndarray, size: int | None, channels: int | None) -> np.ndarray:
+    """Centre-crop + resize to ``size`` (when set), then convert to ``channels`` (when set)."""
+    from PIL import Image
+
+    if size is not None and image.shape[:2] != (size, size):
+        h, w = image.shape[:2]
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        square = image[top:top + side, left:left + side]
+        pil = Image.fromarray(square[..., 0] if square.shape[2] == 1 else square)
+        image = np.asarray(pil.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+        image = image[..., None] if image.ndim == 2 else image
+    if channels == 1 and image.shape[2] == 3:
+        image = np.asarray(Image.fromarray(image).convert("L"), dtype=np.uint8)[..., None]
+    elif channels == 3 and image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    return image
+
+
+def resize_mask(mask: np.ndarray, size: int | None) -> np.ndarray:
+    """Nearest-neighbour, matching :func:`preprocess`'s crop, so masks stay binary and aligned."""
+    from PIL import Image
+
+    if size is None or mask.shape == (size, size):
+        return mask
+    h, w = mask.shape
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = Image.fromarray(mask[top:top + side, left:left + side])
+    return np.asarray(square.resize((size, size), Image.NEAREST), dtype=np.uint8)

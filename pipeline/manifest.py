@@ -1,0 +1,130 @@
+"""What a user holds, as a list of records: an image folder or a CSV manifest.
+
+- ``folder``: ``root/<class_name>/**/*.{png,jpg,jpeg,tif,tiff,dcm}``; classes are the
+  sub-folder names in sorted order (or ``data.class_names``, which must name the same
+  folders). Hidden files (``.DS_Store``) are ignored.
+- ``csv``: columns ``path`` and ``label``, optional ``patient_id``, ``split`` and the
+  ``data.group_column``; paths are relative to the manifest's folder and may not leave it;
+  labels are class names or integer indices.
+
+Every problem is collected, and reported at once by :func:`fail` as one error naming the
+first 10 offending entries and their count.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+from pipeline.images import SUPPORTED
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    path: Path
+    label: int
+    patient: str | None = None  # raw id; prepare pseudonymises it before anything is saved
+    split: str | None = None
+    group: str | None = None
+
+
+def fail(source: str | Path, problem: str, items: list[str]) -> None:
+    """Raise one PipelineError listing the first 10 of ``items`` and their count (if any)."""
+    if items:
+        shown = "; ".join(items[:10]) + (f"; … ({len(items) - 10} more)" if len(items) > 10 else "")
+        raise PipelineError(f"{source}: {problem}: {len(items)} file(s): {shown}")
+
+
+def scan_folder(root: Path, class_names: tuple[str, ...], on_error: str) -> tuple[list[Record], list[str], list[str]]:
+    """Records, class names, and the files skipped because their type is not supported."""
+    if not root.is_dir():
+        raise PipelineError(f"{root}: image folder not found")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    names = list(class_names) or folders
+    if sorted(names) != folders:
+        raise PipelineError(f"{root}: class folders {folders} do not match data.class_names {list(class_names)}")
+    if len(names) < 2:
+        raise PipelineError(f"{root}: found {len(names)} class folder(s) {names}; at least 2 are needed")
+    records, unsupported, empty = [], [], []
+    for label, name in enumerate(names):
+        files = sorted(p for p in (root / name).rglob("*")
+                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+        kept = [p for p in files if p.suffix.lower() in SUPPORTED]
+        unsupported += [str(p.relative_to(root)) for p in files if p.suffix.lower() not in SUPPORTED]
+        if not kept:
+            empty.append(name + "/")
+        records += [Record(path=p, label=label) for p in kept]
+    fail(root, "empty class folder(s), no image in", empty)
+    if on_error != "skip":
+        fail(root, f"not an image (supported: {', '.join(SUPPORTED)}; data.on_error: skip ignores them)", unsupported)
+    return records, names, unsupported
+
+
+def read_manifest(path: Path, class_names: tuple[str, ...], group_column: str | None) -> tuple[list[Record], list[str]]:
+    """Records and class names from a CSV manifest; every path checked before any image is read."""
+    if not path.is_file():
+        raise PipelineError(f"{path}: manifest not found")
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        rows = list(reader)
+    required = ["path", "label"] + ([group_column] if group_column else [])
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise PipelineError(f"{path}: missing column(s) {missing} (has: {columns})")
+    if not rows:
+        raise PipelineError(f"{path}: manifest has no rows")
+    base = path.parent.resolve()
+    names = _class_names([r["label"].strip() for r in rows], class_names, path)
+    records, escaping, absent, unknown, seen, duplicates, bad_split = [], [], [], [], set(), [], []
+    for line, row in enumerate(rows, start=2):
+        rel, label = row["path"].strip(), row["label"].strip()
+        target = (base / rel).resolve()
+        where = f"line {line}: {rel}"
+        if not target.is_relative_to(base):
+            escaping.append(where)
+            continue
+        if not target.is_file():
+            absent.append(where)
+            continue
+        if target in seen:
+            duplicates.append(where)
+        seen.add(target)
+        index = _label_index(label, names)
+        if index is None:
+            unknown.append(f"line {line}: label '{label}'")
+            continue
+        split = (row.get("split") or "").strip() or None
+        if split is not None and split not in SPLIT_NAMES:
+            bad_split.append(f"line {line}: split '{split}'")
+        records.append(Record(path=target, label=index, patient=(row.get("patient_id") or "").strip() or None,
+                              split=split, group=(row.get(group_column) or "").strip() or None if group_column else None))
+    fail(path, "path leaves the manifest's folder", escaping)
+    fail(path, "file does not exist", absent)
+    fail(path, "duplicate path", duplicates)
+    fail(path, f"label not in the class list {names}", unknown)
+    fail(path, f"split must be one of {SPLIT_NAMES}", bad_split)
+    given = [r.split is not None for r in records]
+    if any(given) and not all(given):
+        raise PipelineError(f"{path}: the split column is filled for {sum(given)} of {len(given)} rows; fill all or none")
+    return records, names
+
+
+def _class_names(labels: list[str], class_names: tuple[str, ...], source: Path) -> list[str]:
+    if class_names:
+        return list(class_names)
+    if all(label.lstrip("-").isdigit() for label in labels):
+        return [str(i) for i in range(max(int(label) for label in labels) + 1)]
+    return sorted(set(labels))
+
+
+def _label_index(label: str, names: list[str]) -> int | None:
+    if label in names:
+        return names.index(label)
+    if label.isdigit() and int(label) < len(names):
+        return int(label)
+    return None

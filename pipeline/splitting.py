@@ -1,0 +1,53 @@
+"""Patient-grouped, label-stratified train/val/test assignment.
+
+No patient appears in two splits: images are grouped by (pseudonymised) patient id, or each
+image is its own group when ids are unknown. ``StratifiedGroupKFold`` keeps class
+proportions close to equal across splits; one fold of ``round(1/test)`` becomes the test
+split, then one fold of the rest becomes validation. Seeded, so the assignment is the same
+for the same data, params and seed.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold
+
+from pipeline.errors import PipelineError
+
+
+def assign(labels: np.ndarray, groups: np.ndarray, val: float, test: float, seed: int) -> np.ndarray:
+    """An array of 'train'/'val'/'test', one per image."""
+    splits = np.full(len(labels), "train", dtype=object)
+    test_idx = _one_fold(np.arange(len(labels)), labels, groups, test, seed)
+    splits[test_idx] = "test"
+    rest = np.flatnonzero(splits == "train")
+    val_idx = _one_fold(rest, labels[rest], groups[rest], val / (1 - test), seed + 1)
+    splits[rest[val_idx]] = "val"
+    return splits.astype(str)
+
+
+def _one_fold(index: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    n_groups = len(np.unique(groups))
+    folds = min(max(2, round(1 / fraction)), n_groups)
+    if n_groups < 2:
+        raise PipelineError(f"cannot split {len(index)} images of {n_groups} patient(s) into train/val/test")
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed % 2**32)
+    with warnings.catch_warnings():
+        # A class with fewer members than folds only makes stratification approximate.
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        _, held_out = next(splitter.split(np.zeros(len(index)), labels, groups))
+    return held_out
+
+
+def overlap(patients: dict[str, np.ndarray]) -> list[str]:
+    """Pseudonymised patient ids found in more than one split."""
+    seen: dict[str, str] = {}
+    shared = set()
+    for split, ids in patients.items():
+        for pid in np.unique(ids):
+            if pid in seen and seen[pid] != split:
+                shared.add(str(pid))
+            seen.setdefault(pid, split)
+    return sorted(shared)
