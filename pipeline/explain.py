@@ -1,36 +1,42 @@
-"""Stage 5, explain: Captum attributions for a seeded, fixed sample of test images per class.
+"""Stage 5, explain: attribution maps for chosen test images, and how far each method deserves trust.
 
-Methods (``explain.methods``): ``saliency`` (absolute input gradient), ``integrated_gradients``
-(black-image baseline, ``explain.ig_steps`` steps, batched) and ``grad_cam`` (LayerGradCam on
-the last convolutional feature map, upsampled bilinearly to the image). Each map explains the
-class the model predicted, the decision a reader wants to understand.
+Samples: ``explain.per_class`` test images per class (seeded), the ``explain.worst`` most
+confident false positives and false negatives from evaluate, and, when the phantom carries a
+shortcut marker, images with the marker. Each map explains the class the model predicted.
+Every method in ``explain.methods`` is then measured (see :mod:`pipeline.trust`):
+faithfulness against a random order, Captum infidelity and max-sensitivity, the
+model-randomisation sanity check, localisation against lesion masks, and attribution on the
+shortcut marker.
 
-Writes ``reports/explain/``: one PNG per sample (image, then each method's map blended over
-it, the lesion outline where a ground-truth mask exists), ``attributions.npy`` (the raw maps,
-methods × samples × H × W, in the order of ``samples.json``) and ``samples.json`` (which
-images, their labels, predictions and figures).
+Writes ``reports/explain/``: ``metrics.json`` (DVC metrics; per method, with ``sanity_pass``
+and warnings), ``samples.json``, ``attributions.npy`` (methods × samples × H × W),
+``timing.json`` and ``figures/``: one figure per sample, ``curves.png`` (deletion/insertion),
+``feature_maps.png`` and ``class_images.png`` (the seed's activation and gradient-ascent
+visualisations).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from pipeline import paths
-from pipeline.files import save_npy, staged_dir, write_json
-from pipeline.models import Classifier, images_to_tensor, load_checkpoint
-from pipeline.params import ExplainParams, Params
-from pipeline.plots import plot_attributions
+from pipeline import attributions, paths, trust
+from pipeline.files import read_json, save_npy, staged_dir, write_json
+from pipeline.models import images_to_tensor, load_checkpoint
+from pipeline.params import Params
+from pipeline.plots import plot_attributions, plot_class_images, plot_faithfulness, plot_feature_maps
 from pipeline.runtime import configure_torch, stage_main
 from pipeline.splits import load_meta, load_split
 
 log = logging.getLogger(__name__)
 
-METHOD_TITLES = {"saliency": "Saliency", "integrated_gradients": "Integrated Gradients", "grad_cam": "Grad-CAM"}
+SANITY_STAGES = {"top layer": 1e-9, "all layers": 1.0}
 
 
 def select_samples(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
@@ -43,57 +49,129 @@ def select_samples(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
     return np.asarray(chosen, dtype=np.int64)
 
 
-def attribute(model: Classifier, inputs: torch.Tensor, targets: torch.Tensor, cfg: ExplainParams) -> dict[str, np.ndarray]:
-    """One N×H×W map per method (channels summed), same height and width as the input."""
-    from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Saliency
+def choose(test: dict[str, np.ndarray], params: Params, failures: dict[str, list[dict]]) -> list[tuple[int, str]]:
+    """(test index, why chosen) for every sample to explain, without repeats, in a fixed order."""
+    cfg = params.explain
+    picked = [(int(i), "per class") for i in select_samples(test["labels"], cfg.per_class, params.seed)]
+    for kind, rows in failures.items():
+        picked += [(row["index"], kind.replace("_", " ")[:-1]) for row in rows[:cfg.worst]]
+    if "markers" in test:
+        with_marker = np.flatnonzero(test["markers"] == 1)
+        picks = select_samples(test["labels"][with_marker], cfg.per_class, params.seed + 1)
+        picked += [(int(with_marker[j]), "carries the shortcut marker") for j in picks]
+    seen, unique = set(), []
+    for index, why in picked:
+        if index not in seen:
+            seen.add(index)
+            unique.append((index, why))
+    return unique
 
-    maps = {}
+
+def measure(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, maps: dict[str, np.ndarray],
+            params: Params, masks: np.ndarray | None, marker: tuple[int, int, int, int] | None,
+            has_marker: np.ndarray | None) -> tuple[dict[str, Any], dict[str, dict]]:
+    """Every trust measurement per method, and the mean deletion/insertion curves."""
+    cfg = params.explain
+    faith = trust.faithfulness(model, inputs, targets, maps, cfg.faithfulness_steps, params.seed)
+    results: dict[str, Any] = {"random": {k: faith["random"][k] for k in ("deletion_auc", "insertion_auc")}}
+    randomised = {stage: trust.randomised(model, fraction, params.seed) for stage, fraction in SANITY_STAGES.items()}
+    for method in tqdm(cfg.methods, desc="trust", leave=False, disable=None):
+        fn = attributions.explainer(method, model, cfg, tuple(inputs.shape[1:]), params.seed)
+        row: dict[str, Any] = {k: faith[method][k] for k in ("deletion_auc", "insertion_auc")}
+        row["deletion_beats_random"] = bool(row["deletion_auc"] < results["random"]["deletion_auc"])
+        row["insertion_beats_random"] = bool(row["insertion_auc"] > results["random"]["insertion_auc"])
+        row.update(trust.captum_scores(model, inputs, targets, maps[method], fn, params.seed, cfg.perturbations))
+        for stage, copy_ in randomised.items():
+            other = attributions.attribute(copy_, inputs, targets, cfg, params.seed, (method,))[method]
+            sim = trust.similarity(maps[method], other)
+            row[f"randomised_{stage.replace(' ', '_')}_spearman"] = sim["spearman"]
+            row[f"randomised_{stage.replace(' ', '_')}_ssim"] = sim["ssim"]
+        row["sanity_pass"] = bool(row["randomised_all_layers_spearman"] <= cfg.sanity_threshold)
+        if masks is not None:
+            row.update(trust.localisation(maps[method], masks))
+        if marker is not None and has_marker is not None and has_marker.any():
+            top, bottom, left, right = marker
+            region = np.zeros(maps[method].shape[1:], dtype=bool)
+            region[top:bottom, left:right] = True
+            row["marker_mass"] = round(float(np.mean([trust.mass_fraction(m, region)
+                                                      for m in maps[method][has_marker == 1]])), 6)
+        results[method] = row
+    return results, faith
+
+
+def warnings_for(results: dict[str, Any], params: Params) -> list[str]:
+    cfg = params.explain
+    found = []
     for method in cfg.methods:
-        x = inputs.clone().requires_grad_(True)
-        if method == "saliency":
-            attr = Saliency(model).attribute(x, target=targets, abs=True)
-        elif method == "integrated_gradients":
-            attr = IntegratedGradients(model).attribute(x, baselines=0.0, target=targets, n_steps=cfg.ig_steps,
-                                                        internal_batch_size=len(x) * cfg.ig_steps)
-        else:
-            cam = LayerGradCam(model, model.cam_layer).attribute(x, target=targets, relu_attributions=True)
-            attr = LayerAttribution.interpolate(cam, tuple(x.shape[2:]), interpolate_mode="bilinear")
-        maps[method] = attr.detach().sum(dim=1).numpy()
-    return maps
+        row, title = results[method], attributions.TITLES[method]
+        if not row["sanity_pass"]:
+            found.append(f"{title} fails the randomisation sanity check: its maps keep Spearman "
+                         f"{row['randomised_all_layers_spearman']:.2f} (> {cfg.sanity_threshold}) after every layer is "
+                         "re-initialised, so they do not show what the model learned.")
+        if not (row["deletion_beats_random"] or row["insertion_beats_random"]):
+            found.append(f"{title} is no more faithful than a random pixel order (neither deletion nor insertion).")
+        if row.get("marker_mass", 0) > cfg.shortcut_threshold:
+            found.append(f"Shortcut: {title} puts {row['marker_mass']:.0%} of its attribution on the corner marker "
+                         f"(> {cfg.shortcut_threshold:.0%}): the model relies on a confounder, not the lesion.")
+    return found
 
 
 def run(params: Params, prepared: Path = paths.PREPARED, model_path: Path = paths.MODEL,
-        out_dir: Path = paths.EXPLAIN_DIR) -> dict[str, Any]:
+        failures_path: Path = paths.EVAL_DIR / "failures.json", out_dir: Path = paths.EXPLAIN_DIR) -> dict[str, Any]:
     configure_torch(params.train.threads)
     cfg = params.explain
-    names = load_meta(prepared)["class_names"]
+    meta = load_meta(prepared)
+    names = meta["class_names"]
     model, _ = load_checkpoint(model_path)
     test = load_split(prepared, "test")
-    chosen = select_samples(test["labels"], cfg.per_class, params.seed)
-    inputs = images_to_tensor(test["images"][chosen])
+    chosen = choose(test, params, read_json(failures_path) if failures_path.is_file() else {})
+    index = np.array([i for i, _ in chosen])
+    inputs = images_to_tensor(np.asarray(test["images"][index]))
     with torch.no_grad():
         probs = torch.softmax(model(inputs), dim=1)
     targets = probs.argmax(dim=1)
-    log.info("explaining %d test images with %s", len(chosen), ", ".join(cfg.methods))
-    maps = attribute(model, inputs, targets, cfg)
+    log.info("explaining %d test images with %s", len(index), ", ".join(cfg.methods))
+    start = time.perf_counter()
+    maps = {}
+    seconds: dict[str, float] = {}
+    for method in cfg.methods:
+        tick = time.perf_counter()
+        maps.update(attributions.attribute(model, inputs, targets, cfg, params.seed, (method,)))
+        seconds[method] = time.perf_counter() - tick
+    masks = test["masks"][index] if "masks" in test else None
+    has_marker = test["markers"][index] if "markers" in test else None
+    marker = tuple(meta["marker_box"]) if meta.get("marker_box") else None
+    results, faith = measure(model, inputs, targets, maps, params, masks, marker, has_marker)
+    warnings = warnings_for(results, params)
+    metrics = {"explain": {m: results[m] for m in cfg.methods},
+               "random": results["random"], "warnings": warnings, "n_samples": len(index)}
     samples = []
-    with staged_dir(out_dir) as tmp:
-        for row, index in enumerate(chosen):
-            sample_id = str(test["ids"][index])
-            label, pred = int(test["labels"][index]), int(targets[row])
-            figure = f"{sample_id}.png"
-            title = f"{sample_id}: true {names[label]}, predicted {names[pred]} (p={float(probs[row, pred]):.3f})"
-            mask = test["masks"][index] if "masks" in test else None
-            plot_attributions(inputs[row].permute(1, 2, 0).numpy(), {METHOD_TITLES[m]: maps[m][row] for m in cfg.methods},
-                              title, tmp / figure, mask)
-            samples.append({"id": sample_id, "label": names[label], "predicted": names[pred],
-                            "probability": round(float(probs[row, pred]), 6), "figure": figure})
-        # One .npy (not .npz: zip entries carry timestamps) so equal runs give equal bytes.
-        save_npy(tmp / "attributions.npy", np.stack([maps[m] for m in cfg.methods]).astype(np.float32))
-        summary = {"methods": list(cfg.methods), "ig_steps": cfg.ig_steps, "target": "predicted class",
-                   "samples": samples}
-        write_json(tmp / "samples.json", summary)
-    return summary
+    with staged_dir(out_dir / "figures") as tmp:
+        for row, (i, why) in enumerate(chosen):
+            sample_id = str(test["ids"][i])
+            label, pred = int(test["labels"][i]), int(targets[row])
+            title = f"{sample_id} ({why}): true {names[label]}, predicted {names[pred]} (p={float(probs[row, pred]):.3f})"
+            plot_attributions(inputs[row].permute(1, 2, 0).numpy(),
+                              {attributions.TITLES[m]: maps[m][row] for m in cfg.methods}, title, tmp / f"{sample_id}.png",
+                              None if masks is None else masks[row], marker if has_marker is not None and has_marker[row] else None)
+            samples.append({"id": sample_id, "why": why, "label": names[label], "predicted": names[pred],
+                            "probability": round(float(probs[row, pred]), 6), "figure": f"{sample_id}.png"})
+        plot_faithfulness({attributions.TITLES.get(k, k): v for k, v in faith.items()}, tmp / "curves.png")
+        plot_feature_maps(attributions.feature_maps(model, inputs[0]), tmp / "feature_maps.png")
+        if cfg.class_image_steps:
+            shape = tuple(inputs.shape[1:])
+            plot_class_images({n: attributions.class_image(model, k, shape, cfg.class_image_steps, params.seed)
+                               for k, n in enumerate(names)}, tmp / "class_images.png")
+    save_npy(out_dir / "attributions.npy", np.stack([maps[m] for m in cfg.methods]).astype(np.float32))
+    write_json(out_dir / "samples.json", {"methods": list(cfg.methods), "target": "predicted class", "samples": samples,
+                                          "settings": {k: v for k, v in vars(cfg).items() if k != "methods"}})
+    write_json(out_dir / "timing.json", {"seconds_total": round(time.perf_counter() - start, 2),
+                                         **{f"maps_per_second_{m}": round(len(index) / max(s, 1e-9), 2)
+                                            for m, s in seconds.items()}})
+    write_json(out_dir / "metrics.json", metrics)
+    for warning in warnings:
+        log.warning(warning)
+    return metrics
 
 
 def main() -> None:

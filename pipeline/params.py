@@ -26,7 +26,7 @@ BALANCE_STRATEGIES = ("none", "class_weight", "oversample", "undersample", "smot
 MODELS = ("seed_cnn", "small_cnn")
 OPTIMIZERS = ("sgd", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
-EXPLAIN_METHODS = ("saliency", "integrated_gradients", "grad_cam")
+EXPLAIN_METHODS = ("saliency", "integrated_gradients", "smoothgrad", "grad_cam", "guided_grad_cam", "occlusion", "lime")
 CALIBRATIONS = ("temperature", "none")
 BASELINES = ("logistic_regression", "random_forest", "svm")
 
@@ -45,6 +45,7 @@ class PhantomParams:
     lookalikes: float
     noise: float
     site_noise: tuple[float, ...]
+    shortcut: Union[float, None]
 
     def __post_init__(self) -> None:
         _check(self.image_size >= 16, "data.phantom.image_size", "must be at least 16")
@@ -58,6 +59,7 @@ class PhantomParams:
         _check(self.noise >= 0, "data.phantom.noise", "must be >= 0")
         _check(len(self.site_noise) >= 1 and min(self.site_noise) > 0, "data.phantom.site_noise",
                "must list one positive noise factor per simulated scanner site")
+        _check(self.shortcut is None or 0 <= self.shortcut <= 1, "data.phantom.shortcut", "must be null or in [0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,14 +185,32 @@ class EvaluateParams:
 class ExplainParams:
     methods: tuple[str, ...]
     per_class: int
+    worst: int
     ig_steps: int
+    smoothgrad_samples: int
+    smoothgrad_stdev: float
+    occlusion_window: float
+    lime_samples: int
+    lime_grid: int
+    faithfulness_steps: int
+    perturbations: int
+    sanity_threshold: float
+    shortcut_threshold: float
+    class_image_steps: int
+    batch_size: int
 
     def __post_init__(self) -> None:
         _check(len(self.methods) > 0, "explain.methods", "must name at least one method")
         for method in self.methods:
             _choice(method, EXPLAIN_METHODS, "explain.methods")
-        _check(self.per_class >= 1, "explain.per_class", "must be >= 1")
-        _check(self.ig_steps >= 2, "explain.ig_steps", "must be >= 2")
+        for key in ("per_class", "ig_steps", "smoothgrad_samples", "lime_samples", "lime_grid", "faithfulness_steps",
+                    "perturbations", "batch_size"):
+            _check(getattr(self, key) >= 2 if key != "per_class" else self.per_class >= 1, f"explain.{key}",
+                   "is too small")
+        _check(self.worst >= 0 and self.class_image_steps >= 0, "explain.worst", "and class_image_steps must be >= 0")
+        _check(0 < self.occlusion_window < 1, "explain.occlusion_window", "is a fraction of the image side, in (0, 1)")
+        _check(0 < self.sanity_threshold < 1 and 0 < self.shortcut_threshold < 1, "explain.sanity_threshold",
+               "and shortcut_threshold must lie in (0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,7 +40,31 @@ def generate_split(params: PhantomParams, seed: int, split: str) -> dict[str, np
         masks[i] = mask
     ids = np.array([f"phantom-{split}-{i:05d}" for i in range(n)])
     groups = np.array([f"site-{chr(ord('A') + s)}" for s in sites])
-    return {"images": images, "labels": labels, "ids": ids, "masks": masks, "groups": groups}
+    out = {"images": images, "labels": labels, "ids": ids, "masks": masks, "groups": groups}
+    if params.shortcut is not None:
+        out["markers"] = add_markers(images, labels, params.shortcut if split != "test" else 0.0, rng)
+    return out
+
+
+def marker_box(image_size: int) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the shortcut marker: a small square in the top-left corner."""
+    side = max(2, round(4 * image_size / 64))
+    return 2, 2 + side, 2, 2 + side
+
+
+def add_markers(images: np.ndarray, labels: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Burn a bright marker into images; it follows the label with probability ``strength``.
+
+    With probability ``strength`` an image carries the marker exactly when it has a lesion;
+    otherwise the marker is a coin flip. At strength 1 the marker alone predicts the label, at
+    0 it carries no information (as in the test split).
+    """
+    follows = rng.uniform(size=len(labels)) < strength
+    coin = rng.uniform(size=len(labels)) < 0.5
+    markers = np.where(follows, labels == 1, coin).astype(np.uint8)
+    top, bottom, left, right = marker_box(images.shape[1])
+    images[markers == 1, top:bottom, left:right, :] = 230
+    return markers
 
 
 def _scan(params: PhantomParams, rng: np.random.Generator, lesion: bool, noise: float) -> tuple[np.ndarray, np.ndarray]:

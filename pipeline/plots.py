@@ -67,27 +67,71 @@ def plot_confusion(matrix: Sequence[Sequence[int]], class_names: Sequence[str], 
 
 
 def plot_attributions(image: np.ndarray, maps: dict[str, np.ndarray], title: str, path: str | Path,
-                      mask: np.ndarray | None = None) -> None:
-    """The image, then each method's map blended over it (lesion outline where known).
+                      mask: np.ndarray | None = None, marker: tuple[int, int, int, int] | None = None) -> None:
+    """The image, then each method's map blended over it; lesion outline and marker box where known.
 
     ``image`` is H×W×C in [0, 1]; each map is H×W, normalised here to its own maximum
     absolute value so methods with different scales can be read side by side.
     """
     gray = image.mean(axis=2) if image.shape[2] == 3 else image[..., 0]
     shown = image if image.shape[2] == 3 else gray
-    fig, axes = plt.subplots(1, 1 + len(maps), figsize=(2.4 * (1 + len(maps)), 2.7))
+    cols = 1 + len(maps)
+    fig, axes = plt.subplots(1, cols, figsize=(2.0 * cols, 2.4))
     axes[0].imshow(shown, cmap=None if image.shape[2] == 3 else "gray", vmin=0, vmax=1)
-    axes[0].set_title("image", fontsize=9)
+    axes[0].set_title("image", fontsize=8)
     for ax, (name, attribution) in zip(axes[1:], maps.items()):
         scale = float(np.abs(attribution).max()) or 1.0
         ax.imshow(gray, cmap="gray", vmin=0, vmax=1)
         ax.imshow(attribution / scale, cmap="bwr", vmin=-1, vmax=1, alpha=0.55)
-        ax.set_title(name, fontsize=9)
+        ax.set_title(name, fontsize=8)
     for ax in axes:
         if mask is not None and mask.any():
             ax.contour(mask, levels=[0.5], colors="lime", linewidths=0.8)
+        if marker is not None:
+            top, bottom, left, right = marker
+            ax.add_patch(plt.Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False,
+                                       edgecolor="orange", linewidth=0.8))
         ax.axis("off")
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title, fontsize=8)
+    save_figure(fig, path)
+
+
+def plot_faithfulness(curves: dict[str, dict], path: str | Path) -> None:
+    """Mean deletion and insertion curves per method (dashed: random pixel order)."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.3))
+    for ax, kind in zip(axes, ("deletion", "insertion")):
+        for name, row in curves.items():
+            curve = row[f"{kind}_curve"]
+            x = np.linspace(0, 1, len(curve))
+            ax.plot(x, curve, "--" if name == "random" else "-", color="black" if name == "random" else None,
+                    label=f"{name} ({row[f'{kind}_auc']:.3f})")
+        ax.set_xlabel(f"fraction of pixels {'removed' if kind == 'deletion' else 'inserted'}")
+        ax.set_ylabel("probability of the explained class")
+        ax.set_title(f"{kind} (area; {'lower' if kind == 'deletion' else 'higher'} is better)", fontsize=9)
+        ax.legend(fontsize=6)
+    save_figure(fig, path)
+
+
+def plot_feature_maps(layers: list[tuple[str, np.ndarray]], path: str | Path, channels: int = 8) -> None:
+    """The first ``channels`` activation maps of each conv layer for one image."""
+    fig, axes = plt.subplots(len(layers), channels, figsize=(1.3 * channels, 1.4 * len(layers)), squeeze=False)
+    for r, (name, maps) in enumerate(layers):
+        for c in range(channels):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c < len(maps):
+                ax.imshow(maps[c], cmap="viridis")
+        axes[r, 0].set_title(name, fontsize=7, loc="left")
+    save_figure(fig, path)
+
+
+def plot_class_images(images: dict[str, np.ndarray], path: str | Path) -> None:
+    """Gradient-ascent images, one per class."""
+    fig, axes = plt.subplots(1, len(images), figsize=(2.2 * len(images), 2.4), squeeze=False)
+    for ax, (name, image) in zip(axes[0], images.items()):
+        ax.imshow(image[..., 0] if image.shape[2] == 1 else image, cmap="gray", vmin=0, vmax=1)
+        ax.set_title(name, fontsize=8)
+        ax.axis("off")
     save_figure(fig, path)
 
 

@@ -52,6 +52,7 @@ class Item:
     patient: str | None = None  # already pseudonymised
     group: str | None = None
     mask: np.ndarray | None = None
+    marker: int | None = None  # phantom shortcut marker present
 
 
 @dataclasses.dataclass
@@ -70,7 +71,8 @@ def from_arrays(splits: dict[str, dict[str, np.ndarray]], where: str) -> dict[st
         out[split] = [Item(id=str(data["ids"][i]), label=int(data["labels"][i]), where=f"{where} {split}[{i}]",
                            load=lambda img=data["images"][i]: (img, {}),
                            group=str(data["groups"][i]) if "groups" in data else None,
-                           mask=data["masks"][i] if "masks" in data else None)
+                           mask=data["masks"][i] if "masks" in data else None,
+                           marker=int(data["markers"][i]) if "markers" in data else None)
                       for i in range(len(data["labels"]))]
     return out
 
@@ -201,6 +203,8 @@ def _write_columns(folder: Path, rows: list[Item], size: int | None, total: floa
         save_npy(folder / "groups.npy", np.array([r.group for r in rows], dtype=str))
     if rows and all(r.patient for r in rows):
         save_npy(folder / "patients.npy", np.array([r.patient for r in rows], dtype=str))
+    if rows and all(r.marker is not None for r in rows):
+        save_npy(folder / "markers.npy", np.array([r.marker for r in rows], dtype=np.uint8))
     pixels = len(rows) * int(np.prod(shape)) if shape else 0
     mean = total / pixels if pixels else 0.0
     return {"n": len(rows), "intensity_mean": round(mean, 4),
@@ -252,7 +256,9 @@ def run(params: Params, out_dir: Path = paths.PREPARED, summary_path: Path = pat
         meta = {"class_names": names, "num_classes": len(names), "image_size": list(first.shape[1:3]),
                 "channels": int(first.shape[3]), "has_masks": (tmp / "train" / "masks.npy").exists(),
                 "group_name": ("site" if data.source == "phantom" else data.group_column)
-                if (tmp / "train" / "groups.npy").exists() else None}
+                if (tmp / "train" / "groups.npy").exists() else None,
+                "marker_box": list(phantom.marker_box(int(first.shape[1])))
+                if (tmp / "train" / "markers.npy").exists() else None}
         del first
         save_meta(tmp, meta)
         details = summarise(source, found, tmp, data)

@@ -38,7 +38,7 @@ PREVALENCE_SHIFT_LIMIT = 0.05
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
 h1{border-bottom:2px solid #345}h2{margin-top:1.8em;border-bottom:1px solid #ccc}h3{margin-bottom:.3em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em;display:block;max-width:100%;overflow-x:auto}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
 th{background:#f2f4f7}code{background:#f4f4f4;padding:0 .2em;word-break:break-all}img{max-width:100%}
 .figs img{max-width:48%;margin-right:1%}.warn{background:#fff4e5;border-left:4px solid #e69500;padding:.4em .8em}
 .muted{color:#666;font-size:.9em}
@@ -92,6 +92,7 @@ def load_outputs(root: Path) -> dict[str, Any]:
         "eval_timing": read_json(root / paths.EVAL_DIR / "timing.json"),
         "failures": read_json(root / paths.EVAL_DIR / "failures.json"),
         "explain": read_json(root / paths.EXPLAIN_DIR / "samples.json"),
+        "explain_metrics": read_json(root / paths.EXPLAIN_DIR / "metrics.json"),
         "model_sha256": sha256_file(root / paths.MODEL),
         "dvc_lock": yaml.safe_load(lock.read_text()) if lock.is_file() else None,
     }
@@ -115,6 +116,7 @@ def limitations(out: dict[str, Any]) -> list[str]:
     shift = prevalence_shift(data)
     if shift > PREVALENCE_SHIFT_LIMIT:
         found.append(f"Class prevalence differs between splits by up to {shift:.3f}; PPV and NPV do not transfer.")
+    found += [w for w in out["explain_metrics"]["warnings"] if w.startswith("Shortcut")]
     if out["balance"]["synthetic_images"]:
         found.append(f"SMOTE added {out['balance']['synthetic_images']} synthetic (blended) training images.")
     found.append("No external test set: all splits come from one source, so performance at other sites is unknown.")
@@ -246,14 +248,49 @@ def failures_section(out: dict[str, Any], root: Path) -> str:
             + table(rows, ["kind", "id", "true", "predicted", "score"]))
 
 
+TRUST_COLUMNS = (("deletion_auc", "deletion AUC ↓"), ("insertion_auc", "insertion AUC ↑"), ("infidelity", "infidelity ↓"),
+                 ("sensitivity_max", "max-sensitivity ↓"), ("randomised_top_layer_spearman", "Spearman, top layer random"),
+                 ("randomised_all_layers_spearman", "Spearman, all layers random"),
+                 ("randomised_all_layers_ssim", "SSIM, all layers random"), ("pointing_game", "pointing game ↑"),
+                 ("mass_in_mask", "mass in lesion ↑"), ("auprc_mask", "AUPRC vs mask ↑"), ("marker_mass", "mass on marker"))
+
+
 def explanations_section(out: dict[str, Any], root: Path) -> str:
-    ex = out["explain"]
-    return (para(f"Captum methods: {', '.join(ex['methods'])}; Integrated Gradients with a black baseline and "
-                 f"{ex['ig_steps']} steps; maps explain the {ex['target']}. Test images drawn per class with the "
-                 "run's seed. Green outlines: ground-truth lesion masks where they exist (phantom).")
-            + para("Validation of the explanations: not measured in this run; treat the maps as illustrations, "
-                   "not evidence.", "warn")
-            + "".join(image(root / paths.EXPLAIN_DIR / s["figure"], s["id"]) for s in ex["samples"]))
+    ex, trust = out["explain"], out["explain_metrics"]
+    settings = ex["settings"]
+    methods = ex["methods"]
+    columns = [(k, title) for k, title in TRUST_COLUMNS if any(k in trust["explain"][m] for m in methods)]
+    rows = []
+    for m in methods:
+        row = trust["explain"][m]
+        verdict = "FAILS sanity check" if not row["sanity_pass"] else "passes sanity check"
+        rows.append([m, verdict, *[row.get(k) for k, _ in columns]])
+    rows.append(["random order", "(reference)", trust["random"]["deletion_auc"], trust["random"]["insertion_auc"],
+                 *[None] * (len(columns) - 2)])
+    explain_dir = root / paths.EXPLAIN_DIR / "figures"
+    body = (para(f"Methods (Captum): {', '.join(methods)}. Each map explains the {ex['target']}. "
+                 f"{trust['n_samples']} test images: {settings['per_class']} per class (seeded), the {settings['worst']} "
+                 "most confident false positives and false negatives, and images with a shortcut marker where one "
+                 f"exists. Integrated Gradients: black baseline, {settings['ig_steps']} steps; SmoothGrad: "
+                 f"{settings['smoothgrad_samples']} samples, σ {settings['smoothgrad_stdev']}; occlusion patch "
+                 f"{settings['occlusion_window']} of the image side; LIME: {settings['lime_samples']} samples on a "
+                 f"{settings['lime_grid']}×{settings['lime_grid']} grid.")
+            + "<h3>How far each method can be trusted</h3>"
+            + para("Faithfulness: deletion/insertion areas (pixels replaced by a blurred copy, or inserted into it, "
+                   "in the map's order; compare with the random order), Captum infidelity and max-sensitivity. Sanity: "
+                   "Spearman correlation and SSIM between the maps of the trained model and of a copy with its "
+                   f"layers re-initialised from the top (a method fails above {settings['sanity_threshold']} after "
+                   "full randomisation: its maps do not depend on what was learned). Localisation against the "
+                   "ground-truth lesion masks where they exist.")
+            + table(rows, ["method", "verdict", *[t for _, t in columns]])
+            + "".join(para(w, "warn") for w in trust["warnings"])
+            + image(explain_dir / "curves.png", "deletion and insertion curves"))
+    figures = [("feature_maps.png", "feature maps"), ("class_images.png", "gradient-ascent class images")]
+    body += ("<h3>The seed's visualisations</h3>" + para("Activation maps of each convolution for the first sample, and "
+             "gradient-ascent images that maximise each class's score.")
+             + "".join(image(explain_dir / f, alt) for f, alt in figures if (explain_dir / f).is_file()))
+    body += "<h3>Samples</h3>" + para("Green: ground-truth lesion outline; orange box: shortcut marker.", "muted")
+    return body + "".join(image(explain_dir / s["figure"], s["id"]) for s in ex["samples"])
 
 
 def reproducibility_section(params: Params, out: dict[str, Any], root: Path) -> str:

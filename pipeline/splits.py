@@ -16,8 +16,9 @@ from pipeline.files import load_npy, read_json, save_npy, write_json
 
 SPLITS = ("train", "val", "test")
 # masks: lesion masks where ground truth exists; groups: a subgroup column (e.g. site);
-# patients: pseudonymised patient ids. All optional but images, labels and ids.
-ARRAYS = ("images", "labels", "ids", "masks", "groups", "patients")
+# patients: pseudonymised patient ids; markers: phantom shortcut marker present (0/1).
+# All optional but images, labels and ids.
+ARRAYS = ("images", "labels", "ids", "masks", "groups", "patients", "markers")
 
 
 def save_split(root: Path, split: str, data: dict[str, np.ndarray]) -> dict[str, str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold
 
 from pipeline.errors import PipelineError
 
@@ -29,6 +28,8 @@ def assign(labels: np.ndarray, groups: np.ndarray, val: float, test: float, seed
 
 
 def _one_fold(index: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    from sklearn.model_selection import StratifiedGroupKFold  # ~150 MB: only sources that need splitting pay
+
     n_groups = len(np.unique(groups))
     folds = min(max(2, round(1 / fraction)), n_groups)
     if n_groups < 2:

@@ -32,7 +32,13 @@ TINY: dict[str, Any] = {
     "train.threads": 1,
     "evaluate.bootstrap": 200,
     "explain.per_class": 1,
+    "explain.worst": 1,
     "explain.ig_steps": 4,
+    "explain.smoothgrad_samples": 4,
+    "explain.lime_samples": 20,
+    "explain.faithfulness_steps": 6,
+    "explain.perturbations": 2,
+    "explain.class_image_steps": 5,
 }
 
 

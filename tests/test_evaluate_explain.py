@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import evaluate, explain
+from pipeline import attributions, evaluate, explain
 from pipeline.files import load_npy, read_json, save_npy
 from pipeline.metrics import HEADLINE, classification_metrics
 
@@ -74,11 +74,23 @@ def test_explain_outputs(tiny_run):
     root, params = tiny_run
     samples = read_json(root / "reports/explain/samples.json")
     maps = load_npy(root / "reports/explain/attributions.npy")
-    assert maps.shape == (len(params.explain.methods), len(samples["samples"]), 32, 32)
+    assert len(params.explain.methods) == 7
+    assert maps.shape == (7, len(samples["samples"]), 32, 32)
     assert np.isfinite(maps).all()
     assert {s["label"] for s in samples["samples"]} == {"normal", "lesion"}
+    assert {s["why"] for s in samples["samples"]} >= {"per class"}
     for sample in samples["samples"]:
-        assert (root / "reports/explain" / sample["figure"]).stat().st_size > 1000
+        assert (root / "reports/explain/figures" / sample["figure"]).stat().st_size > 1000
+    for figure in ("curves.png", "feature_maps.png", "class_images.png"):
+        assert (root / "reports/explain/figures" / figure).stat().st_size > 1000
+    metrics = read_json(root / "reports/explain/metrics.json")
+    for method in params.explain.methods:
+        row = metrics["explain"][method]
+        for key in ("deletion_auc", "insertion_auc", "infidelity", "sensitivity_max", "randomised_all_layers_spearman",
+                    "pointing_game", "mass_in_mask", "auprc_mask"):
+            assert key in row, (method, key)
+        assert 0 <= row["deletion_auc"] <= 1 and 0 <= row["insertion_auc"] <= 1
+        assert row["sanity_pass"] == (row["randomised_all_layers_spearman"] <= params.explain.sanity_threshold)
 
 
 def test_sample_selection_is_seeded_and_per_class():
@@ -105,9 +117,8 @@ class OnePixel(nn.Module):
 
 @pytest.mark.parametrize("method", ["saliency", "integrated_gradients"])
 def test_gradient_methods_point_at_the_pixel_the_model_uses(params, method):
-    cfg = params.explain.__class__(methods=(method,), per_class=1, ig_steps=8)
     x = torch.rand(3, 1, 16, 16) * 0.5 + 0.25
-    maps = explain.attribute(OnePixel(), x, torch.ones(3, dtype=torch.long), cfg)[method]
+    maps = attributions.attribute(OnePixel(), x, torch.ones(3, dtype=torch.long), params.explain, methods=(method,))[method]
     assert maps.shape == (3, 16, 16)
     for attribution in maps:
         assert np.unravel_index(np.abs(attribution).argmax(), attribution.shape) == (5, 9)

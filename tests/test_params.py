@@ -24,7 +24,7 @@ def test_repository_params_load():
         ({"train.epochs": "ten"}, "'train.epochs' must be int"),
         ({"train.lr": -1.0}, "'train.lr' must be positive"),
         ({"data.source": "npz", "data.path": None}, "'data.path' must name the input"),
-        ({"explain.methods": ["saliency", "lime"]}, "'explain.methods' is 'lime'"),
+        ({"explain.methods": ["saliency", "deeplift"]}, "'explain.methods' is 'deeplift'"),
         ({"data.phantom.lesion_radius": [3.0]}, "'data.phantom.lesion_radius' must be a list of 2 values"),
         ({"train.epochs": True}, "'train.epochs' must be int"),
         ({"data.source": "medmnist", "data.name": "mnist"}, "'data.name' is 'mnist'"),

@@ -1,0 +1,167 @@
+"""How far an explanation deserves trust, measured (not assumed).
+
+- **Faithfulness**: deletion and insertion curves (Petsiuk et al. 2018): pixels are removed
+  from the image (replaced by a blurred copy), or inserted into the blurred copy, in the map's order, and the
+  target's probability is read at each step; the area under each curve is compared with a
+  random order. A faithful map has a lower deletion and a higher insertion area than random.
+  Captum's ``infidelity`` and ``sensitivity_max`` (Yeh et al. 2019) complete the picture.
+- **Sanity check**: model-parameter randomisation (Adebayo et al. 2018), cascading from the
+  top layer: maps of a method that explains the model must change when its weights do. The
+  Spearman rank correlation and SSIM between original and randomised maps are reported; a
+  method whose Spearman correlation after full randomisation exceeds the threshold fails.
+- **Localisation** (where ground-truth masks exist): pointing game, fraction of the positive
+  attribution mass inside the mask, and AUPRC of the map against the mask.
+- **Shortcut**: fraction of positive attribution mass on a known confounder's box.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from scipy.ndimage import binary_dilation, uniform_filter
+from scipy.stats import spearmanr
+from torch import nn
+
+from pipeline.metrics import average_precision
+
+
+def _probabilities(model: nn.Module, batch: torch.Tensor, target: int) -> np.ndarray:
+    with torch.no_grad():
+        return torch.softmax(model(batch), dim=1)[:, target].numpy()
+
+
+def blurred(image: torch.Tensor) -> torch.Tensor:
+    """The baseline pixels are removed to: a heavily blurred copy (σ = side / 8).
+
+    Black holes would be out of distribution and measure the model's reaction to artefacts;
+    blur removes the local evidence while keeping the image plausible (Petsiuk et al. 2018).
+    """
+    from scipy.ndimage import gaussian_filter
+
+    sigma = image.shape[1] / 8
+    return torch.from_numpy(np.stack([gaussian_filter(c, sigma, mode="nearest") for c in image.numpy()])).float()
+
+
+def perturbation_curves(model: nn.Module, image: torch.Tensor, target: int, order: np.ndarray,
+                        steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deletion and insertion curves (steps + 1 probabilities each) for one image and pixel order."""
+    channels, height, width = image.shape
+    base = blurred(image)
+    counts = np.rint(np.linspace(0, height * width, steps + 1)).astype(int)
+    keep = np.zeros((steps + 1, height * width), dtype=bool)
+    for k, n in enumerate(counts):
+        keep[k, order[:n]] = True  # pixels removed (deletion) / inserted (insertion) by step k
+    keep_t = torch.from_numpy(keep.reshape(steps + 1, 1, height, width))
+    deleted = torch.where(keep_t, base[None], image[None])
+    inserted = torch.where(keep_t, image[None], base[None])
+    return _probabilities(model, deleted, target), _probabilities(model, inserted, target)
+
+
+def area(curve: np.ndarray) -> float:
+    """Area under a curve sampled at equal steps over [0, 1]."""
+    return float(np.trapezoid(curve, dx=1.0 / (len(curve) - 1)))
+
+
+def faithfulness(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, maps: dict[str, np.ndarray],
+                 steps: int, seed: int) -> dict[str, dict]:
+    """Per method (and 'random'): mean deletion/insertion areas and the mean curves."""
+    rng = np.random.default_rng([seed, 6])
+    orders = {name: [np.argsort(-m.ravel(), kind="stable") for m in method_maps] for name, method_maps in maps.items()}
+    orders["random"] = [rng.permutation(inputs.shape[2] * inputs.shape[3]) for _ in range(len(inputs))]
+    out = {}
+    for name, per_image in orders.items():
+        curves = [perturbation_curves(model, inputs[i], int(targets[i]), order, steps) for i, order in enumerate(per_image)]
+        deletion = np.mean([c[0] for c in curves], axis=0)
+        insertion = np.mean([c[1] for c in curves], axis=0)
+        out[name] = {"deletion_auc": round(float(np.mean([area(c[0]) for c in curves])), 6),
+                     "insertion_auc": round(float(np.mean([area(c[1]) for c in curves])), 6),
+                     "deletion_curve": deletion.round(6).tolist(), "insertion_curve": insertion.round(6).tolist()}
+    return out
+
+
+def captum_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, maps: np.ndarray,
+                  explain_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], seed: int,
+                  n_perturb: int) -> dict[str, float]:
+    """Captum ``infidelity`` (noise σ 0.05, normalised) and ``sensitivity_max`` (radius 0.02)."""
+    from captum.metrics import infidelity, sensitivity_max
+
+    def perturb(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        noise = 0.05 * torch.randn_like(x)
+        return noise, x - noise
+
+    channels = inputs.shape[1]
+    attributions = torch.from_numpy(maps)[:, None].expand(-1, channels, -1, -1) / channels
+    torch.manual_seed(seed)
+    inf = infidelity(model, perturb, inputs, attributions, target=targets, n_perturb_samples=n_perturb, normalize=True)
+    def explain(x: torch.Tensor | tuple, target: torch.Tensor) -> torch.Tensor | tuple:
+        # Captum hands the (perturbed, repeated) inputs over as a tuple.
+        tensor = x[0] if isinstance(x, tuple) else x
+        out = explain_fn(tensor.detach().clone().requires_grad_(True), target).detach()
+        return (out,) if isinstance(x, tuple) else out
+
+    torch.manual_seed(seed)
+    sens = sensitivity_max(explain, inputs, n_perturb_samples=n_perturb, perturb_radius=0.02, target=targets)
+    return {"infidelity": round(float(inf.mean()), 6), "sensitivity_max": round(float(sens.mean()), 6)}
+
+
+def randomised(model: nn.Module, fraction: float, seed: int) -> nn.Module:
+    """A copy with the top ``fraction`` of its conv/linear layers re-initialised (cascading from the output)."""
+    copy_ = copy.deepcopy(model).eval()
+    layers = [m for m in copy_.modules() if isinstance(m, (nn.Conv2d, nn.Linear))][::-1]
+    torch.manual_seed(seed)
+    for layer in layers[:max(1, round(fraction * len(layers)))]:
+        layer.reset_parameters()
+    return copy_
+
+
+def ssim(a: np.ndarray, b: np.ndarray, window: int = 7) -> float:
+    """Structural similarity of two maps scaled to [0, 1] by their max |value| (uniform window)."""
+    a = np.abs(a) / (np.abs(a).max() or 1.0)
+    b = np.abs(b) / (np.abs(b).max() or 1.0)
+    c1, c2 = 0.01**2, 0.03**2
+    mu_a, mu_b = uniform_filter(a, window), uniform_filter(b, window)
+    var_a = uniform_filter(a * a, window) - mu_a**2
+    var_b = uniform_filter(b * b, window) - mu_b**2
+    cov = uniform_filter(a * b, window) - mu_a * mu_b
+    value = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return float(value.mean())
+
+
+def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman correlation of |a| and |b| (Adebayo et al. compare absolute maps); 0 for flat maps."""
+    x, y = np.abs(a).ravel(), np.abs(b).ravel()
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return 0.0
+    return float(spearmanr(x, y).statistic)
+
+
+def similarity(original: np.ndarray, other: np.ndarray) -> dict[str, float]:
+    """Mean Spearman and SSIM between two stacks of maps (N×H×W)."""
+    return {"spearman": round(float(np.mean([rank_correlation(a, b) for a, b in zip(original, other)])), 6),
+            "ssim": round(float(np.mean([ssim(a, b) for a, b in zip(original, other)])), 6)}
+
+
+def localisation(maps: np.ndarray, masks: np.ndarray) -> dict[str, float | None]:
+    """Pointing game (1 px tolerance), positive mass in the mask, AUPRC vs the mask; over non-empty masks."""
+    hits, masses, auprcs = [], [], []
+    for attribution, mask in zip(maps, masks):
+        if not mask.any():
+            continue
+        peak = np.unravel_index(np.argmax(attribution), attribution.shape)
+        hits.append(bool(binary_dilation(mask > 0)[peak]))
+        masses.append(mass_fraction(attribution, mask > 0))
+        auprcs.append(average_precision(mask.ravel() > 0, attribution.ravel()))
+    if not hits:
+        return {"pointing_game": None, "mass_in_mask": None, "auprc_mask": None, "n_masks": 0}
+    return {"pointing_game": round(float(np.mean(hits)), 6), "mass_in_mask": round(float(np.mean(masses)), 6),
+            "auprc_mask": round(float(np.mean(auprcs)), 6), "n_masks": len(hits)}
+
+
+def mass_fraction(attribution: np.ndarray, region: np.ndarray) -> float:
+    """Share of the map's positive attribution that falls inside ``region``."""
+    positive = np.clip(attribution, 0, None)
+    total = positive.sum()
+    return float(positive[region].sum() / total) if total > 0 else 0.0
