@@ -203,14 +203,15 @@ class ExplainParams:
         _check(len(self.methods) > 0, "explain.methods", "must name at least one method")
         for method in self.methods:
             _choice(method, EXPLAIN_METHODS, "explain.methods")
-        for key in ("per_class", "ig_steps", "smoothgrad_samples", "lime_samples", "lime_grid", "faithfulness_steps",
-                    "perturbations", "batch_size"):
-            _check(getattr(self, key) >= 2 if key != "per_class" else self.per_class >= 1, f"explain.{key}",
-                   "is too small")
-        _check(self.worst >= 0 and self.class_image_steps >= 0, "explain.worst", "and class_image_steps must be >= 0")
+        _check(self.per_class >= 1, "explain.per_class", "must be >= 1")
+        for key in ("ig_steps", "smoothgrad_samples", "lime_samples", "lime_grid", "faithfulness_steps", "perturbations",
+                    "batch_size"):
+            _check(getattr(self, key) >= 2, f"explain.{key}", "must be >= 2")
+        _check(self.worst >= 0, "explain.worst", "must be >= 0")
+        _check(self.class_image_steps >= 0, "explain.class_image_steps", "must be >= 0 (0 turns it off)")
         _check(0 < self.occlusion_window < 1, "explain.occlusion_window", "is a fraction of the image side, in (0, 1)")
-        _check(0 < self.sanity_threshold < 1 and 0 < self.shortcut_threshold < 1, "explain.sanity_threshold",
-               "and shortcut_threshold must lie in (0, 1)")
+        _check(0 < self.sanity_threshold < 1, "explain.sanity_threshold", "must lie in (0, 1)")
+        _check(0 < self.shortcut_threshold < 1, "explain.shortcut_threshold", "must lie in (0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)
