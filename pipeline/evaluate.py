@@ -78,6 +78,17 @@ def failure_cases(labels: np.ndarray, probs: np.ndarray, preds: np.ndarray, ids:
     return {"errors": rows(wrong, -scores[wrong])}
 
 
+def imbalanced_report(labels: np.ndarray, preds: np.ndarray, names: list[str]) -> dict[str, dict[str, float]]:
+    """imblearn's per-class precision, recall, specificity, F1, G-mean, IBA and support, by class name."""
+    from imblearn.metrics import classification_report_imbalanced
+
+    report = classification_report_imbalanced(labels, preds, labels=list(range(len(names))), output_dict=True,
+                                              zero_division=0)
+    # imblearn keys the classes by their label as a string ("0", "1", ...).
+    return {name: {k: round(float(v), 6) for k, v in report[str(k_)].items()} for k_, name in enumerate(names)
+            if str(k_) in report}
+
+
 def curves(labels: np.ndarray, probs: np.ndarray, names: list[str], positive: int):
     """(class name, ROC (fpr, tpr, thr), PR (recall, precision)) for the positive class or each class."""
     classes = [positive] if probs.shape[1] == 2 else [c for c in range(probs.shape[1]) if (labels == c).any()]
@@ -118,6 +129,7 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
     }
     if len(names) > 2:
         test_metrics["roc_auc_per_class"] = per_class_auc(y_test, probs["test"], names)
+    test_metrics["per_class_imbalanced"] = imbalanced_report(y_test, preds, names)
     calib = {"method": cfg.calibrate, "temperature": temperature}
     for when, p in (("before", raw["test"]), ("after", probs["test"])):
         overall = classification_metrics(y_test, p, positive, threshold)

@@ -94,6 +94,59 @@ class SmallCNN(nn.Module):
         return self.classifier(pooled)
 
 
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3×3 conv-BN layers and an identity (or 1×1 projection) shortcut."""
+
+    def __init__(self, channels_in: int, channels_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels_in, channels_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels_out)
+        self.relu1 = nn.ReLU(inplace=False)
+        self.conv2 = nn.Conv2d(channels_out, channels_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels_out)
+        self.relu2 = nn.ReLU(inplace=False)  # a separate module per use, for Captum's ReLU hooks
+        self.shortcut = nn.Identity() if stride == 1 and channels_in == channels_out else nn.Sequential(
+            nn.Conv2d(channels_in, channels_out, 1, stride=stride, bias=False), nn.BatchNorm2d(channels_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        return self.relu2(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """ResNet-18 style (He et al. 2016), written here because torchvision has no CPU build on our machines.
+
+    Four stages of ``blocks`` basic blocks with widths w, 2w, 4w, 8w (w = ``train.width``; 64
+    is ResNet-18's). The stem follows the image size, as MedMNIST's 28 px ResNets do: a 3×3
+    stride-1 conv for images up to 64 px, ResNet's 7×7 stride-2 conv and max-pool above.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, width: int, image_size: int,
+                 blocks: tuple[int, ...] = (2, 2, 2, 2)) -> None:
+        super().__init__()
+        if image_size <= 64:
+            stem = [nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=False)]
+        else:
+            stem = [nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(width),
+                    nn.ReLU(inplace=False), nn.MaxPool2d(3, stride=2, padding=1)]
+        layers: list[nn.Module] = [nn.Sequential(*stem)]
+        channels = width
+        for stage, count in enumerate(blocks):
+            out = width * 2**stage
+            for b in range(count):
+                layers.append(BasicBlock(channels, out, 2 if b == 0 and stage > 0 else 1))
+                channels = out
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(channels, num_classes)
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        return self.features[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).mean(dim=(2, 3)))
+
+
 class Classifier(nn.Module):
     """A network behind a fixed input standardisation; what every stage loads and calls."""
 
@@ -118,6 +171,8 @@ def _build_net(config: ModelConfig) -> nn.Module:
         return SeedCNN(config.in_channels, config.num_classes, config.image_size)
     if config.name == "small_cnn":
         return SmallCNN(config.in_channels, config.num_classes, config.width)
+    if config.name == "resnet18":
+        return ResNet(config.in_channels, config.num_classes, config.width, config.image_size)
     raise PipelineError(f"unknown model '{config.name}'")
 
 

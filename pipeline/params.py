@@ -23,9 +23,12 @@ DUPLICATE_POLICIES = ("error", "warn", "drop")
 ON_ERROR = ("error", "skip")
 DICOM_FRAMES = ("error", "first")
 BALANCE_STRATEGIES = ("none", "class_weight", "oversample", "undersample", "smote")
-MODELS = ("seed_cnn", "small_cnn")
+MODELS = ("seed_cnn", "small_cnn", "resnet18")
 OPTIMIZERS = ("sgd", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
+SAMPLERS = ("none", "weighted")
+LOSSES = ("cross_entropy", "focal")
+SCHEDULES = ("none", "cosine", "onecycle")
 EXPLAIN_METHODS = ("saliency", "integrated_gradients", "smoothgrad", "grad_cam", "guided_grad_cam", "occlusion", "lime")
 CALIBRATIONS = ("temperature", "none")
 BASELINES = ("logistic_regression", "random_forest", "svm")
@@ -138,11 +141,32 @@ class TrainParams:
     batch_size: int
     epochs: int
     patience: int
+    sampler: str
+    loss: str
+    focal_gamma: float
+    label_smoothing: float
+    grad_clip: float
+    schedule: str
+    warmup_epochs: int
+    aug_rotate: float
+    aug_translate: float
+    aug_scale: float
+    aug_flip: bool
+    aug_intensity: float
     threads: int
     device: str
 
     def __post_init__(self) -> None:
         _choice(self.model, MODELS, "train.model")
+        _choice(self.sampler, SAMPLERS, "train.sampler")
+        _choice(self.loss, LOSSES, "train.loss")
+        _choice(self.schedule, SCHEDULES, "train.schedule")
+        _check(self.focal_gamma >= 0, "train.focal_gamma", "must be >= 0")
+        _check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must lie in [0, 1)")
+        _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = off)")
+        _check(0 <= self.warmup_epochs < self.epochs, "train.warmup_epochs", "must lie in [0, train.epochs)")
+        for key in ("aug_rotate", "aug_translate", "aug_scale", "aug_intensity"):
+            _check(getattr(self, key) >= 0, f"train.{key}", "must be >= 0 (0 = off)")
         _choice(self.optimizer, OPTIMIZERS, "train.optimizer")
         _choice(self.device, DEVICES, "train.device")
         _check(self.width >= 1, "train.width", "must be >= 1")

@@ -10,6 +10,7 @@ PARAMS = Path("params.yaml")
 PREPARED = Path("data/prepared")
 BALANCED = Path("data/balanced")
 MODEL = Path("models/model.pt")
+CHECKPOINT = Path("models/checkpoints/last.pt")  # persisted between runs: not a DVC output
 REPORTS = Path("reports")
 DATA_SUMMARY = REPORTS / "data" / "summary.json"
 BALANCE_REPORT = REPORTS / "balance.json"

@@ -6,14 +6,20 @@ accuracy and AUC), ``reports/train/metrics.json``, ``reports/train/curves.png`` 
 ``reports/train/timing.json`` (wall time lives apart from metrics so metrics stay
 byte-identical between runs).
 
-Determinism: one seeded ``torch.Generator`` drives initialisation and shuffling, thread count
-comes from params, deterministic kernels are requested: same params + seed ⇒ same bytes on CPU.
+Determinism: one seeded ``torch.Generator`` drives shuffling, sampling and augmentation, thread
+count comes from params, deterministic kernels are requested: same params + seed ⇒ same bytes
+on CPU. Resumable: every epoch's full state goes to ``models/checkpoints/last.pt`` (not a DVC
+output, so DVC never deletes it); rerunning after an interruption continues from there.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import io
+import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -25,14 +31,15 @@ from tqdm import tqdm
 
 from pipeline import paths
 from pipeline.errors import PipelineError
-from pipeline.files import write_csv, write_json
+from pipeline.files import write_bytes, write_csv, write_json
 from pipeline.metrics import roc_auc
 from pipeline.models import (Classifier, ModelConfig, build_model, count_parameters, predict_proba,
                              save_checkpoint)
-from pipeline.params import Params, TrainParams
+from pipeline.params import Params, TrainParams, as_dict
 from pipeline.plots import plot_history
 from pipeline.runtime import configure_torch, select_device, stage_main
 from pipeline.splits import load_meta, load_split, load_training_set
+from pipeline.training import augment, epoch_order, lr_factor, make_loss
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +55,27 @@ def make_optimizer(model: nn.Module, cfg: TrainParams) -> torch.optim.Optimizer:
 def train_epoch(model: Classifier, images: torch.Tensor, labels: torch.Tensor, loss_fn: nn.Module,
                 optimizer: torch.optim.Optimizer, cfg: TrainParams, generator: torch.Generator,
                 device: torch.device, epoch: int) -> dict[str, float | None]:
-    """One pass over a seeded permutation of the training set; loss/accuracy/AUC as seen in training."""
+    """One pass over the training set in a seeded order (permutation or class-balanced draw), with
+    seeded augmentation and the per-step learning rate; loss/accuracy/AUC as seen in training."""
     model.train()
-    order = torch.randperm(len(labels), generator=generator)
+    order = epoch_order(labels, cfg.sampler, generator)
     total_loss, probs = 0.0, []
     batches = range(0, len(order), cfg.batch_size)
-    for start in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=None):
+    steps_per_epoch = len(batches)
+    for b, start in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=None)):
         idx = order[start:start + cfg.batch_size]
-        x = images[idx].to(device).float().div_(255.0)
+        x = augment(images[idx].float().div_(255.0), cfg, generator).to(device)
         y = labels[idx].to(device)
-        logits = model(x)
-        loss = loss_fn(logits, y)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(cfg, (epoch - 1) * steps_per_epoch + b, cfg.epochs * steps_per_epoch)
+        # Mixed precision (bfloat16) on a GPU only; the CPU path stays float32 and deterministic.
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(x)
+            loss = loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         total_loss += loss.item() * len(idx)  # .item() syncs with the device; once per batch is fine
         probs.append(torch.softmax(logits.detach(), dim=1).double().cpu())
@@ -81,9 +96,40 @@ def evaluate_split(model: Classifier, images: np.ndarray, labels: np.ndarray, lo
     return {"loss": float(loss), "accuracy": float((probs.argmax(1) == labels).mean()), "roc_auc": roc_auc(labels, probs)}
 
 
+def fingerprint(params: Params, images: np.ndarray, labels: np.ndarray, val: dict[str, np.ndarray]) -> str:
+    """What a checkpoint must match to be resumed: training params, seed and the exact data."""
+    digest = hashlib.sha256(json.dumps([as_dict(params.train), params.seed]).encode())
+    for array in (images, labels, val["images"], val["labels"]):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def save_progress(path: Path, state: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes(path, buffer.getvalue())
+
+
+def load_progress(path: Path, expected: str) -> dict[str, Any] | None:
+    """The last epoch's checkpoint if it belongs to this very run (same params, seed, data), else None."""
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("fingerprint") != expected:
+        log.info("ignoring %s: it belongs to other params or data", path)
+        return None
+    return state
+
+
 def fit(params: Params, images: np.ndarray, labels: np.ndarray, weights: list[float], val: dict[str, np.ndarray],
-        meta: dict[str, Any]) -> tuple[Classifier, list[dict[str, Any]], int]:
-    """Train with early stopping on validation AUC; returns the best model, history, best epoch."""
+        meta: dict[str, Any], checkpoint: Path | None = None) -> tuple[Classifier, list[dict[str, Any]], int]:
+    """Train with early stopping on validation AUC; returns the best model, history, best epoch.
+
+    After every epoch the whole training state (weights, optimiser, random generator, history,
+    best weights) is saved to ``checkpoint``; a run interrupted (Ctrl-C, kill) and started again
+    with the same params and data resumes there and ends with the same bytes as an
+    uninterrupted run.
+    """
     cfg = params.train
     configure_torch(cfg.threads)
     device = select_device(cfg.device)
@@ -98,17 +144,27 @@ def fit(params: Params, images: np.ndarray, labels: np.ndarray, weights: list[fl
     torch.manual_seed(params.seed)  # weight initialisation draws from the global generator
     model = build_model(config).to(device)
     optimizer = make_optimizer(model, cfg)
-    # Cross-entropy over log-probabilities: the same weighted loss for training logits and
-    # validation probabilities.
+    # Validation loss: weighted cross-entropy over log-probabilities.
     weight = torch.tensor(weights, dtype=torch.float32, device=device)
-    train_loss = nn.CrossEntropyLoss(weight=weight)
+    train_loss = make_loss(cfg, weight)
     val_loss = nn.NLLLoss(weight=weight)
     # Kept as N×C×H×W uint8 (4× smaller than float); each batch is scaled to [0, 1] on the fly.
     x_train = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
     y_train = torch.from_numpy(labels)
     history: list[dict[str, Any]] = []
-    best_auc, best_epoch, best_state = -1.0, 0, None
-    for epoch in range(1, cfg.epochs + 1):
+    best_auc, best_epoch, best_state = -math.inf, 0, None
+    key = fingerprint(params, images, labels, val)
+    state = load_progress(checkpoint, key) if checkpoint else None
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        history, best_auc, best_epoch = json.loads(state["history"]), state["best_auc"], state["best_epoch"]
+        best_state = state["best_model"]
+        log.info("resuming from the checkpoint of epoch %d (%s)", len(history), checkpoint)
+    epoch = len(history)
+    while epoch < cfg.epochs and not (history and epoch - best_epoch >= cfg.patience):
+        epoch += 1
         tr = train_epoch(model, x_train, y_train, train_loss, optimizer, cfg, generator, device, epoch)
         va = evaluate_split(model, val["images"], val["labels"], val_loss, device)
         history.append({"epoch": epoch, **{f"train_{k}": v for k, v in tr.items()}, **{f"val_{k}": v for k, v in va.items()}})
@@ -118,22 +174,26 @@ def fit(params: Params, images: np.ndarray, labels: np.ndarray, weights: list[fl
             best_auc, best_epoch, best_state = auc, epoch, copy.deepcopy(model.state_dict())
         log.info("epoch %d/%d  train loss %.4f auc %s | val loss %.4f acc %.4f auc %s%s", epoch, cfg.epochs,
                  tr["loss"], _fmt(tr["roc_auc"]), va["loss"], va["accuracy"], _fmt(va["roc_auc"]), "  *best" if improved else "")
-        if epoch - best_epoch >= cfg.patience:
-            log.info("early stopping: no validation AUC gain for %d epochs", cfg.patience)
-            break
+        if checkpoint:
+            save_progress(checkpoint, {"fingerprint": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                       "generator": generator.get_state(), "history": json.dumps(history),
+                                       "best_auc": best_auc, "best_epoch": best_epoch, "best_model": best_state})
+    if epoch < cfg.epochs:
+        log.info("early stopping: no validation AUC gain for %d epochs", cfg.patience)
     model.load_state_dict(best_state)
     return model.cpu(), history, best_epoch
 
 
 def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.BALANCED,
-        model_path: Path = paths.MODEL, out_dir: Path = paths.TRAIN_DIR) -> dict[str, Any]:
+        model_path: Path = paths.MODEL, out_dir: Path = paths.TRAIN_DIR,
+        checkpoint: Path | None = paths.CHECKPOINT) -> dict[str, Any]:
     meta = load_meta(prepared)
     images, labels, weights = load_training_set(prepared, balanced)
     val = load_split(prepared, "val")
     log.info("training %s on %d images (%s), validating on %d", params.train.model, len(labels),
              np.bincount(labels).tolist(), len(val["labels"]))
     start = time.perf_counter()
-    model, history, best_epoch = fit(params, images, labels, weights, val, meta)
+    model, history, best_epoch = fit(params, images, labels, weights, val, meta, checkpoint)
     seconds = time.perf_counter() - start
     best = history[best_epoch - 1]
     metrics = {"train": {
@@ -150,6 +210,8 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
     write_json(out_dir / "timing.json", {"seconds": round(seconds, 2),
                                          "images_per_second": round(len(labels) * len(history) / seconds, 1)})
     plot_history(history, out_dir / "curves.png")
+    if checkpoint and checkpoint.exists():
+        checkpoint.unlink()  # finished: the next run starts fresh
     log.info("best epoch %d, val AUC %s, %d parameters, %.1f s", best_epoch, _fmt(best["val_roc_auc"]),
              metrics["train"]["parameters"], seconds)
     return metrics

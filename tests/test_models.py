@@ -11,7 +11,7 @@ def config(name="small_cnn", channels=1, classes=2, size=28, width=4):
     return ModelConfig(name=name, in_channels=channels, num_classes=classes, image_size=size, width=width, mean=0.4, std=0.2)
 
 
-@pytest.mark.parametrize("name", ["seed_cnn", "small_cnn"])
+@pytest.mark.parametrize("name", ["seed_cnn", "small_cnn", "resnet18"])
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("classes", [2, 5, 7])
 def test_forward_and_one_training_step(name, channels, classes):
@@ -38,7 +38,7 @@ def test_seed_network_is_the_seed_design():
     assert (linear2.in_features, linear2.out_features) == (128, 2)
 
 
-@pytest.mark.parametrize("name", ["seed_cnn", "small_cnn"])
+@pytest.mark.parametrize("name", ["seed_cnn", "small_cnn", "resnet18"])
 def test_no_inplace_relu_for_captum(name):
     model = build_model(config(name))
     assert all(not m.inplace for m in model.modules() if isinstance(m, nn.ReLU))
@@ -62,3 +62,15 @@ def test_checkpoint_bytes_do_not_depend_on_file_name(tmp_path):
     save_checkpoint(tmp_path / "a.pt", model, {})
     save_checkpoint(tmp_path / "b.pt", model, {})
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+
+
+@pytest.mark.parametrize(("size", "stem_stride"), [(28, 1), (64, 1), (128, 4)])
+def test_resnet_is_resnet18_shaped_for_28_to_224_px(size, stem_stride):
+    model = build_model(config("resnet18", 1, 2, size, width=8)).net
+    blocks = [m for m in model.modules() if type(m).__name__ == "BasicBlock"]
+    assert len(blocks) == 8  # 2-2-2-2, as ResNet-18
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert len(convs) == 17  # the stem + 16 in the blocks: 18 weighted layers with the classifier
+    with torch.no_grad():
+        maps = model.features(torch.rand(1, 1, size, size))
+    assert maps.shape[2] == -(-size // (stem_stride * 8))  # three stride-2 stages, rounding up

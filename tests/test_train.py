@@ -1,6 +1,7 @@
 """train: determinism, early stopping, history and checkpoint contents."""
 
 import csv
+import json
 
 import pytest
 import torch
@@ -60,3 +61,38 @@ def test_early_stopping_stops(balanced):
 def test_models_and_optimizers_train(balanced, model, optimizer):
     metrics = run_train(balanced, "out", **{"train.model": model, "train.optimizer": optimizer, "train.epochs": 1})
     assert metrics["train"]["epochs_run"] == 1 and metrics["train"]["parameters"] > 0
+
+
+def test_interrupted_run_resumes_to_the_same_bytes(balanced, monkeypatch):
+    changes = {"train.epochs": 4, "train.patience": 4, "train.aug_rotate": 5.0, "train.schedule": "cosine"}
+    params = tiny_params(balanced, **changes)
+    args = (balanced / "prepared", balanced / "balanced")
+    train.run(params, *args, balanced / "full" / "model.pt", balanced / "full", balanced / "full" / "last.pt")
+    assert not (balanced / "full" / "last.pt").exists()  # removed once training finished
+
+    real_epoch, calls = train.train_epoch, []
+
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C during epoch 3
+        return real_epoch(*a, **kw)
+
+    monkeypatch.setattr(train, "train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(params, *args, balanced / "resumed" / "model.pt", balanced / "resumed", balanced / "resumed" / "last.pt")
+    saved = torch.load(balanced / "resumed" / "last.pt", weights_only=True)
+    assert len(json.loads(saved["history"])) == 2
+    monkeypatch.setattr(train, "train_epoch", real_epoch)
+    train.run(params, *args, balanced / "resumed" / "model.pt", balanced / "resumed", balanced / "resumed" / "last.pt")
+    for name in ("model.pt", "history.csv", "metrics.json"):
+        assert (balanced / "full" / name).read_bytes() == (balanced / "resumed" / name).read_bytes(), name
+
+
+def test_checkpoint_of_other_params_is_ignored(balanced):
+    params = tiny_params(balanced, **{"train.epochs": 2})
+    ckpt = balanced / "c" / "last.pt"
+    train.save_progress(ckpt, {"fingerprint": "something else"})
+    assert train.load_progress(ckpt, "expected") is None
+    train.run(params, balanced / "prepared", balanced / "balanced", balanced / "c" / "model.pt", balanced / "c", ckpt)
+    assert (balanced / "c" / "model.pt").exists() and not ckpt.exists()

@@ -1,0 +1,110 @@
+"""Training speed: the project's train loop vs a bare PyTorch loop, and this CPU's matmul ceiling.
+
+Both loops train the same network (default params) on the same data with the same batch size,
+side by side in one process, alternating, so machine noise hits both alike. The project's
+loop adds seeded ordering, augmentation hooks, per-step learning rates and progress; it must
+reach at least 0.9× the bare loop's images per second. The achieved fraction of the CPU's
+measured float32 matmul throughput puts the absolute number in context.
+
+    python bench/train_speed.py [epochs]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.models import ModelConfig, build_model
+from pipeline.params import load_params
+from pipeline.phantom import generate_split
+from pipeline.runtime import configure_torch
+from pipeline.train import make_optimizer, train_epoch
+from pipeline.training import make_loss
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bare_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer, loss_fn, batch: int,
+               generator: torch.Generator) -> None:
+    """The seed's loop: shuffle, forward, loss, backward, step."""
+    model.train()
+    order = torch.randperm(len(y), generator=generator)
+    for start in range(0, len(y), batch):
+        idx = order[start:start + batch]
+        loss = loss_fn(model(x[idx].float().div_(255.0)), y[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def training_flops_per_image(model: nn.Module, shape: tuple[int, ...]) -> float:
+    """2·MACs of every conv/linear in one forward pass, ×3 for forward + backward."""
+    macs = []
+
+    def hook(module, inputs, output):
+        if isinstance(module, nn.Conv2d):
+            macs.append(output.numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1] / module.groups)
+        elif isinstance(module, nn.Linear):
+            macs.append(module.in_features * module.out_features)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model.eval()(torch.rand(1, *shape))
+    for h in handles:
+        h.remove()
+    return 3 * 2 * sum(macs)
+
+
+def matmul_gflops(n: int = 1024, repeat: int = 20) -> float:
+    a, b = torch.rand(n, n), torch.rand(n, n)
+    torch.mm(a, b)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        torch.mm(a, b)
+    return 2 * n**3 * repeat / (time.perf_counter() - start) / 1e9
+
+
+def main() -> None:
+    epochs = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+    params = load_params(REPO / "params.yaml")
+    cfg = params.train
+    configure_torch(cfg.threads)
+    data = generate_split(params.data.phantom, params.seed, "train")
+    x = torch.from_numpy(np.ascontiguousarray(data["images"].transpose(0, 3, 1, 2)))
+    y = torch.from_numpy(data["labels"])
+    config = ModelConfig(cfg.model, 1, 2, x.shape[2], cfg.width, 0.3, 0.2)
+    rates = {"project": [], "bare": []}
+    models = {}
+    for name in rates:
+        torch.manual_seed(0)
+        model = build_model(config)
+        models[name] = (model, make_optimizer(model, cfg), make_loss(cfg, torch.ones(2)), torch.Generator().manual_seed(0))
+    for epoch in range(1, epochs + 2):  # the first round warms up and is not counted
+        for name, (model, optimizer, loss_fn, generator) in models.items():
+            start = time.perf_counter()
+            if name == "project":
+                train_epoch(model, x, y, loss_fn, optimizer, cfg, generator, torch.device("cpu"), epoch)
+            else:
+                bare_epoch(model, x, y, optimizer, loss_fn, cfg.batch_size, generator)
+            if epoch > 1:
+                rates[name].append(len(y) / (time.perf_counter() - start))
+    project, bare = np.median(rates["project"]), np.median(rates["bare"])
+    flops = training_flops_per_image(models["bare"][0], tuple(x.shape[1:]))
+    peak = matmul_gflops()
+    print(f"model {cfg.model} (width {cfg.width}), {x.shape[2]}×{x.shape[3]} images, batch {cfg.batch_size}, "
+          f"{cfg.threads} threads, {epochs} timed epochs of {len(y)} images")
+    print(f"{'loop':<10}{'images/s':>10}")
+    print(f"{'bare':<10}{bare:>10.0f}")
+    print(f"{'project':<10}{project:>10.0f}")
+    print(f"project / bare: {project / bare:.3f}  (target >= 0.9)")
+    print(f"training FLOPs per image: {flops / 1e6:.1f} M; float32 matmul peak here: {peak:.1f} GFLOP/s; "
+          f"achieved by the project loop: {project * flops / 1e9:.2f} GFLOP/s = {project * flops / 1e9 / peak:.1%} of it")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Training-time building blocks: losses, sampling order, learning-rate schedules, augmentation.
+
+Kept apart from the train stage so each can be tested on its own. Everything random takes
+an explicit ``torch.Generator``, so the same seed gives the same batches and the same model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pipeline.params import TrainParams
+
+
+class FocalLoss(nn.Module):
+    """Focal loss (Lin et al. 2017): cross-entropy scaled by (1 - p_true)^gamma, class-weighted.
+
+    gamma = 0 is (weighted, label-smoothed) cross-entropy; larger gamma down-weights easy
+    examples, which helps when one class dominates.
+    """
+
+    def __init__(self, gamma: float, weight: torch.Tensor | None = None, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.gamma, self.label_smoothing = gamma, label_smoothing
+        self.register_buffer("weight", weight if weight is not None else None)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ce = nn.functional.cross_entropy(logits, target, reduction="none", label_smoothing=self.label_smoothing)
+        p_true = torch.softmax(logits, dim=1).gather(1, target[:, None])[:, 0]
+        loss = (1 - p_true).pow(self.gamma) * ce
+        if self.weight is None:
+            return loss.mean()
+        w = self.weight[target]
+        return (loss * w).sum() / w.sum()
+
+
+def make_loss(cfg: TrainParams, weight: torch.Tensor) -> nn.Module:
+    if cfg.loss == "focal":
+        return FocalLoss(cfg.focal_gamma, weight, cfg.label_smoothing)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+
+
+def epoch_order(labels: torch.Tensor, sampler: str, generator: torch.Generator) -> torch.Tensor:
+    """Indices for one epoch: a permutation, or (``weighted``) a class-balanced draw with replacement.
+
+    The weighted draw is ``torch.utils.data.WeightedRandomSampler`` with weights 1/n_class, so
+    every class is drawn equally often in expectation and the epoch keeps its length.
+    """
+    if sampler == "weighted":
+        counts = torch.bincount(labels).double()
+        weights = (1.0 / counts)[labels]
+        draw = torch.utils.data.WeightedRandomSampler(weights, len(labels), replacement=True, generator=generator)
+        return torch.tensor(list(draw))
+    return torch.randperm(len(labels), generator=generator)
+
+
+def lr_factor(cfg: TrainParams, step: int, total: int) -> float:
+    """Multiplier of ``train.lr`` at optimiser step ``step`` of ``total``: linear warm-up, then the schedule."""
+    warmup = cfg.warmup_epochs * total / max(cfg.epochs, 1)
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if cfg.schedule == "none":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(total - warmup, 1))
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    # one-cycle's annealing half (the warm-up is its rising half): cosine down to lr / 100
+    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def augment(x: torch.Tensor, cfg: TrainParams, generator: torch.Generator) -> torch.Tensor:
+    """Seeded random affine (rotation, translation, scale), optional flips, brightness/contrast jitter.
+
+    Off when every strength is 0. Flips are off by default: chest images have laterality.
+    """
+    n = len(x)
+    if cfg.aug_rotate or cfg.aug_translate or cfg.aug_scale:
+        def uniform(limit: float) -> torch.Tensor:
+            return (torch.rand(n, generator=generator) * 2 - 1) * limit
+
+        angle = uniform(cfg.aug_rotate) * math.pi / 180
+        scale = 1 + uniform(cfg.aug_scale)
+        tx, ty = uniform(cfg.aug_translate) * 2, uniform(cfg.aug_translate) * 2  # grid units span [-1, 1]
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+        grid = nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+        x = nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if cfg.aug_flip:
+        flip = torch.rand(n, generator=generator) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    if cfg.aug_intensity:
+        gain = 1 + (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * cfg.aug_intensity
+        shift = (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * cfg.aug_intensity / 2
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = ((x - mean) * gain + mean + shift).clamp(0, 1)
+    return x

@@ -1,0 +1,97 @@
+"""Losses, sampling, schedules and augmentation: expected class mix, values, determinism."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline.evaluate import imbalanced_report
+from pipeline.training import FocalLoss, augment, epoch_order, lr_factor, make_loss
+from tests.test_train import balanced, run_train  # noqa: F401 (fixture)
+
+
+def cfg(params, **changes):
+    return dataclasses.replace(params.train, **changes)
+
+
+def test_weighted_sampler_balances_classes_and_is_seeded():
+    labels = torch.tensor([0] * 900 + [1] * 100)
+    order = epoch_order(labels, "weighted", torch.Generator().manual_seed(0))
+    assert len(order) == 1000
+    share = labels[order].float().mean().item()
+    assert 0.45 < share < 0.55  # 10% minority drawn about half the time
+    again = epoch_order(labels, "weighted", torch.Generator().manual_seed(0))
+    assert torch.equal(order, again)
+    plain = epoch_order(labels, "none", torch.Generator().manual_seed(0))
+    assert sorted(plain.tolist()) == list(range(1000))
+
+
+def test_focal_loss_reduces_to_cross_entropy_and_downweights_easy_examples():
+    torch.manual_seed(0)
+    logits, target = torch.randn(64, 3), torch.randint(0, 3, (64,))
+    weight = torch.tensor([1.0, 2.0, 0.5])
+    ce = nn.functional.cross_entropy(logits, target, weight=weight)
+    torch.testing.assert_close(FocalLoss(0.0, weight)(logits, target), ce)
+    easy = torch.tensor([[6.0, 0.0, 0.0]])
+    hard = torch.tensor([[0.0, 0.5, 0.0]])
+    zero = torch.tensor([0])
+    ratio_easy = FocalLoss(2.0)(easy, zero) / nn.functional.cross_entropy(easy, zero)
+    ratio_hard = FocalLoss(2.0)(hard, zero) / nn.functional.cross_entropy(hard, zero)
+    assert ratio_easy < 0.01 < 0.3 < ratio_hard
+
+
+def test_make_loss_follows_params(params):
+    weight = torch.tensor([1.0, 3.0])
+    assert isinstance(make_loss(cfg(params, loss="focal"), weight), FocalLoss)
+    loss = make_loss(cfg(params, loss="cross_entropy", label_smoothing=0.1), weight)
+    assert isinstance(loss, nn.CrossEntropyLoss) and loss.label_smoothing == 0.1
+
+
+def test_learning_rate_schedules(params):
+    warm = cfg(params, epochs=10, warmup_epochs=2, schedule="cosine")
+    assert lr_factor(warm, 0, 100) == pytest.approx(1 / 20)
+    assert lr_factor(warm, 19, 100) == pytest.approx(1.0)
+    assert lr_factor(warm, 99, 100) < 0.01
+    assert lr_factor(cfg(params, epochs=10, warmup_epochs=0, schedule="onecycle"), 100, 100) == pytest.approx(0.01)
+    assert lr_factor(cfg(params, epochs=10, warmup_epochs=0, schedule="none"), 57, 100) == 1.0
+
+
+def test_augmentation_is_seeded_bounded_and_off_by_default(params):
+    x = torch.rand(8, 1, 16, 16)
+    assert torch.equal(augment(x, params.train, torch.Generator().manual_seed(0)), x)
+    on = cfg(params, aug_rotate=15.0, aug_translate=0.1, aug_scale=0.1, aug_intensity=0.2, aug_flip=True)
+    a = augment(x, on, torch.Generator().manual_seed(1))
+    b = augment(x, on, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == x.shape and not torch.equal(a, x)
+    assert a.min() >= 0 and a.max() <= 1
+
+
+def test_pure_translation_moves_the_image(params):
+    x = torch.zeros(1, 1, 16, 16)
+    x[0, 0, 8, 8] = 1.0
+    shift = cfg(params, aug_translate=0.25)
+    moved = augment(x, shift, torch.Generator().manual_seed(3))
+    assert moved.sum() > 0.5 and torch.argmax(moved) != torch.argmax(x)
+
+
+@pytest.mark.parametrize("changes", [
+    {"train.sampler": "weighted"},
+    {"train.loss": "focal", "train.label_smoothing": 0.05},
+    {"train.schedule": "onecycle", "train.warmup_epochs": 1, "train.grad_clip": 1.0,
+     "train.aug_rotate": 10.0, "train.aug_translate": 0.05, "train.aug_intensity": 0.1},
+])
+def test_training_options_run_and_stay_deterministic(balanced, changes):  # noqa: F811
+    run_train(balanced, "a", **changes)
+    run_train(balanced, "b", **changes)
+    assert (balanced / "a" / "model.pt").read_bytes() == (balanced / "b" / "model.pt").read_bytes()
+
+
+def test_imbalanced_report_matches_imblearn_names_and_recall():
+    labels = np.array([0, 0, 0, 0, 1, 1])
+    preds = np.array([0, 0, 0, 1, 1, 0])
+    report = imbalanced_report(labels, preds, ["normal", "lesion"])
+    assert set(report) == {"normal", "lesion"}
+    assert report["normal"]["rec"] == pytest.approx(0.75) and report["lesion"]["rec"] == pytest.approx(0.5)
+    assert report["lesion"]["spe"] == pytest.approx(0.75) and report["lesion"]["sup"] == 2
