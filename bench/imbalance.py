@@ -69,7 +69,7 @@ def main() -> None:
                 rows.append((dataset, name, test["roc_auc"], test["balanced_accuracy"], test["g_mean"],
                              test["sensitivity"], test["specificity"], seconds))
                 print(f"{dataset} {name}: AUC {test['roc_auc']:.4f}", file=sys.stderr, flush=True)
-    print(f"| dataset | strategy | ROC AUC | balanced acc. | G-mean | sensitivity | specificity | balance+train s |")
+    print("| dataset | strategy | ROC AUC | balanced acc. | G-mean | sensitivity | specificity | balance+train s |")
     print("|---|---|---|---|---|---|---|---|")
     for dataset, name, *values, seconds in rows:
         print(f"| {dataset} | {name} | " + " | ".join(f"{v:.4f}" for v in values) + f" | {seconds:.0f} |")

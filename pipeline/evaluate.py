@@ -18,7 +18,6 @@ Writes ``reports/eval/``:
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +180,7 @@ def write_outputs(out_dir: Path, result: dict[str, Any], test: dict[str, np.ndar
         roc_plot[f"CNN {name}"] = (fpr, tpr, float(np.trapezoid(tpr, fpr)))
         pr_plot[f"CNN {name}"] = (recall, precision)
     for model_name, p in baseline_probs.items():
-        for name, (fpr, tpr, _), (recall, precision) in curves(labels, p, names, positive):
+        for _, (fpr, tpr, _), (recall, precision) in curves(labels, p, names, positive):
             if len(names) == 2:
                 roc_plot[model_name] = (fpr, tpr, float(np.trapezoid(tpr, fpr)))
                 pr_plot[model_name] = (recall, precision)
