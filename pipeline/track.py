@@ -25,9 +25,10 @@ log = logging.getLogger(__name__)
 
 
 def collect_metrics(root: Path) -> dict[str, float]:
-    """Every numeric scalar from the stage metrics files, under dotted names (test.roc_auc, …)."""
+    """Every numeric scalar from the stage metrics files, under dotted names (test.roc_auc,
+    explain.saliency.deletion_auc, …)."""
     found = {}
-    for path in (paths.TRAIN_DIR / "metrics.json", paths.EVAL_DIR / "metrics.json"):
+    for path in (paths.TRAIN_DIR / "metrics.json", paths.EVAL_DIR / "metrics.json", paths.EXPLAIN_DIR / "metrics.json"):
         for key, value in flatten(read_json(root / path)).items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 found[key] = float(value)

@@ -81,6 +81,8 @@ def test_same_params_give_same_bytes(tmp_path):
     (lambda r: image_folder(r) and (r / "benign" / "empty.png").write_bytes(b""), "empty file (0 bytes)"),
     (lambda r: image_folder(r) and png(r / "benign" / "big.png", 1, size=(40, 40)), "image size differs"),
     (lambda r: (r / "only").mkdir(parents=True) or png(r / "only" / "a.png", 1), "at least 2 are needed"),
+    (lambda r: image_folder(r) and shutil.copy(dicom_sample("rtplan.dcm"), r / "benign" / "plan.dcm"),
+     "DICOM file without pixel data"),
 ])
 def test_bad_folders_fail_cleanly(tmp_path, setup, message):
     root = tmp_path / "imgs"

@@ -33,6 +33,8 @@ def test_track_logs_one_complete_run(tiny_run, mlflow_store, monkeypatch):
     test = json.loads((root / "reports/eval/metrics.json").read_text())["test"]
     assert run.data.metrics["test.roc_auc"] == pytest.approx(test["roc_auc"])
     assert run.data.metrics["train.best_epoch"] >= 1
+    explain = json.loads((root / "reports/explain/metrics.json").read_text())["explain"]
+    assert run.data.metrics["explain.saliency.deletion_auc"] == pytest.approx(explain["saliency"]["deletion_auc"])
     history = client.get_metric_history(run.info.run_id, "epoch.val_roc_auc")
     assert [m.step for m in history] == [1, 2]
     assert run.data.tags["dvc.exp_name"] == "tiny-exp" and run.info.run_name == "tiny-exp"
