@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from pipeline import balance, evaluate, prepare, train
-from pipeline.params import load_params
+from pipeline.params import load_params, override
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = {
@@ -41,13 +41,7 @@ FAST_EVAL = {"evaluate.baselines": [], "evaluate.bootstrap": 200}
 
 
 def params_for(folder: Path, overrides: dict):
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    for dotted, value in overrides.items():
-        *parents, key = dotted.split(".")
-        node = raw
-        for part in parents:
-            node = node[part]
-        node[key] = value
+    raw = override(yaml.safe_load((REPO / "params.yaml").read_text()), overrides)
     (folder / "params.yaml").write_text(yaml.safe_dump(raw))
     return load_params(folder / "params.yaml")
 

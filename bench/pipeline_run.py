@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.params import override
+
 REPO = Path(__file__).resolve().parents[1]
 CHECKED = ("models/model.pt", "reports/eval/metrics.json", "reports/train/history.csv")
 
@@ -36,16 +38,12 @@ def copy_project(dest: Path, overrides: list[str]) -> None:
         if (REPO / name).is_file() and name != "dvc.lock":
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, dest / name)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
+    values = {}
     for item in overrides:
         key, value = item.split("=", 1)
-        *parents, last = key.split(".")
-        node = params
-        for part in parents:
-            node = node[part]
-        if last == "path" and value:
-            value = str((REPO / value).resolve())  # relative to the repository, not the copy
-        node[last] = yaml.safe_load(value)
+        # A path is relative to the repository, not to the temporary copy.
+        values[key] = str((REPO / value).resolve()) if key.endswith(".path") and value else yaml.safe_load(value)
+    params = override(yaml.safe_load((dest / "params.yaml").read_text()), values)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 

@@ -19,8 +19,7 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.images import SUPPORTED
-
-SPLIT_NAMES = ("train", "val", "test")
+from pipeline.splits import SPLITS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +98,7 @@ def read_manifest(path: Path, class_names: tuple[str, ...], group_column: str | 
             unknown.append(f"line {line}: label '{label}'")
             continue
         split = (row.get("split") or "").strip() or None
-        if split is not None and split not in SPLIT_NAMES:
+        if split is not None and split not in SPLITS:
             bad_split.append(f"line {line}: split '{split}'")
         records.append(Record(path=target, label=index, patient=(row.get("patient_id") or "").strip() or None,
                               split=split, group=(row.get(group_column) or "").strip() or None if group_column else None))
@@ -107,7 +106,7 @@ def read_manifest(path: Path, class_names: tuple[str, ...], group_column: str | 
     fail(path, "file does not exist", absent)
     fail(path, "duplicate path", duplicates)
     fail(path, f"label not in the class list {names}", unknown)
-    fail(path, f"split must be one of {SPLIT_NAMES}", bad_split)
+    fail(path, f"split must be one of {SPLITS}", bad_split)
     given = [r.split is not None for r in records]
     if any(given) and not all(given):
         raise PipelineError(f"{path}: the split column is filled for {sum(given)} of {len(given)} rows; fill all or none")

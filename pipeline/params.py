@@ -276,6 +276,17 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise PipelineError(f"{path}: {exc}") from None
 
 
+def override(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys in a raw params mapping, as ``dvc exp run -S train.lr=0.01`` does (in place)."""
+    for dotted, value in overrides.items():
+        *parents, key = dotted.split(".")
+        node = raw
+        for part in parents:
+            node = node[part]
+        node[key] = value
+    return raw
+
+
 def as_dict(params: Any) -> dict[str, Any]:
     """Params back to plain YAML-like data (tuples become lists)."""
     return _plain(dataclasses.asdict(params))

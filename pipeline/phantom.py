@@ -17,9 +17,9 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from pipeline.params import PhantomParams
+from pipeline.splits import SPLITS
 
 CLASS_NAMES = ("normal", "lesion")
-SPLITS = ("train", "val", "test")
 
 
 def generate_split(params: PhantomParams, seed: int, split: str) -> dict[str, np.ndarray]:

@@ -20,10 +20,10 @@ import numpy as np
 
 from pipeline import catalog
 from pipeline.errors import PipelineError
+from pipeline.splits import SPLITS
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 
 
 def read_npz(path: str | Path) -> dict[str, dict[str, np.ndarray]]:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.params import Params, load_params
+from pipeline.params import Params, load_params, override
 
 REPO = Path(__file__).resolve().parents[1]
 MEDMNIST = REPO.parent / "shared" / "data" / "medmnist"
@@ -44,13 +44,7 @@ TINY: dict[str, Any] = {
 
 def write_params(path: Path, overrides: dict[str, Any] | None = None) -> Path:
     """The repository's params.yaml with dotted-key overrides, written to ``path``."""
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    for dotted, value in (overrides or {}).items():
-        *parents, key = dotted.split(".")
-        node = raw
-        for part in parents:
-            node = node[part]
-        node[key] = value
+    raw = override(yaml.safe_load((REPO / "params.yaml").read_text()), overrides or {})
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
 
