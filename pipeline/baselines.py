@@ -38,6 +38,9 @@ def fit_predict(name: str, train_images: np.ndarray, train_labels: np.ndarray, s
     if name == "random_forest":
         model = RandomForestClassifier(n_estimators=300, min_samples_leaf=2, n_jobs=threads, random_state=seed)
         model.fit(x_train, train_labels, sample_weight=sample_weight)
+        # Parallel prediction adds the trees' probabilities in thread order, so the last digits
+        # vary from run to run; one job keeps the same bytes for the same seed.
+        model.set_params(n_jobs=1)
         probs = {"val": model.predict_proba(x_val), "test": model.predict_proba(x_test)}
     else:
         scaler = StandardScaler().fit(x_train)

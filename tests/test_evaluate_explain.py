@@ -122,3 +122,14 @@ def test_gradient_methods_point_at_the_pixel_the_model_uses(params, method):
     assert maps.shape == (3, 16, 16)
     for attribution in maps:
         assert np.unravel_index(np.abs(attribution).argmax(), attribution.shape) == (5, 9)
+
+
+def test_random_forest_baseline_probabilities_repeat_exactly():
+    from pipeline.baselines import fit_predict
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (300, 8, 8, 1), dtype=np.uint8)
+    labels = (images.mean(axis=(1, 2, 3)) > 127).astype(np.int64)
+    runs = [fit_predict("random_forest", images, labels, np.ones(300), images[:50], labels[:50], images[50:], 0, 2)[0]
+            for _ in range(3)]
+    assert all(np.array_equal(runs[0]["test"], r["test"]) for r in runs[1:])
