@@ -8,6 +8,7 @@ used for any choice.
 
     python bench/quality.py                 # both datasets, seeds 0 1 2
     python bench/quality.py breastmnist 0   # one dataset, one seed
+    python bench/quality.py -S train.epochs=40 breastmnist   # try other params, as ``dvc exp run -S``
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import yaml
 
 from pipeline import balance, evaluate, prepare, train
-from pipeline.params import load_params
+from pipeline.params import load_params, override
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "medmnist"
@@ -36,9 +37,9 @@ PUBLISHED = {  # (AUC, ACC) on the test split, MedMNIST v2 Table
 }
 
 
-def one_run(dataset: str, seed: int) -> tuple[float, float, float]:
+def one_run(dataset: str, seed: int, overrides: dict[str, object]) -> tuple[float, float, float]:
     """Test AUC, accuracy and wall seconds (prepare → evaluate) for one seed."""
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = override(yaml.safe_load((REPO / "params.yaml").read_text()), overrides)
     raw["seed"] = seed
     raw["data"].update({"source": "npz", "path": str(DATA / f"{dataset}.npz")})
     raw["evaluate"].update({"baselines": [], "bootstrap": 200})
@@ -54,13 +55,19 @@ def one_run(dataset: str, seed: int) -> tuple[float, float, float]:
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
-    datasets = [a for a in sys.argv[1:] if not a.isdigit()] or ["pneumoniamnist", "breastmnist"]
-    seeds = [int(a) for a in sys.argv[1:] if a.isdigit()] or [0, 1, 2]
+    args, overrides = sys.argv[1:], {}
+    while "-S" in args:
+        at = args.index("-S")
+        key, value = args[at + 1].split("=", 1)
+        overrides[key] = yaml.safe_load(value)
+        del args[at:at + 2]
+    datasets = [a for a in args if not a.isdigit()] or ["pneumoniamnist", "breastmnist"]
+    seeds = [int(a) for a in args if a.isdigit()] or [0, 1, 2]
     ours = {}
     for dataset in datasets:
         runs = []
         for seed in seeds:
-            runs.append(one_run(dataset, seed))
+            runs.append(one_run(dataset, seed, overrides))
             print(f"{dataset} seed {seed}: AUC {runs[-1][0]:.4f} ACC {runs[-1][1]:.4f} ({runs[-1][2]:.0f} s)",
                   file=sys.stderr, flush=True)
         ours[dataset] = np.array(runs)

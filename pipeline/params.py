@@ -146,6 +146,7 @@ class TrainParams:
     focal_gamma: float
     label_smoothing: float
     grad_clip: float
+    ema: float
     schedule: str
     warmup_epochs: int
     aug_rotate: float
@@ -164,6 +165,7 @@ class TrainParams:
         _check(self.focal_gamma >= 0, "train.focal_gamma", "must be >= 0")
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must lie in [0, 1)")
         _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = off)")
+        _check(0 <= self.ema < 1, "train.ema", "must lie in [0, 1) (0 = off)")
         _check(0 <= self.warmup_epochs < self.epochs, "train.warmup_epochs", "must lie in [0, train.epochs)")
         for key in ("aug_rotate", "aug_translate", "aug_scale", "aug_intensity"):
             _check(getattr(self, key) >= 0, f"train.{key}", "must be >= 0 (0 = off)")

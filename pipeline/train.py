@@ -39,7 +39,7 @@ from pipeline.params import Params, TrainParams, as_dict
 from pipeline.plots import plot_history
 from pipeline.runtime import configure_torch, select_device, stage_main
 from pipeline.splits import load_meta, load_split, load_training_set
-from pipeline.training import augment, epoch_order, lr_factor, make_loss
+from pipeline.training import WeightAverage, augment, epoch_order, lr_factor, make_loss
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +54,10 @@ def make_optimizer(model: nn.Module, cfg: TrainParams) -> torch.optim.Optimizer:
 
 def train_epoch(model: Classifier, images: torch.Tensor, labels: torch.Tensor, loss_fn: nn.Module,
                 optimizer: torch.optim.Optimizer, cfg: TrainParams, generator: torch.Generator,
-                device: torch.device, epoch: int) -> dict[str, float | None]:
+                device: torch.device, epoch: int, average: WeightAverage | None = None) -> dict[str, float | None]:
     """One pass over the training set in a seeded order (permutation or class-balanced draw), with
-    seeded augmentation and the per-step learning rate; loss/accuracy/AUC as seen in training."""
+    seeded augmentation and the per-step learning rate; loss/accuracy/AUC as seen in training.
+    ``average``, when given, is updated after every optimiser step."""
     model.train()
     order = epoch_order(labels, cfg.sampler, generator)
     total_loss, probs = 0.0, []
@@ -77,6 +78,8 @@ def train_epoch(model: Classifier, images: torch.Tensor, labels: torch.Tensor, l
         if cfg.grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
+        if average is not None:
+            average.update(model)
         total_loss += loss.item() * len(idx)  # .item() syncs with the device; once per batch is fine
         probs.append(torch.softmax(logits.detach(), dim=1).double().cpu())
     seen = labels[order].numpy()
@@ -153,11 +156,16 @@ def fit(params: Params, images: np.ndarray, labels: np.ndarray, weights: list[fl
     y_train = torch.from_numpy(labels)
     history: list[dict[str, Any]] = []
     best_auc, best_epoch, best_state = -math.inf, 0, None
+    # With train.ema the weight average is what gets validated, kept and saved.
+    average = WeightAverage(model, cfg.ema) if cfg.ema else None
+    evaluated = average.model if average else model
     key = fingerprint(params, images, labels, val)
     state = load_progress(checkpoint, key) if checkpoint else None
     if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if average:
+            average.load_state_dict(state["average"])
         generator.set_state(state["generator"])
         history, best_auc, best_epoch = json.loads(state["history"]), state["best_auc"], state["best_epoch"]
         best_state = state["best_model"]
@@ -165,19 +173,20 @@ def fit(params: Params, images: np.ndarray, labels: np.ndarray, weights: list[fl
     epoch = len(history)
     while epoch < cfg.epochs and not (history and epoch - best_epoch >= cfg.patience):
         epoch += 1
-        tr = train_epoch(model, x_train, y_train, train_loss, optimizer, cfg, generator, device, epoch)
-        va = evaluate_split(model, val["images"], val["labels"], val_loss, device)
+        tr = train_epoch(model, x_train, y_train, train_loss, optimizer, cfg, generator, device, epoch, average)
+        va = evaluate_split(evaluated, val["images"], val["labels"], val_loss, device)
         history.append({"epoch": epoch, **{f"train_{k}": v for k, v in tr.items()}, **{f"val_{k}": v for k, v in va.items()}})
         auc = va["roc_auc"] if va["roc_auc"] is not None else -va["loss"]
         improved = auc > best_auc
         if improved:
-            best_auc, best_epoch, best_state = auc, epoch, copy.deepcopy(model.state_dict())
+            best_auc, best_epoch, best_state = auc, epoch, copy.deepcopy(evaluated.state_dict())
         log.info("epoch %d/%d  train loss %.4f auc %s | val loss %.4f acc %.4f auc %s%s", epoch, cfg.epochs,
                  tr["loss"], _fmt(tr["roc_auc"]), va["loss"], va["accuracy"], _fmt(va["roc_auc"]), "  *best" if improved else "")
         if checkpoint:
             save_progress(checkpoint, {"fingerprint": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                        "generator": generator.get_state(), "history": json.dumps(history),
-                                       "best_auc": best_auc, "best_epoch": best_epoch, "best_model": best_state})
+                                       "best_auc": best_auc, "best_epoch": best_epoch, "best_model": best_state,
+                                       **({"average": average.state_dict()} if average else {})})
     if epoch < cfg.epochs:
         log.info("early stopping: no validation AUC gain for %d epochs", cfg.patience)
     model.load_state_dict(best_state)

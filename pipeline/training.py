@@ -6,6 +6,7 @@ an explicit ``torch.Generator``, so the same seed gives the same batches and the
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -96,3 +97,38 @@ def augment(x: torch.Tensor, cfg: TrainParams, generator: torch.Generator) -> to
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = ((x - mean) * gain + mean + shift).clamp(0, 1)
     return x
+
+
+class WeightAverage:
+    """Exponential moving average of a model's weights and batch-norm statistics (Polyak averaging).
+
+    After every optimiser step ``avg = d * avg + (1 - d) * current``, with the decay warmed up
+    as ``d = min(decay, (1 + n) / (10 + n))`` after n updates so the first steps are not
+    dominated by the initial weights. The average is a flatter, less noisy point than the last
+    step, which pays most on small, noisy datasets (BreastMNIST's 546 training images).
+    Deterministic: plain tensor arithmetic in a fixed order.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay, self.updates = decay, 0
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        current = model.state_dict()
+        for name, avg in self.model.state_dict().items():
+            if avg.is_floating_point():
+                avg.mul_(d).add_(current[name].detach(), alpha=1 - d)
+            else:
+                avg.copy_(current[name])  # e.g. batch norm's num_batches_tracked
+
+    def state_dict(self) -> dict[str, object]:
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updates = int(state["updates"])

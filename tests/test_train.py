@@ -64,7 +64,8 @@ def test_models_and_optimizers_train(balanced, model, optimizer):
 
 
 def test_interrupted_run_resumes_to_the_same_bytes(balanced, monkeypatch):
-    changes = {"train.epochs": 4, "train.patience": 4, "train.aug_rotate": 5.0, "train.schedule": "cosine"}
+    changes = {"train.epochs": 4, "train.patience": 4, "train.aug_rotate": 5.0, "train.schedule": "cosine",
+               "train.ema": 0.9}  # the weight average is part of the state that must resume
     params = tiny_params(balanced, **changes)
     args = (balanced / "prepared", balanced / "balanced")
     train.run(params, *args, balanced / "full" / "model.pt", balanced / "full", balanced / "full" / "last.pt")

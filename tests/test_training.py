@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pipeline.evaluate import imbalanced_report
-from pipeline.training import FocalLoss, augment, epoch_order, lr_factor, make_loss
+from pipeline.training import FocalLoss, WeightAverage, augment, epoch_order, lr_factor, make_loss
 from tests.test_train import balanced, run_train  # noqa: F401 (fixture)
 
 
@@ -78,7 +78,7 @@ def test_pure_translation_moves_the_image(params):
 
 @pytest.mark.parametrize("changes", [
     {"train.sampler": "weighted"},
-    {"train.loss": "focal", "train.label_smoothing": 0.05},
+    {"train.loss": "focal", "train.label_smoothing": 0.05, "train.ema": 0.9},
     {"train.schedule": "onecycle", "train.warmup_epochs": 1, "train.grad_clip": 1.0,
      "train.aug_rotate": 10.0, "train.aug_translate": 0.05, "train.aug_intensity": 0.1},
 ])
@@ -86,6 +86,27 @@ def test_training_options_run_and_stay_deterministic(balanced, changes):  # noqa
     run_train(balanced, "a", **changes)
     run_train(balanced, "b", **changes)
     assert (balanced / "a" / "model.pt").read_bytes() == (balanced / "b" / "model.pt").read_bytes()
+
+
+def test_weight_average_follows_the_warmed_up_decay():
+    model = nn.Sequential(nn.Linear(2, 1), nn.BatchNorm1d(1))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    average = WeightAverage(model, decay=0.9)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    model[1].num_batches_tracked += 5
+    average.update(model)  # first update: decay min(0.9, 2/11)
+    d = 2 / 11
+    expected = d * start["0.weight"] + (1 - d) * model[0].weight.detach()
+    assert torch.allclose(average.model[0].weight, expected)
+    assert average.model[1].num_batches_tracked == 5  # integer buffers are copied, not averaged
+    for _ in range(200):
+        average.update(model)  # a constant model: the average converges to it
+    assert torch.allclose(average.model[0].weight, model[0].weight, atol=1e-6)
+    assert not any(p.requires_grad for p in average.model.parameters())
+    restored = WeightAverage(model, decay=0.9)
+    restored.load_state_dict(average.state_dict())
+    assert restored.updates == 201 and torch.equal(restored.model[0].weight, average.model[0].weight)
 
 
 def test_imbalanced_report_matches_imblearn_names_and_recall():
