@@ -94,16 +94,34 @@ def test_undefined_metrics_are_none_not_nan():
 def test_threshold_rules():
     labels, probs = random_case(2, n=500)
     youden = choose_threshold("youden", labels, probs)
-    fpr, tpr, thr = skm.roc_curve(labels, probs[:, 1])
-    assert youden == pytest.approx(min(thr[np.argmax(tpr - fpr)], 1.0))
+    fpr, tpr, thr = skm.roc_curve(labels, probs[:, 1], drop_intermediate=False)
+    best = np.argmax(tpr - fpr)
+    # Midway between the Youden vertex's score and the next lower validation score.
+    assert youden == pytest.approx((thr[best] + thr[best + 1]) / 2)
+    assert thr[best + 1] < youden < thr[best]
+    j = classification_metrics(labels, probs, threshold=youden)
+    assert j["sensitivity"] + j["specificity"] - 1 == pytest.approx(np.max(tpr - fpr))
     t95 = choose_threshold("sensitivity@0.95", labels, probs)
     assert classification_metrics(labels, probs, threshold=t95)["sensitivity"] >= 0.95
-    # The highest such threshold: any higher one misses the target.
-    assert classification_metrics(labels, probs, threshold=np.nextafter(t95, 1))["sensitivity"] < 0.95
+    # The highest such cut: excluding the lowest-scoring image above it misses the target.
+    above = np.nextafter(probs[:, 1][probs[:, 1] > t95].min(), 1)
+    assert classification_metrics(labels, probs, threshold=above)["sensitivity"] < 0.95
     assert choose_threshold("fixed:0.3", labels, probs) == 0.3
     assert choose_threshold("youden", *random_case(3)) is None
     assert parse_threshold_rule("sensitivity@0.95") is None
     assert parse_threshold_rule("fixed:1.5") and parse_threshold_rule("median")
+
+
+def test_threshold_sits_midway_between_neighbouring_scores():
+    def probs_for(score):
+        return np.stack([1 - score, score], axis=1)
+
+    labels = np.array([0, 0, 1, 1])
+    probs = probs_for(np.array([0.1, 0.3, 0.7, 0.9]))
+    assert choose_threshold("youden", labels, probs) == pytest.approx(0.5)  # not 0.7
+    assert choose_threshold("sensitivity@0.99", labels, probs) == pytest.approx(0.5)
+    everything = probs_for(np.array([0.8, 0.3, 0.7, 0.2]))  # only "all positive" reaches sensitivity 1
+    assert choose_threshold("sensitivity@0.99", labels, everything) == pytest.approx(0.2)
 
 
 def test_bootstrap_interval_covers_the_true_auc():
