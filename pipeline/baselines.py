@@ -36,7 +36,7 @@ def fit_predict(name: str, train_images: np.ndarray, train_labels: np.ndarray, s
     start = time.perf_counter()
     x_train, x_val, x_test = _flat(train_images), _flat(val_images), _flat(test_images)
     if name == "random_forest":
-        model = RandomForestClassifier(n_estimators=300, min_samples_leaf=2, n_jobs=threads, random_state=seed)
+        model = RandomForestClassifier(n_estimators=100, min_samples_leaf=2, n_jobs=threads, random_state=seed)
         model.fit(x_train, train_labels, sample_weight=sample_weight)
         # Parallel prediction adds the trees' probabilities in thread order, so the last digits
         # vary from run to run; one job keeps the same bytes for the same seed.
