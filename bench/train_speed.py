@@ -1,16 +1,24 @@
 """Training speed: the project's train loop vs a bare PyTorch loop, and this CPU's matmul ceiling.
 
-Both loops train the same network (default params) on the same data with the same batch size,
-side by side in one process, alternating, so machine noise hits both alike. The project's
-loop adds seeded ordering, augmentation hooks, per-step learning rates and progress; it must
-reach at least 0.9× the bare loop's images per second. The achieved fraction of the CPU's
-measured float32 matmul throughput puts the absolute number in context.
+Every loop trains the same network (default params) on the same data with the same batch
+size, side by side in one process, alternating, so machine noise hits them alike:
+
+- ``bare``: the seed's loop (shuffle, forward, loss, backward, step);
+- ``project``: the project's ``train_epoch`` doing the same work (augmentation and weight
+  averaging off): seeded ordering, per-step learning rates, loss/accuracy/AUC bookkeeping,
+  progress. It must reach at least 0.9× the bare loop's images per second;
+- ``project, default params``: the same with the default augmentation and weight averaging,
+  to show what those features cost on top.
+
+The achieved fraction of the CPU's measured float32 matmul throughput puts the absolute
+number in context.
 
     python bench/train_speed.py [epochs]
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -24,7 +32,7 @@ from pipeline.params import load_params
 from pipeline.phantom import generate_split
 from pipeline.runtime import configure_torch
 from pipeline.train import make_optimizer, train_epoch
-from pipeline.training import make_loss
+from pipeline.training import WeightAverage, make_loss
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,30 +86,37 @@ def main() -> None:
     x = torch.from_numpy(np.ascontiguousarray(data["images"].transpose(0, 3, 1, 2)))
     y = torch.from_numpy(data["labels"])
     config = ModelConfig(cfg.model, 1, 2, x.shape[2], cfg.width, 0.3, 0.2)
-    rates = {"project": [], "bare": []}
+    same_work = dataclasses.replace(cfg, aug_rotate=0.0, aug_translate=0.0, aug_scale=0.0, aug_intensity=0.0,
+                                    aug_flip=False, ema=0.0)
+    loops = {"bare": None, "project": same_work, "project, default params": cfg}
+    rates: dict[str, list[float]] = {name: [] for name in loops}
     models = {}
-    for name in rates:
+    for name in loops:
         torch.manual_seed(0)
         model = build_model(config)
-        models[name] = (model, make_optimizer(model, cfg), make_loss(cfg, torch.ones(2)), torch.Generator().manual_seed(0))
+        average = WeightAverage(model, loops[name].ema) if loops[name] and loops[name].ema else None
+        models[name] = (model, make_optimizer(model, cfg), make_loss(cfg, torch.ones(2)), torch.Generator().manual_seed(0),
+                        average)
     for epoch in range(1, epochs + 2):  # the first round warms up and is not counted
-        for name, (model, optimizer, loss_fn, generator) in models.items():
+        for name, (model, optimizer, loss_fn, generator, average) in models.items():
+            loop_cfg = loops[name]
             start = time.perf_counter()
-            if name == "project":
-                train_epoch(model, x, y, loss_fn, optimizer, cfg, generator, torch.device("cpu"), epoch)
-            else:
+            if loop_cfg is None:
                 bare_epoch(model, x, y, optimizer, loss_fn, cfg.batch_size, generator)
+            else:
+                train_epoch(model, x, y, loss_fn, optimizer, loop_cfg, generator, torch.device("cpu"), epoch, average)
             if epoch > 1:
                 rates[name].append(len(y) / (time.perf_counter() - start))
-    project, bare = np.median(rates["project"]), np.median(rates["bare"])
+    median = {name: float(np.median(r)) for name, r in rates.items()}
+    project, bare = median["project"], median["bare"]
     flops = training_flops_per_image(models["bare"][0], tuple(x.shape[1:]))
     peak = matmul_gflops()
     print(f"model {cfg.model} (width {cfg.width}), {x.shape[2]}×{x.shape[3]} images, batch {cfg.batch_size}, "
           f"{cfg.threads} threads, {epochs} timed epochs of {len(y)} images")
-    print(f"{'loop':<10}{'images/s':>10}")
-    print(f"{'bare':<10}{bare:>10.0f}")
-    print(f"{'project':<10}{project:>10.0f}")
-    print(f"project / bare: {project / bare:.3f}  (target >= 0.9)")
+    print(f"{'loop':<26}{'images/s':>10}{'/ bare':>8}")
+    for name, rate in median.items():
+        print(f"{name:<26}{rate:>10.0f}{rate / bare:>8.3f}")
+    print(f"project / bare, same work: {project / bare:.3f}  (target >= 0.9)")
     print(f"training FLOPs per image: {flops / 1e6:.1f} M; float32 matmul peak here: {peak:.1f} GFLOP/s; "
           f"achieved by the project loop: {project * flops / 1e9:.2f} GFLOP/s = {project * flops / 1e9 / peak:.1%} of it")
 

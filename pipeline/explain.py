@@ -93,7 +93,7 @@ def measure(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
             top, bottom, left, right = marker
             region = np.zeros(maps[method].shape[1:], dtype=bool)
             region[top:bottom, left:right] = True
-            row["marker_mass"] = round(float(np.mean([trust.mass_fraction(m, region)
+            row["marker_mass"] = round(float(np.mean([trust.mass_fraction(m, region, absolute=True)
                                                       for m in maps[method][has_marker == 1]])), 6)
         results[method] = row
     return results, faith
@@ -111,7 +111,7 @@ def warnings_for(results: dict[str, Any], params: Params) -> list[str]:
         if not (row["deletion_beats_random"] or row["insertion_beats_random"]):
             found.append(f"{title} is no more faithful than a random pixel order (neither deletion nor insertion).")
         if row.get("marker_mass", 0) > cfg.shortcut_threshold:
-            found.append(f"Shortcut: {title} puts {row['marker_mass']:.0%} of its attribution on the corner marker "
+            found.append(f"Shortcut: {title} puts {row['marker_mass']:.0%} of its attribution magnitude on the corner marker "
                          f"(> {cfg.shortcut_threshold:.0%}): the model relies on a confounder, not the lesion.")
     return found
 

@@ -22,7 +22,7 @@ import yaml
 from pipeline import catalog, paths
 from pipeline.files import read_csv, read_json, sha256_file, write_text
 from pipeline.metrics import HEADLINE
-from pipeline.params import Params, as_dict, flatten
+from pipeline.params import Params, TrainParams, as_dict, flatten
 from pipeline.privacy import public_params
 from pipeline.provenance import git_state, hardware, versions
 from pipeline.runtime import stage_main
@@ -192,10 +192,18 @@ def model_section(params: Params, out: dict[str, Any], root: Path) -> str:
     rows = [["architecture", cfg.model + (f" (width {cfg.width})" if cfg.model == "small_cnn" else "")],
             ["parameters", train["parameters"]],
             ["initialisation", "PyTorch defaults (Kaiming-uniform), drawn from the run's seed"],
-            ["optimizer", optimizer], ["loss", "cross-entropy with the balance stage's class weights"],
-            ["batch size / max epochs", f"{cfg.batch_size} / {cfg.epochs}"],
-            ["stopping and selection", f"stop after {cfg.patience} epochs without a better validation ROC AUC; "
-                                       "keep the best epoch's weights"],
+            ["optimizer", optimizer],
+            ["learning-rate schedule", cfg.schedule + (f", {cfg.warmup_epochs} warm-up epoch(s)" if cfg.warmup_epochs else "")
+             + (f"; gradient norm clipped at {cfg.grad_clip}" if cfg.grad_clip else "")],
+            ["loss", (f"focal (gamma {cfg.focal_gamma})" if cfg.loss == "focal" else "cross-entropy")
+             + " with the balance stage's class weights"
+             + (f", label smoothing {cfg.label_smoothing}" if cfg.label_smoothing else "")],
+            ["batches", f"{cfg.batch_size} images, " + ("class-balanced WeightedRandomSampler draw" if cfg.sampler == "weighted"
+                                                        else "seeded shuffle") + f"; at most {cfg.epochs} epochs"],
+            ["augmentation", augmentation_text(cfg)],
+            ["stopping and selection", f"stop after {cfg.patience} epochs without a better validation ROC AUC; keep the best "
+                                       "epoch's weights" + (f" (of the exponential moving average of the weights, decay {cfg.ema})"
+                                                            if cfg.ema else "")],
             ["epochs run / selected", f"{train['epochs_run']} / {train['best_epoch']}"],
             ["seed", params.seed],
             ["determinism", f"{cfg.threads} CPU thread(s), deterministic kernels: same params and seed give the same model bytes"],
@@ -203,6 +211,15 @@ def model_section(params: Params, out: dict[str, Any], root: Path) -> str:
     history = out["history"]
     return (table(rows) + image(root / paths.TRAIN_DIR / "curves.png", "training curves")
             + table([list(r.values()) for r in history], list(history[0])))
+
+
+def augmentation_text(cfg: TrainParams) -> str:
+    parts = [f"{label}{value}{unit}" for label, value, unit in (
+        ("rotation ±", cfg.aug_rotate, "°"), ("shift ±", cfg.aug_translate, " of the side"), ("zoom ±", cfg.aug_scale, ""),
+        ("brightness/contrast ±", cfg.aug_intensity, "")) if value]
+    if cfg.aug_flip:
+        parts.append("horizontal flips")
+    return "seeded: " + ", ".join(parts) if parts else "none"
 
 
 def results_section(out: dict[str, Any], root: Path) -> str:

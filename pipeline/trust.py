@@ -160,8 +160,14 @@ def localisation(maps: np.ndarray, masks: np.ndarray) -> dict[str, float | None]
             "auprc_mask": round(float(np.mean(auprcs)), 6), "n_masks": len(hits)}
 
 
-def mass_fraction(attribution: np.ndarray, region: np.ndarray) -> float:
-    """Share of the map's positive attribution that falls inside ``region``."""
-    positive = np.clip(attribution, 0, None)
-    total = positive.sum()
-    return float(positive[region].sum() / total) if total > 0 else 0.0
+def mass_fraction(attribution: np.ndarray, region: np.ndarray, absolute: bool = False) -> float:
+    """Share of the map's positive attribution (``absolute``: of its magnitude) inside ``region``.
+
+    Localisation asks where the evidence *for* the explained class lies: positive mass. A
+    confounder is a problem whichever way it pushes: a model that learned "marker means
+    lesion" explains an unmarked-looking prediction of "normal" with negative attribution on
+    the marker, which positive mass would miss; the shortcut check uses the magnitude.
+    """
+    weight = np.abs(attribution) if absolute else np.clip(attribution, 0, None)
+    total = weight.sum()
+    return float(weight[region].sum() / total) if total > 0 else 0.0

@@ -1,10 +1,11 @@
 """report: CLAIM sections in order, self-contained, every number equal to the metrics files; model card."""
 
+import dataclasses
 import re
 
 from pipeline.files import read_json
 from pipeline.metrics import HEADLINE
-from pipeline.report import fmt, fmt_ci
+from pipeline.report import augmentation_text, fmt, fmt_ci
 
 SECTIONS = ["summary", "data", "preprocessing", "model", "results", "failures", "explanations",
             "reproducibility", "limitations"]
@@ -47,6 +48,17 @@ def test_every_metric_in_the_report_matches_metrics_json(tiny_run):
         assert digest in page
     for failure in read_json(root / "reports/eval/failures.json")["false_positives"]:
         assert f"<td>{failure['id']}</td>" in page
+
+
+def test_model_section_states_the_training_recipe(tiny_run):
+    root, params = tiny_run
+    page = (root / "reports/report.html").read_text()
+    cfg = params.train
+    assert f"<td>learning-rate schedule</td><td>{cfg.schedule}" in page
+    assert f"<td>augmentation</td><td>seeded: rotation ±{cfg.aug_rotate}°, zoom ±{cfg.aug_scale}</td>" in page
+    assert f"exponential moving average of the weights, decay {cfg.ema}" in page
+    assert augmentation_text(dataclasses.replace(cfg, aug_rotate=0.0, aug_scale=0.0)) == "none"
+    assert augmentation_text(dataclasses.replace(cfg, aug_flip=True)).endswith(", horizontal flips")
 
 
 def test_limitations_are_automatic(tiny_run):

@@ -106,6 +106,15 @@ def test_ssim_and_rank_correlation_basics():
     assert trust.rank_correlation(np.zeros((4, 4)), a[:4, :4]) == 0.0
 
 
+def test_marker_mass_counts_evidence_against_the_class_too():
+    region = np.zeros((4, 4), bool)
+    region[0, 0] = True
+    attribution = np.full((4, 4), 0.1)
+    attribution[0, 0] = -1.5  # the marker pushes away from the explained class
+    assert trust.mass_fraction(attribution, region) == 0.0
+    assert trust.mass_fraction(attribution, region, absolute=True) == pytest.approx(1.5 / 3.0)
+
+
 def test_localisation_on_a_map_equal_to_the_mask():
     mask = np.zeros((2, 8, 8), np.uint8)
     mask[:, 2:4, 2:4] = 1
