@@ -13,6 +13,7 @@ used for any choice.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import sys
@@ -55,14 +56,13 @@ def one_run(dataset: str, seed: int, overrides: dict[str, object]) -> tuple[floa
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
-    args, overrides = sys.argv[1:], {}
-    while "-S" in args:
-        at = args.index("-S")
-        key, value = args[at + 1].split("=", 1)
-        overrides[key] = yaml.safe_load(value)
-        del args[at:at + 2]
-    datasets = [a for a in args if not a.isdigit()] or ["pneumoniamnist", "breastmnist"]
-    seeds = [int(a) for a in args if a.isdigit()] or [0, 1, 2]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-S", dest="overrides", action="append", default=[], help="params override key=value")
+    parser.add_argument("targets", nargs="*", help="dataset names and seeds")
+    args = parser.parse_args()
+    overrides = {key: yaml.safe_load(value) for key, value in (o.split("=", 1) for o in args.overrides)}
+    datasets = [a for a in args.targets if not a.isdigit()] or ["pneumoniamnist", "breastmnist"]
+    seeds = [int(a) for a in args.targets if a.isdigit()] or [0, 1, 2]
     ours = {}
     for dataset in datasets:
         runs = []
