@@ -18,10 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 from pipeline import balance, evaluate, prepare, train
-from pipeline.params import load_params, override
+from pipeline.params import load_params, write_params
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = {
@@ -41,9 +39,7 @@ FAST_EVAL = {"evaluate.baselines": [], "evaluate.bootstrap": 200}
 
 
 def params_for(folder: Path, overrides: dict):
-    raw = override(yaml.safe_load((REPO / "params.yaml").read_text()), overrides)
-    (folder / "params.yaml").write_text(yaml.safe_dump(raw))
-    return load_params(folder / "params.yaml")
+    return load_params(write_params(folder / "params.yaml", overrides, REPO / "params.yaml"))
 
 
 def main() -> None:

@@ -23,9 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
-from pipeline.params import override
+from pipeline.params import parse_overrides, write_params
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKED = ("models/model.pt", "reports/eval/metrics.json", "reports/train/history.csv")
@@ -38,13 +36,11 @@ def copy_project(dest: Path, overrides: list[str]) -> None:
         if (REPO / name).is_file() and name != "dvc.lock":
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, dest / name)
-    values = {}
-    for item in overrides:
-        key, value = item.split("=", 1)
-        # A path is relative to the repository, not to the temporary copy.
-        values[key] = str((REPO / value).resolve()) if key.endswith(".path") and value else yaml.safe_load(value)
-    params = override(yaml.safe_load((dest / "params.yaml").read_text()), values)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    values = parse_overrides(overrides)
+    for key, value in values.items():
+        if key.endswith(".path") and value:  # a path is relative to the repository, not to the temporary copy
+            values[key] = str((REPO / str(value)).resolve())
+    write_params(dest / "params.yaml", values, dest / "params.yaml")
 
 
 def digests(root: Path) -> dict[str, str]:

@@ -22,10 +22,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from pipeline import balance, evaluate, prepare, train
-from pipeline.params import load_params, override
+from pipeline.params import load_params, parse_overrides, write_params
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "medmnist"
@@ -40,13 +39,10 @@ PUBLISHED = {  # (AUC, ACC) on the test split, MedMNIST v2 Table
 
 def one_run(dataset: str, seed: int, overrides: dict[str, object]) -> tuple[float, float, float]:
     """Test AUC, accuracy and wall seconds (prepare → evaluate) for one seed."""
-    raw = override(yaml.safe_load((REPO / "params.yaml").read_text()), overrides)
-    raw["seed"] = seed
-    raw["data"].update({"source": "npz", "path": str(DATA / f"{dataset}.npz")})
-    raw["evaluate"].update({"baselines": [], "bootstrap": 200})
     with tempfile.TemporaryDirectory(prefix="medcnn-quality-") as tmp, contextlib.chdir(tmp):
-        Path("params.yaml").write_text(yaml.safe_dump(raw))
-        params = load_params("params.yaml")
+        params = load_params(write_params(Path("params.yaml"), {
+            **overrides, "seed": seed, "data.source": "npz", "data.path": str(DATA / f"{dataset}.npz"),
+            "evaluate.baselines": [], "evaluate.bootstrap": 200}, REPO / "params.yaml"))
         start = time.perf_counter()
         for stage in (prepare, balance, train):
             stage.run(params)
@@ -60,7 +56,7 @@ def main() -> None:
     parser.add_argument("-S", dest="overrides", action="append", default=[], help="params override key=value")
     parser.add_argument("targets", nargs="*", help="dataset names and seeds")
     args = parser.parse_args()
-    overrides = {key: yaml.safe_load(value) for key, value in (o.split("=", 1) for o in args.overrides)}
+    overrides = parse_overrides(args.overrides)
     datasets = [a for a in args.targets if not a.isdigit()] or ["pneumoniamnist", "breastmnist"]
     seeds = [int(a) for a in args.targets if a.isdigit()] or [0, 1, 2]
     ours = {}

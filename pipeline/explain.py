@@ -75,6 +75,11 @@ def measure(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     faith = trust.faithfulness(model, inputs, targets, maps, cfg.faithfulness_steps, params.seed)
     results: dict[str, Any] = {"random": {k: faith["random"][k] for k in ("deletion_auc", "insertion_auc")}}
     randomised = {stage: trust.randomised(model, fraction, params.seed) for stage, fraction in SANITY_STAGES.items()}
+    region = None
+    if marker is not None and has_marker is not None and has_marker.any():
+        top, bottom, left, right = marker
+        region = np.zeros(inputs.shape[2:], dtype=bool)
+        region[top:bottom, left:right] = True
     for method in tqdm(cfg.methods, desc="trust", leave=False, disable=None):
         fn = attributions.explainer(method, model, cfg, tuple(inputs.shape[1:]), params.seed)
         row: dict[str, Any] = {k: faith[method][k] for k in ("deletion_auc", "insertion_auc")}
@@ -89,10 +94,7 @@ def measure(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
         row["sanity_pass"] = bool(row["randomised_all_layers_spearman"] <= cfg.sanity_threshold)
         if masks is not None:
             row.update(trust.localisation(maps[method], masks))
-        if marker is not None and has_marker is not None and has_marker.any():
-            top, bottom, left, right = marker
-            region = np.zeros(maps[method].shape[1:], dtype=bool)
-            region[top:bottom, left:right] = True
+        if region is not None:
             row["marker_mass"] = round(float(np.mean([trust.mass_fraction(m, region, absolute=True)
                                                       for m in maps[method][has_marker == 1]])), 6)
         results[method] = row

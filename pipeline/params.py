@@ -289,6 +289,24 @@ def override(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["train.lr=0.01", "evaluate.baselines=[]"]`` -> dotted keys with YAML-typed values, as ``-S`` takes them."""
+    parsed = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise PipelineError(f"override {pair!r}: expected key=value")
+        parsed[key] = yaml.safe_load(value)
+    return parsed
+
+
+def write_params(dest: Path, overrides: dict[str, Any], base: Path = Path("params.yaml")) -> Path:
+    """``base`` with dotted-key overrides applied, written to ``dest`` (for benchmarks and tests)."""
+    raw = override(yaml.safe_load(Path(base).read_text()), overrides)
+    Path(dest).write_text(yaml.safe_dump(raw, sort_keys=False))
+    return Path(dest)
+
+
 def as_dict(params: Any) -> dict[str, Any]:
     """Params back to plain YAML-like data (tuples become lists)."""
     return _plain(dataclasses.asdict(params))

@@ -11,7 +11,7 @@
   method whose Spearman correlation after full randomisation exceeds the threshold fails.
 - **Localisation** (where ground-truth masks exist): pointing game, fraction of the positive
   attribution mass inside the mask, and AUPRC of the map against the mask.
-- **Shortcut**: fraction of positive attribution mass on a known confounder's box.
+- **Shortcut**: fraction of the attribution's magnitude on a known confounder's box.
 """
 
 from __future__ import annotations

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 
-from pipeline.params import Params, load_params, override
+from pipeline.params import Params, load_params
+from pipeline.params import write_params as params_file
 
 REPO = Path(__file__).resolve().parents[1]
 MEDMNIST = REPO.parent / "shared" / "data" / "medmnist"
@@ -44,9 +44,7 @@ TINY: dict[str, Any] = {
 
 def write_params(path: Path, overrides: dict[str, Any] | None = None) -> Path:
     """The repository's params.yaml with dotted-key overrides, written to ``path``."""
-    raw = override(yaml.safe_load((REPO / "params.yaml").read_text()), overrides or {})
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
+    return params_file(path, overrides or {}, REPO / "params.yaml")
 
 
 def tiny_params(folder: Path, **overrides: Any) -> Params:

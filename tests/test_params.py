@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.params import as_dict, flatten, load_params
+from pipeline.params import as_dict, flatten, load_params, parse_overrides
 from tests.conftest import REPO, write_params
 
 
@@ -57,3 +57,10 @@ def test_flatten_gives_dotted_names():
     assert flat["train.lr"] == load_params(REPO / "params.yaml").train.lr
     assert flat["data.phantom.image_size"] == 64
     assert isinstance(flat["explain.methods"], list)
+
+
+def test_overrides_parse_like_dvc_set_params():
+    assert parse_overrides(["train.lr=0.01", "evaluate.baselines=[]", "data.path=a=b.npz", "data.name=null"]) == {
+        "train.lr": 0.01, "evaluate.baselines": [], "data.path": "a=b.npz", "data.name": None}
+    with pytest.raises(PipelineError, match="expected key=value"):
+        parse_overrides(["train.lr"])
