@@ -18,11 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import attributions, explain
-from pipeline.models import images_to_tensor, load_checkpoint
-from pipeline.params import load_params
-from pipeline.runtime import configure_torch
-from pipeline.splits import load_split
+from pipeline import explain
+from pipeline.core.config import load_params
+from pipeline.core.dataset import load_split
+from pipeline.core.runtime import configure_torch
+from pipeline.modeling.checkpoints import load_checkpoint
+from pipeline.modeling.networks import images_to_tensor
+from pipeline.xai import attributions
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from pipeline import balance, evaluate, prepare, train
-from pipeline.params import load_params, write_params
+from pipeline.core.config import load_params, write_params
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = {

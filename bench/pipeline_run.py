@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.params import parse_overrides, write_params
+from pipeline.core.config import parse_overrides, write_params
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKED = ("models/model.pt", "reports/eval/metrics.json", "reports/train/history.csv")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import balance, evaluate, prepare, train
-from pipeline.params import load_params, parse_overrides, write_params
+from pipeline.core.config import load_params, parse_overrides, write_params
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "medmnist"

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.models import ModelConfig, build_model
-from pipeline.params import load_params
-from pipeline.phantom import generate_split
-from pipeline.runtime import configure_torch
-from pipeline.train import make_optimizer, train_epoch
-from pipeline.training import WeightAverage, make_loss
+from pipeline.core.config import load_params
+from pipeline.core.runtime import configure_torch
+from pipeline.data.phantom import generate_split
+from pipeline.modeling.networks import ModelConfig, build_model
+from pipeline.modeling.recipe import WeightAverage, make_loss, make_optimizer
+from pipeline.train import train_epoch
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -24,17 +24,27 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from pipeline import baselines as classical
-from pipeline import calibration, paths
-from pipeline.errors import PipelineError
-from pipeline.files import write_csv, write_json
-from pipeline.metrics import (HEADLINE, bootstrap_ci, choose_threshold, classification_metrics, confusion_matrix,
-                              decide, normalised, per_class_auc)
-from pipeline.models import load_checkpoint, predict_proba
-from pipeline.params import EvaluateParams, Params
-from pipeline.plots import plot_calibration, plot_confusion, plot_failures, plot_pr, plot_roc
-from pipeline.runtime import configure_torch, stage_main
-from pipeline.splits import load_meta, load_split, load_training_set
+from pipeline.core import paths
+from pipeline.core.config import EvaluateParams, Params
+from pipeline.core.dataset import load_meta, load_split, load_training_set
+from pipeline.core.errors import PipelineError
+from pipeline.core.files import SECONDS_DECIMALS, rounded, write_csv, write_json
+from pipeline.core.runtime import configure_torch, stage_main
+from pipeline.evaluation import baselines as classical
+from pipeline.evaluation import calibration
+from pipeline.evaluation.metrics import (
+    HEADLINE,
+    bootstrap_ci,
+    choose_threshold,
+    classification_metrics,
+    confusion_matrix,
+    decide,
+    normalised,
+    per_class_auc,
+)
+from pipeline.modeling.checkpoints import load_checkpoint
+from pipeline.modeling.networks import predict_proba
+from pipeline.reporting.plots import plot_calibration, plot_confusion, plot_failures, plot_pr, plot_roc
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +77,7 @@ def failure_cases(labels: np.ndarray, probs: np.ndarray, preds: np.ndarray, ids:
 
     def rows(index: np.ndarray, worst_first: np.ndarray) -> list[dict[str, Any]]:
         return [{"index": int(i), "id": str(ids[i]), "label": names[labels[i]], "predicted": names[preds[i]],
-                 "score": round(float(scores[i]), 6)} for i in index[np.argsort(worst_first, kind="stable")][:k]]
+                 "score": rounded(float(scores[i]))} for i in index[np.argsort(worst_first, kind="stable")][:k]]
 
     if binary:
         fp = np.flatnonzero((preds == positive) & (labels != positive))
@@ -84,7 +94,7 @@ def imbalanced_report(labels: np.ndarray, preds: np.ndarray, names: list[str]) -
     report = classification_report_imbalanced(labels, preds, labels=list(range(len(names))), output_dict=True,
                                               zero_division=0)
     # imblearn keys the classes by their label as a string ("0", "1", ...).
-    return {name: {k: round(float(v), 6) for k, v in report[str(k_)].items()} for k_, name in enumerate(names)
+    return {name: {k: rounded(float(v)) for k, v in report[str(k_)].items()} for k_, name in enumerate(names)
             if str(k_) in report}
 
 
@@ -112,7 +122,7 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
     raw = {split: predict_proba(model, data["images"], cfg.batch_size) for split, data in (("val", val), ("test", test))}
 
     # 1. Choices on validation only, then frozen.
-    temperature = calibration.fit_temperature(y_val, raw["val"]) if cfg.calibrate == "temperature" else 1.0
+    temperature = calibration.CALIBRATIONS[cfg.calibrate](y_val, raw["val"])
     probs = {split: calibration.apply_temperature(p, temperature) for split, p in raw.items()}
     threshold = choose_threshold(cfg.threshold, y_val, probs["val"], positive)
     log.info("validation choices: temperature %.4f, threshold %s (%s)", temperature, threshold, cfg.threshold)
@@ -172,7 +182,7 @@ def write_outputs(out_dir: Path, result: dict[str, Any], test: dict[str, np.ndar
     header = ["id", "label", *[f"prob_{n}" for n in names], *[f"uncalibrated_prob_{n}" for n in names], "prediction"]
     rows = [[i, names[y], *[f"{v:.6f}" for v in p], *[f"{v:.6f}" for v in r], names[d]]
             for i, y, p, r, d in zip(test["ids"], labels, probs, raw, preds)]
-    write_csv(out_dir / "predictions.csv", header, rows)
+    write_csv(out_dir / paths.PREDICTIONS, header, rows)
     roc_rows, pr_rows, roc_plot, pr_plot = [], [], {}, {}
     for name, (fpr, tpr, thr), (recall, precision) in curves(labels, probs, names, positive):
         roc_rows += [[name, f"{a:.6f}", f"{b:.6f}", f"{t:.6f}"] for a, b, t in zip(fpr, tpr, thr)]
@@ -184,20 +194,20 @@ def write_outputs(out_dir: Path, result: dict[str, Any], test: dict[str, np.ndar
             if len(names) == 2:
                 roc_plot[model_name] = (fpr, tpr, float(np.trapezoid(tpr, fpr)))
                 pr_plot[model_name] = (recall, precision)
-    write_csv(out_dir / "roc.csv", ["class", "fpr", "tpr", "threshold"], roc_rows)
-    write_csv(out_dir / "pr.csv", ["class", "recall", "precision"], pr_rows)
+    write_csv(out_dir / paths.ROC_CSV, ["class", "fpr", "tpr", "threshold"], roc_rows)
+    write_csv(out_dir / paths.PR_CSV, ["class", "recall", "precision"], pr_rows)
     reliability = {when: calibration.reliability(labels, p, positive) for when, p in (("before", raw), ("after", probs))}
-    write_csv(out_dir / "calibration.csv", ["calibration", "bin", "predicted", "observed", "count"],
+    write_csv(out_dir / paths.CALIBRATION_CSV, ["calibration", "bin", "predicted", "observed", "count"],
               [[when, r["bin"], r["predicted"], r["observed"], r["count"]] for when, rs in reliability.items() for r in rs])
     failures = failure_cases(labels, probs, preds, test["ids"], names, positive, cfg.failure_cases)
-    write_json(out_dir / "failures.json", failures)
-    write_json(out_dir / "metrics.json", result)
-    write_json(out_dir / "timing.json", {k: round(v, 2) for k, v in timing.items()})
-    plot_roc(roc_plot, out_dir / "roc.png")
-    plot_pr(pr_plot, out_dir / "pr.png")
-    plot_confusion(result["test"]["confusion_matrix"], names, out_dir / "confusion.png")
-    plot_calibration(reliability, result["calibration"], out_dir / "calibration.png")
-    plot_failures(test["images"], failures, out_dir / "failures.png")
+    write_json(out_dir / paths.FAILURES, failures)
+    write_json(out_dir / paths.METRICS, result)
+    write_json(out_dir / paths.TIMING, {k: rounded(v, SECONDS_DECIMALS) for k, v in timing.items()})
+    plot_roc(roc_plot, out_dir / paths.ROC_PNG)
+    plot_pr(pr_plot, out_dir / paths.PR_PNG)
+    plot_confusion(result["test"]["confusion_matrix"], names, out_dir / paths.CONFUSION_PNG)
+    plot_calibration(reliability, result["calibration"], out_dir / paths.CALIBRATION_PNG)
+    plot_failures(test["images"], failures, out_dir / paths.FAILURES_PNG)
 
 
 def main() -> None:

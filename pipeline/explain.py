@@ -3,7 +3,7 @@
 Samples: ``explain.per_class`` test images per class (seeded), the ``explain.worst`` most
 confident false positives and false negatives from evaluate, and, when the phantom carries a
 shortcut marker, images with the marker. Each map explains the class the model predicted.
-Every method in ``explain.methods`` is then measured (see :mod:`pipeline.trust`):
+Every method in ``explain.methods`` is then measured (see :mod:`pipeline.xai.trust`):
 faithfulness against a random order, Captum infidelity and max-sensitivity, the
 model-randomisation sanity check, localisation against lesion masks, and attribution on the
 shortcut marker.
@@ -26,13 +26,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import attributions, paths, trust
-from pipeline.files import read_json, save_npy, staged_dir, write_json
-from pipeline.models import images_to_tensor, load_checkpoint
-from pipeline.params import Params
-from pipeline.plots import plot_attributions, plot_class_images, plot_faithfulness, plot_feature_maps
-from pipeline.runtime import configure_torch, stage_main
-from pipeline.splits import load_meta, load_split
+from pipeline.core import paths
+from pipeline.core.config import Params
+from pipeline.core.dataset import load_meta, load_split
+from pipeline.core.files import SECONDS_DECIMALS, read_json, rounded, save_npy, staged_dir, write_json
+from pipeline.core.runtime import configure_torch, stage_main
+from pipeline.modeling.checkpoints import load_checkpoint
+from pipeline.modeling.networks import images_to_tensor
+from pipeline.reporting.plots import plot_attributions, plot_class_images, plot_faithfulness, plot_feature_maps
+from pipeline.xai import attributions, trust
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +97,8 @@ def measure(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
         if masks is not None:
             row.update(trust.localisation(maps[method], masks))
         if region is not None:
-            row["marker_mass"] = round(float(np.mean([trust.mass_fraction(m, region, absolute=True)
-                                                      for m in maps[method][has_marker == 1]])), 6)
+            row["marker_mass"] = rounded(float(np.mean([trust.mass_fraction(m, region, absolute=True)
+                                                        for m in maps[method][has_marker == 1]])))
         results[method] = row
     return results, faith
 
@@ -119,7 +121,7 @@ def warnings_for(results: dict[str, Any], params: Params) -> list[str]:
 
 
 def run(params: Params, prepared: Path = paths.PREPARED, model_path: Path = paths.MODEL,
-        failures_path: Path = paths.EVAL_DIR / "failures.json", out_dir: Path = paths.EXPLAIN_DIR) -> dict[str, Any]:
+        failures_path: Path = paths.EVAL_DIR / paths.FAILURES, out_dir: Path = paths.EXPLAIN_DIR) -> dict[str, Any]:
     configure_torch(params.train.threads)
     cfg = params.explain
     meta = load_meta(prepared)
@@ -148,7 +150,7 @@ def run(params: Params, prepared: Path = paths.PREPARED, model_path: Path = path
     metrics = {"explain": {m: results[m] for m in cfg.methods},
                "random": results["random"], "warnings": warnings, "n_samples": len(index)}
     samples = []
-    with staged_dir(out_dir / "figures") as tmp:
+    with staged_dir(out_dir / paths.FIGURES) as tmp:
         for row, (i, why) in enumerate(chosen):
             sample_id = str(test["ids"][i])
             label, pred = int(test["labels"][i]), int(targets[row])
@@ -157,20 +159,20 @@ def run(params: Params, prepared: Path = paths.PREPARED, model_path: Path = path
                               {attributions.TITLES[m]: maps[m][row] for m in cfg.methods}, title, tmp / f"{sample_id}.png",
                               None if masks is None else masks[row], marker if has_marker is not None and has_marker[row] else None)
             samples.append({"id": sample_id, "why": why, "label": names[label], "predicted": names[pred],
-                            "probability": round(float(probs[row, pred]), 6), "figure": f"{sample_id}.png"})
-        plot_faithfulness({attributions.TITLES.get(k, k): v for k, v in faith.items()}, tmp / "curves.png")
-        plot_feature_maps(attributions.feature_maps(model, inputs[0]), tmp / "feature_maps.png")
+                            "probability": rounded(float(probs[row, pred])), "figure": f"{sample_id}.png"})
+        plot_faithfulness({attributions.TITLES.get(k, k): v for k, v in faith.items()}, tmp / paths.FAITHFULNESS_PNG)
+        plot_feature_maps(attributions.feature_maps(model, inputs[0]), tmp / paths.FEATURE_MAPS_PNG)
         if cfg.class_image_steps:
             shape = tuple(inputs.shape[1:])
             plot_class_images({n: attributions.class_image(model, k, shape, cfg.class_image_steps, params.seed)
-                               for k, n in enumerate(names)}, tmp / "class_images.png")
-    save_npy(out_dir / "attributions.npy", np.stack([maps[m] for m in cfg.methods]).astype(np.float32))
-    write_json(out_dir / "samples.json", {"methods": list(cfg.methods), "target": "predicted class", "samples": samples,
+                               for k, n in enumerate(names)}, tmp / paths.CLASS_IMAGES_PNG)
+    save_npy(out_dir / paths.ATTRIBUTIONS, np.stack([maps[m] for m in cfg.methods]).astype(np.float32))
+    write_json(out_dir / paths.SAMPLES, {"methods": list(cfg.methods), "target": "predicted class", "samples": samples,
                                           "settings": {k: v for k, v in vars(cfg).items() if k != "methods"}})
-    write_json(out_dir / "timing.json", {"seconds_total": round(time.perf_counter() - start, 2),
-                                         **{f"maps_per_second_{m}": round(len(index) / max(s, 1e-9), 2)
+    write_json(out_dir / paths.TIMING, {"seconds_total": rounded(time.perf_counter() - start, SECONDS_DECIMALS),
+                                         **{f"maps_per_second_{m}": rounded(len(index) / max(s, 1e-9), SECONDS_DECIMALS)
                                             for m, s in seconds.items()}})
-    write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / paths.METRICS, metrics)
     for warning in warnings:
         log.warning(warning)
     return metrics

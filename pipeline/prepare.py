@@ -1,8 +1,9 @@
 """Stage 1, prepare: what the user holds (or the built-in phantom) → validated ``.npy`` splits.
 
-Sources (``data.source``): ``phantom``, ``npz`` (MedMNIST format), ``medmnist`` (official file
-by name and size, downloaded once and MD5-verified), ``folder`` (one sub-folder per class)
-and ``csv`` (a manifest with optional patient ids and splits); PNG, JPEG, TIFF and DICOM.
+Sources (``data.source``, see :mod:`pipeline.data.sources`): ``phantom``, ``npz`` (MedMNIST
+format), ``medmnist`` (official file by name and size, downloaded once and MD5-verified),
+``folder`` (one sub-folder per class) and ``csv`` (a manifest with optional patient ids and
+splits); PNG, JPEG, TIFF and DICOM.
 
 Every image goes through the same path: decode, preprocess (crop/resize, channels), hash,
 duplicate policy, then append to its split's array on disk (streamed, so a 50k-image folder
@@ -16,130 +17,28 @@ success: bad input leaves no partial output.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import paths, phantom, sources, splitting
-from pipeline.dicom import ImageError, read_patient_id
-from pipeline.errors import PipelineError
-from pipeline.files import NpyWriter, save_npy, sha256_file, sha256_tree, staged_dir, write_json
-from pipeline.images import preprocess, read_file, resize_mask
-from pipeline.manifest import Record, fail, read_manifest, scan_folder
-from pipeline.params import DataParams, Params, as_dict
-from pipeline.privacy import pseudonym, resolve_salt
-from pipeline.runtime import stage_main
-from pipeline.splits import SPLITS, save_meta
+from pipeline.core import paths
+from pipeline.core.config import DataParams, Params
+from pipeline.core.dataset import SPLITS, save_meta
+from pipeline.core.errors import PipelineError
+from pipeline.core.files import NpyWriter, digest_tree, rounded, save_npy, staged_dir, write_json
+from pipeline.core.runtime import stage_main
+from pipeline.data import patient_split, phantom
+from pipeline.data.dicom import ImageError
+from pipeline.data.images import preprocess, resize_mask
+from pipeline.data.records import fail
+from pipeline.data.sources import Item, Source, check_classes, load_source
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class Item:
-    """One image on its way to ``data/prepared``; ``load`` decodes it only when written."""
-
-    id: str
-    label: int
-    load: Callable[[], tuple[np.ndarray, dict[str, Any]]]
-    where: str  # how error messages name it (a path or a row); never saved
-    patient: str | None = None  # already pseudonymised
-    group: str | None = None
-    mask: np.ndarray | None = None
-    marker: int | None = None  # phantom shortcut marker present
-
-
-@dataclasses.dataclass
-class Source:
-    splits: dict[str, list[Item]]
-    class_names: list[str]
-    provenance: dict[str, Any]
-    split_method: str
-    skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)
-
-
-def from_arrays(splits: dict[str, dict[str, np.ndarray]], where: str) -> dict[str, list[Item]]:
-    """Items over in-memory arrays (phantom, npz)."""
-    out = {}
-    for split, data in splits.items():
-        out[split] = [Item(id=str(data["ids"][i]), label=int(data["labels"][i]), where=f"{where} {split}[{i}]",
-                           load=lambda img=data["images"][i]: (img, {}),
-                           group=str(data["groups"][i]) if "groups" in data else None,
-                           mask=data["masks"][i] if "masks" in data else None,
-                           marker=int(data["markers"][i]) if "markers" in data else None)
-                      for i in range(len(data["labels"]))]
-    return out
-
-
-def load_source(data: DataParams, seed: int) -> Source:
-    if data.source == "phantom":
-        log.info("generating phantom scans (%d/%d/%d)", data.phantom.n_train, data.phantom.n_val, data.phantom.n_test)
-        arrays = {split: phantom.generate_split(data.phantom, seed, split) for split in SPLITS}
-        names = sources.check_classes(arrays, data.class_names or phantom.CLASS_NAMES, "phantom")
-        return Source(from_arrays(arrays, "phantom"), names,
-                      {"source": "phantom", "generator": "pipeline.phantom", "settings": as_dict(data.phantom), "seed": seed},
-                      f"generated per split with seed {seed}; every scan is a different simulated patient")
-    if data.source in ("npz", "medmnist"):
-        path = Path(data.path) if data.source == "npz" else sources.fetch_medmnist(data.name, data.size, Path(data.raw_dir))
-        log.info("reading %s", path)
-        arrays = sources.read_npz(path)
-        names = sources.check_classes(arrays, data.class_names, str(path))
-        return Source(from_arrays(arrays, path.name), names,
-                      {"source": data.source, "path": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size},
-                      "the splits given in the input file")
-    return load_files(data, seed)
-
-
-def load_files(data: DataParams, seed: int) -> Source:
-    """An image folder or CSV manifest: records → pseudonyms → splits → lazily decoded items."""
-    root = Path(data.path)
-    salt = resolve_salt(data.pseudonym_salt)
-    if data.source == "folder":
-        records, names, unsupported = scan_folder(root, data.class_names, data.on_error)
-        base = root
-    else:
-        records, names = read_manifest(root, data.class_names, data.group_column)
-        unsupported, base = [], root.parent.resolve()
-    records = [_with_dicom_patient(r) for r in records]
-    if any(r.patient for r in records) and not salt:
-        raise PipelineError(f"{root}: the data carry patient ids; set MEDCNN_PSEUDONYM_SALT (or data.pseudonym_salt) "
-                            "to a secret so they can be pseudonymised")
-    keys = [r.path.resolve().relative_to(base.resolve()).as_posix() for r in records]
-    ids = [pseudonym(k, salt, "img-") for k in keys]
-    patients = [pseudonym(r.patient, salt) if r.patient else None for r in records]
-    labels = np.array([r.label for r in records])
-    if all(r.split for r in records):
-        assigned, method = np.array([r.split for r in records]), "the splits given in the manifest"
-    else:
-        groups = np.array([p or i for p, i in zip(patients, ids)])
-        assigned = splitting.assign(labels, groups, data.split.val, data.split.test, seed)
-        method = (f"grouped by patient and stratified by label (val {data.split.val}, test {data.split.test}, "
-                  f"seed {seed}); no patient in two splits")
-    items = {s: [] for s in SPLITS}
-    for record, key, item_id, patient, split in zip(records, keys, ids, patients, assigned):
-        items[str(split)].append(Item(id=item_id, label=record.label, where=key, patient=patient, group=record.group,
-                                      load=lambda p=record.path: read_file(p, data.dicom.window_center,
-                                                                           data.dicom.window_width, data.dicom.frames)))
-    listing = "".join(f"{k}\t{sha256_file(r.path)}\n" for k, r in sorted(zip(keys, records), key=lambda kr: kr[0]))
-    provenance = {"source": data.source, "path": root.name, "files": len(records),
-                  "files_sha256": hashlib.sha256(listing.encode()).hexdigest()}
-    skipped = [{"id": pseudonym(u, salt, "img-"), "reason": "not an image file"} for u in unsupported]
-    return Source(items, names, provenance, method, skipped)
-
-
-def _with_dicom_patient(record: Record) -> Record:
-    if record.patient or record.path.suffix.lower() != ".dcm":
-        return record
-    try:
-        return dataclasses.replace(record, patient=read_patient_id(record.path))
-    except ImageError:
-        return record  # unreadable: reported when the pixels are read
 
 
 def write_splits(source: Source, data: DataParams, out: Path) -> dict[str, Any]:
@@ -149,6 +48,7 @@ def write_splits(source: Source, data: DataParams, out: Path) -> dict[str, Any]:
     seen: dict[str, tuple[str, str]] = {}
     unreadable, mismatched, duplicates = [], [], []
     skipped, stats, tags_seen = list(source.skipped), {}, Counter()
+    original_sizes, resized, converted = Counter(), 0, 0
     for split in SPLITS:
         writer, rows, total, total_sq = None, [], 0.0, 0.0
         for item in tqdm(source.splits[split], desc=f"prepare {split}", leave=False, disable=None):
@@ -158,7 +58,11 @@ def write_splits(source: Source, data: DataParams, out: Path) -> dict[str, Any]:
                 unreadable.append(f"{item.where} ({exc})")
                 skipped.append({"id": item.id, "reason": str(exc)})
                 continue
+            before = image.shape
             image = preprocess(image, data.image_size, data.channels)
+            original_sizes[_dims(before)] += 1
+            resized += before[:2] != image.shape[:2]
+            converted += before[2] != image.shape[2]
             if shape is None:
                 shape, first_where = image.shape, item.where
             if image.shape != shape:
@@ -190,7 +94,11 @@ def write_splits(source: Source, data: DataParams, out: Path) -> dict[str, Any]:
         if stats[split]["n"] == 0:
             raise PipelineError(f"{data.path or data.source}: split '{split}' is empty "
                                 "(too few images or patients for data.split, or every image was skipped)")
-    return {"stats": stats, "unreadable": skipped, "duplicates": duplicates, "dicom": dict(sorted(tags_seen.items()))}
+    preprocessing = {"image_size": data.image_size, "channels": data.channels, "resized": resized,
+                     "channels_converted": converted, "original_sizes": dict(sorted(original_sizes.items())),
+                     "dicom_window": [data.dicom.window_center, data.dicom.window_width]}
+    return {"stats": stats, "unreadable": skipped, "duplicates": duplicates, "dicom": dict(sorted(tags_seen.items())),
+            "preprocessing": preprocessing}
 
 
 def _write_columns(folder: Path, rows: list[Item], size: int | None, total: float, total_sq: float,
@@ -207,8 +115,8 @@ def _write_columns(folder: Path, rows: list[Item], size: int | None, total: floa
         save_npy(folder / "markers.npy", np.array([r.marker for r in rows], dtype=np.uint8))
     pixels = len(rows) * int(np.prod(shape)) if shape else 0
     mean = total / pixels if pixels else 0.0
-    return {"n": len(rows), "intensity_mean": round(mean, 4),
-            "intensity_std": round(float(np.sqrt(max(total_sq / pixels - mean**2, 0))) if pixels else 0.0, 4),
+    return {"n": len(rows), "intensity_mean": rounded(mean),
+            "intensity_std": rounded(float(np.sqrt(max(total_sq / pixels - mean**2, 0))) if pixels else 0.0),
             "patients": len({r.patient for r in rows}) if rows and all(r.patient for r in rows) else None}
 
 
@@ -225,9 +133,9 @@ def summarise(source: Source, found: dict[str, Any], prepared: Path, data: DataP
         counts = np.bincount(labels[split], minlength=len(names))
         n = int(counts.sum())
         splits[split] = {**found["stats"][split], "class_counts": dict(zip(names, map(int, counts))),
-                         "prevalence": {c: round(int(k) / n, 6) for c, k in zip(names, counts)}}
+                         "prevalence": {c: rounded(int(k) / n) for c, k in zip(names, counts)}}
     across = [d for d in found["duplicates"] if d["split"] != d["duplicate_of_split"]]
-    shared = splitting.overlap(patients) if len(patients) == len(SPLITS) else []
+    shared = patient_split.overlap(patients) if len(patients) == len(SPLITS) else []
     checks = {
         "patient_overlap": len(shared),
         "duplicates_policy": data.duplicates,
@@ -242,7 +150,8 @@ def summarise(source: Source, found: dict[str, Any], prepared: Path, data: DataP
         raise PipelineError(f"{data.path}: {len(shared)} patient(s) appear in more than one split of the given splits "
                             f"(pseudonyms: {', '.join(shared[:10])})")
     return {"splits": splits, "checks": checks, "split_method": source.split_method,
-            "excluded": len(found["unreadable"]), "skipped": found["unreadable"], "dicom": found["dicom"]}
+            "excluded": len(found["unreadable"]), "skipped": found["unreadable"], "dicom": found["dicom"],
+            "preprocessing": found["preprocessing"]}
 
 
 def run(params: Params, out_dir: Path = paths.PREPARED, summary_path: Path = paths.DATA_SUMMARY) -> dict[str, Any]:
@@ -251,7 +160,7 @@ def run(params: Params, out_dir: Path = paths.PREPARED, summary_path: Path = pat
     with staged_dir(out_dir) as tmp:
         found = write_splits(source, data, tmp)
         arrays = {s: {"labels": np.load(tmp / s / "labels.npy")} for s in SPLITS}
-        names = sources.check_classes(arrays, tuple(source.class_names), str(data.path or data.source))
+        names = check_classes(arrays, tuple(source.class_names), str(data.path or data.source))
         first = np.load(tmp / "train" / "images.npy", mmap_mode="r")
         meta = {"class_names": names, "num_classes": len(names), "image_size": list(first.shape[1:3]),
                 "channels": int(first.shape[3]), "has_masks": (tmp / "train" / "masks.npy").exists(),
@@ -262,7 +171,7 @@ def run(params: Params, out_dir: Path = paths.PREPARED, summary_path: Path = pat
         del first
         save_meta(tmp, meta)
         details = summarise(source, found, tmp, data)
-        outputs = sha256_tree(tmp)
+        outputs = digest_tree(tmp)
     summary = {"input": source.provenance, **meta, **details, "outputs_sha256": outputs}
     write_json(summary_path, summary)
     log.info("prepared %s, classes %s: %s", {s: summary["splits"][s]["n"] for s in SPLITS}, names,

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import sys
 
-from pipeline import paths
-from pipeline.files import read_json
+from pipeline.core import paths
+from pipeline.core.files import read_json
+from pipeline.evaluation.metrics import COMPARISON
 
 
 def main() -> None:
     try:
-        test = read_json(paths.EVAL_DIR / "metrics.json")["test"]
-        train = read_json(paths.TRAIN_DIR / "metrics.json")["train"]
+        test = read_json(paths.EVAL_DIR / paths.METRICS)["test"]
+        train = read_json(paths.TRAIN_DIR / paths.METRICS)["train"]
         run = read_json(paths.MLFLOW_RUN)
     except FileNotFoundError as exc:
         print(f"error: {exc.filename} not found; run `dvc repro` first", file=sys.stderr)
         sys.exit(1)
     print("\nmedcnn summary")
     print(f"  model: {train['parameters']} parameters, best epoch {train['best_epoch']} of {train['epochs_run']}")
-    for key in ("roc_auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1"):
+    for key in COMPARISON:
         value = test[key]
         print(f"  test {key:<18} {'n/a' if value is None else f'{value:.4f}'}")
     print(f"  report:  {paths.REPORT_HTML.resolve()}")

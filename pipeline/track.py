@@ -13,13 +13,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline import paths
-from pipeline.files import read_csv, read_json, sha256_file, write_json
-from pipeline.params import Params, as_dict, flatten
-from pipeline.privacy import public_params, redact, resolve_salt
-from pipeline.provenance import dvc_experiment, git_state, versions
-from pipeline.runtime import stage_main
-from pipeline.tracking import log_run
+from pipeline.core import paths
+from pipeline.core.config import Params, as_dict, flatten
+from pipeline.core.files import file_digest, read_csv, read_json, write_json
+from pipeline.core.runtime import stage_main
+from pipeline.data.privacy import public_params, redact, resolve_salt
+from pipeline.reporting.mlflow_adapter import log_run
+from pipeline.reporting.provenance import dvc_experiment, git_state, versions
 
 log = logging.getLogger(__name__)
 
@@ -28,19 +28,20 @@ def collect_metrics(root: Path) -> dict[str, float]:
     """Every numeric scalar from the stage metrics files, under dotted names (test.roc_auc,
     explain.saliency.deletion_auc, …)."""
     found = {}
-    for path in (paths.TRAIN_DIR / "metrics.json", paths.EVAL_DIR / "metrics.json", paths.EXPLAIN_DIR / "metrics.json"):
+    for path in (paths.TRAIN_DIR / paths.METRICS, paths.EVAL_DIR / paths.METRICS, paths.EXPLAIN_DIR / paths.METRICS):
         for key, value in flatten(read_json(root / path)).items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 found[key] = float(value)
-    for stage in ("train", "eval"):
-        for key, value in read_json(root / paths.REPORTS / stage / "timing.json").items():
-            found[f"timing.{stage}.{key}"] = float(value)
+    for stage, folder in (("train", paths.TRAIN_DIR), ("eval", paths.EVAL_DIR)):
+        for key, value in read_json(root / folder / paths.TIMING).items():
+            if isinstance(value, (int, float)):
+                found[f"timing.{stage}.{key}"] = float(value)
     return found
 
 
 def collect_history(root: Path) -> list[tuple[int, dict[str, float]]]:
     steps = []
-    for row in read_csv(root / paths.TRAIN_DIR / "history.csv"):
+    for row in read_csv(root / paths.TRAIN_DIR / paths.HISTORY):
         epoch = int(row.pop("epoch"))
         steps.append((epoch, {f"epoch.{k}": float(v) for k, v in row.items() if v not in ("", "None")}))
     return steps
@@ -57,7 +58,7 @@ def collect_tags(root: Path) -> dict[str, str]:
         "dvc.baseline_rev": experiment["dvc_exp_baseline_rev"] or "",
         "data.source": data["input"]["source"],
         "data.sha256": data["input"].get("sha256", "generated"),
-        "model.sha256": sha256_file(root / paths.MODEL),
+        "model.sha256": file_digest(root / paths.MODEL),
     }
     tags.update({f"version.{k}": v for k, v in versions().items()})
     return tags

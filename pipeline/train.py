@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
 import logging
 import math
@@ -29,27 +28,21 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline import paths
-from pipeline.errors import PipelineError
-from pipeline.files import write_bytes, write_csv, write_json
-from pipeline.metrics import roc_auc
-from pipeline.models import (Classifier, ModelConfig, build_model, count_parameters, predict_proba,
-                             save_checkpoint)
-from pipeline.params import Params, TrainParams, as_dict
-from pipeline.plots import plot_history
-from pipeline.runtime import configure_torch, select_device, stage_main
-from pipeline.splits import load_meta, load_split, load_training_set
-from pipeline.training import WeightAverage, augment, epoch_order, lr_factor, make_loss
+from pipeline.core import paths
+from pipeline.core.config import Params, TrainParams, as_dict
+from pipeline.core.dataset import load_meta, load_split, load_training_set
+from pipeline.core.errors import PipelineError
+from pipeline.core.files import SECONDS_DECIMALS, rounded, write_csv, write_json
+from pipeline.core.runtime import configure_torch, select_device, stage_main
+from pipeline.evaluation.metrics import roc_auc
+from pipeline.modeling.checkpoints import load_progress, save_checkpoint, save_progress
+from pipeline.modeling.networks import Classifier, ModelConfig, build_model, count_parameters, predict_proba
+from pipeline.modeling.recipe import WeightAverage, augment, epoch_order, lr_factor, make_loss, make_optimizer
+from pipeline.reporting.plots import plot_history
 
 log = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_accuracy", "train_roc_auc", "val_loss", "val_accuracy", "val_roc_auc")
-
-
-def make_optimizer(model: nn.Module, cfg: TrainParams) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def train_epoch(model: Classifier, images: torch.Tensor, labels: torch.Tensor, loss_fn: nn.Module,
@@ -107,23 +100,6 @@ def fingerprint(params: Params, images: np.ndarray, labels: np.ndarray, val: dic
     return digest.hexdigest()
 
 
-def save_progress(path: Path, state: dict[str, Any]) -> None:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    write_bytes(path, buffer.getvalue())
-
-
-def load_progress(path: Path, expected: str) -> dict[str, Any] | None:
-    """The last epoch's checkpoint if it belongs to this very run (same params, seed, data), else None."""
-    if not path.is_file():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("fingerprint") != expected:
-        log.info("ignoring %s: it belongs to other params or data", path)
-        return None
-    return state
-
-
 def fit(params: Params, images: np.ndarray, labels: np.ndarray, weights: list[float], val: dict[str, np.ndarray],
         meta: dict[str, Any], checkpoint: Path | None = None) -> tuple[Classifier, list[dict[str, Any]], int]:
     """Train with early stopping on validation AUC; returns the best model, history, best epoch.
@@ -142,8 +118,8 @@ def fit(params: Params, images: np.ndarray, labels: np.ndarray, weights: list[fl
     generator = torch.Generator().manual_seed(params.seed)
     scaled = images.astype(np.float64) / 255.0
     config = ModelConfig(name=cfg.model, in_channels=meta["channels"], num_classes=meta["num_classes"],
-                         image_size=height, width=cfg.width, mean=round(float(scaled.mean()), 6),
-                         std=round(float(scaled.std()) or 1.0, 6))
+                         image_size=height, width=cfg.width, mean=rounded(float(scaled.mean())),
+                         std=rounded(float(scaled.std()) or 1.0))
     torch.manual_seed(params.seed)  # weight initialisation draws from the global generator
     model = build_model(config).to(device)
     optimizer = make_optimizer(model, cfg)
@@ -209,25 +185,22 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
         "best_epoch": best_epoch,
         "epochs_run": len(history),
         "parameters": count_parameters(model),
-        "val_roc_auc": _round(best["val_roc_auc"]),
-        "val_accuracy": _round(best["val_accuracy"]),
-        "val_loss": _round(best["val_loss"]),
+        "val_roc_auc": rounded(best["val_roc_auc"]),
+        "val_accuracy": rounded(best["val_accuracy"]),
+        "val_loss": rounded(best["val_loss"]),
     }}
     save_checkpoint(model_path, model, {"class_names": meta["class_names"], "best_epoch": best_epoch})
-    write_csv(out_dir / "history.csv", HISTORY_COLUMNS, [[_round(row[c]) for c in HISTORY_COLUMNS] for row in history])
-    write_json(out_dir / "metrics.json", metrics)
-    write_json(out_dir / "timing.json", {"seconds": round(seconds, 2),
-                                         "images_per_second": round(len(labels) * len(history) / seconds, 1)})
-    plot_history(history, out_dir / "curves.png")
+    write_csv(out_dir / paths.HISTORY, HISTORY_COLUMNS, [[rounded(row[c]) for c in HISTORY_COLUMNS] for row in history])
+    write_json(out_dir / paths.METRICS, metrics)
+    write_json(out_dir / paths.TIMING, {"seconds": rounded(seconds, SECONDS_DECIMALS),
+                                        "device": str(select_device(params.train.device)),
+                                        "images_per_second": rounded(len(labels) * len(history) / seconds, SECONDS_DECIMALS)})
+    plot_history(history, out_dir / paths.CURVES)
     if checkpoint and checkpoint.exists():
         checkpoint.unlink()  # finished: the next run starts fresh
     log.info("best epoch %d, val AUC %s, %d parameters, %.1f s", best_epoch, _fmt(best["val_roc_auc"]),
              metrics["train"]["parameters"], seconds)
     return metrics
-
-
-def _round(value: Any) -> Any:
-    return round(value, 6) if isinstance(value, float) else value
 
 
 def _fmt(value: float | None) -> str:

@@ -1,13 +1,15 @@
-"""Shared fixtures: tiny params (small phantom, 2 epochs), a tiny pipeline run, temp stores.
+"""Shared fixtures: tiny params (small phantom, 2 epochs), tiny pipeline runs, temp stores.
 
-Tests never touch the repository's own data/, models/, reports/ or mlflow.db: every run
-happens in a temporary folder.
+Tests never touch the repository's own data/, models/, reports/ or mlflow.db: every test
+runs in its own temporary working directory (so a stage's relative default paths land
+there), and the session fails if any of those repository paths changed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,8 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.params import Params, load_params
-from pipeline.params import write_params as params_file
+from pipeline.core.config import Params, load_params
+from pipeline.core.config import write_params as params_file
 
 REPO = Path(__file__).resolve().parents[1]
 MEDMNIST = REPO.parent / "shared" / "data" / "medmnist"
@@ -51,9 +53,62 @@ def tiny_params(folder: Path, **overrides: Any) -> Params:
     return load_params(write_params(folder / "params.yaml", {**TINY, **overrides}))
 
 
+PROTECTED = ("data", "models", "reports", "mlflow.db", "mlartifacts", "mlruns")
+
+
+def _snapshot() -> dict[str, tuple[int, int]]:
+    found = {}
+    for name in PROTECTED:
+        path = REPO / name
+        for item in ([path] if path.is_file() else sorted(path.rglob("*")) if path.is_dir() else []):
+            if item.is_file():
+                stat = item.stat()
+                found[item.relative_to(REPO).as_posix()] = (stat.st_size, stat.st_mtime_ns)
+    return found
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_REPO_STATE] = _snapshot()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    before, after = session.config.stash.get(_REPO_STATE, {}), _snapshot()
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    if changed:
+        print(f"\nerror: the tests changed the repository's own outputs: {changed[:10]}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_REPO_STATE = pytest.StashKey[dict]()
+
+
+@pytest.fixture(autouse=True)
+def _work_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test's working directory is its own temporary folder, never the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def params(tmp_path: Path) -> Params:
     return tiny_params(tmp_path)
+
+
+@pytest.fixture
+def prepared(tmp_path: Path) -> Path:
+    """The tiny phantom prepared into ``tmp_path/prepared``."""
+    from pipeline import prepare
+
+    prepare.run(tiny_params(tmp_path), tmp_path / "prepared", tmp_path / "summary.json")
+    return tmp_path
+
+
+@pytest.fixture
+def balanced(prepared: Path) -> Path:
+    """``prepared`` plus its default balanced training set in ``tmp_path/balanced``."""
+    from pipeline import balance
+
+    balance.run(tiny_params(prepared), prepared / "prepared", prepared / "balanced", prepared / "balance.json")
+    return prepared
 
 
 def run_stages(root: Path, params: Params, stages: tuple[str, ...]) -> None:
@@ -65,12 +120,35 @@ def run_stages(root: Path, params: Params, stages: tuple[str, ...]) -> None:
             importlib.import_module(f"pipeline.{stage}").run(params)
 
 
+def run_train(root: Path, out: str, **overrides: Any) -> dict[str, Any]:
+    """Train on ``root``'s prepared and balanced sets (the ``balanced`` fixture) into ``root/out``."""
+    from pipeline import train
+
+    params = tiny_params(root, **overrides)
+    return train.run(params, root / "prepared", root / "balanced", root / out / "model.pt", root / out,
+                     root / out / "last.pt")
+
+
+STAGES_TO_REPORT = ("prepare", "balance", "train", "evaluate", "explain", "report")
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Params]:
     """prepare → balance → train → evaluate → explain → report on the tiny phantom, once per session."""
     root = tmp_path_factory.mktemp("tiny_run")
     params = tiny_params(root)
-    run_stages(root, params, ("prepare", "balance", "train", "evaluate", "explain", "report"))
+    run_stages(root, params, STAGES_TO_REPORT)
+    return root, params
+
+
+@pytest.fixture(scope="session")
+def rgb_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Params]:
+    """The same stages on a 5-class RGB MedMNIST-format file: multi-class, 3 channels, no masks, no phantom."""
+    root = tmp_path_factory.mktemp("rgb_run")
+    path = make_npz(root / "rgb5.npz", n=(100, 30, 40), classes=5, size=16, channels=3)
+    params = tiny_params(root, **{"data.source": "npz", "data.path": str(path),
+                                  "data.class_names": ["a", "b", "c", "d", "<e&f>"]})
+    run_stages(root, params, STAGES_TO_REPORT)
     return root, params
 
 

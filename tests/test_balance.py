@@ -3,15 +3,9 @@
 import numpy as np
 import pytest
 
-from pipeline import balance, prepare
-from pipeline.files import load_npy, read_json
+from pipeline import balance
+from pipeline.core.files import load_npy, read_json
 from tests.conftest import tiny_params
-
-
-@pytest.fixture
-def prepared(tmp_path):
-    prepare.run(tiny_params(tmp_path), tmp_path / "prepared", tmp_path / "summary.json")
-    return tmp_path
 
 
 def run_balance(root, strategy):

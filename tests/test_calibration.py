@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline import calibration
+from pipeline.evaluation import calibration
 
 
 def overconfident(n, seed):

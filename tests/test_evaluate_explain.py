@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import attributions, evaluate, explain
-from pipeline.files import load_npy, read_json, save_npy
-from pipeline.metrics import HEADLINE, classification_metrics
+from pipeline import evaluate, explain
+from pipeline.core.files import load_npy, read_json, save_npy
+from pipeline.evaluation.metrics import HEADLINE, classification_metrics
+from pipeline.xai import attributions
 
 
 def read_predictions(path):
@@ -125,7 +126,7 @@ def test_gradient_methods_point_at_the_pixel_the_model_uses(params, method):
 
 
 def test_random_forest_baseline_probabilities_repeat_exactly():
-    from pipeline.baselines import fit_predict
+    from pipeline.evaluation.baselines import fit_predict
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (300, 8, 8, 1), dtype=np.uint8)
@@ -133,3 +134,27 @@ def test_random_forest_baseline_probabilities_repeat_exactly():
     runs = [fit_predict("random_forest", images, labels, np.ones(300), images[:50], labels[:50], images[50:], 0, 2)[0]
             for _ in range(3)]
     assert all(np.array_equal(runs[0]["test"], r["test"]) for r in runs[1:])
+
+
+def test_five_class_rgb_data_run_through_evaluate_explain_and_report(rgb_run):
+    """Multi-class and 3 channels: per-class metrics, every explanation method (Captum's sensitivity
+    once crashed on Grad-CAM's expanded RGB maps), and a report whose class names are escaped."""
+    root, params = rgb_run
+    names = list(params.data.class_names)
+    result = read_json(root / "reports/eval/metrics.json")
+    assert sorted(result["test"]["roc_auc_per_class"]) == sorted(names)
+    assert result["test"]["threshold"] is None and result["test"]["threshold_rule"] == "argmax"
+    assert np.array(result["test"]["confusion_matrix"]).shape == (5, 5)
+    maps = load_npy(root / "reports/explain/attributions.npy")
+    assert maps.shape[0] == len(params.explain.methods) and maps.shape[2:] == (16, 16) and np.isfinite(maps).all()
+    metrics = read_json(root / "reports/explain/metrics.json")["explain"]
+    for method in params.explain.methods:
+        assert np.isfinite(metrics[method]["sensitivity_max"]) and np.isfinite(metrics[method]["infidelity"])
+        assert "pointing_game" not in metrics[method]  # no masks outside the phantom
+    page = (root / "reports/report.html").read_text()
+    assert "&lt;e&amp;f&gt;" in page and "<e&f>" not in page
+    assert "the train/val/test splits given in the input file" in page
+    assert "License and citation: not known to this pipeline" in page
+    assert "simulated phantom" not in page
+    card = (root / "reports/model_card.md").read_text()
+    assert "&lt;e&amp;f&gt;" in card and "<e&f>" not in card

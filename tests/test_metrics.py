@@ -5,8 +5,19 @@ import pytest
 from imblearn.metrics import geometric_mean_score
 from sklearn import metrics as skm
 
-from pipeline.metrics import (HEADLINE, average_precision, binary_auc, bootstrap_ci, choose_threshold,
-                              classification_metrics, confusion_matrix, normalised, parse_threshold_rule, roc_auc)
+from pipeline.core.config import parse_threshold
+from pipeline.core.errors import PipelineError
+from pipeline.evaluation.metrics import (
+    HEADLINE,
+    average_precision,
+    binary_auc,
+    bootstrap_ci,
+    choose_threshold,
+    classification_metrics,
+    confusion_matrix,
+    normalised,
+    roc_auc,
+)
 
 
 def probs_for(preds, k=2):
@@ -108,8 +119,12 @@ def test_threshold_rules():
     assert classification_metrics(labels, probs, threshold=above)["sensitivity"] < 0.95
     assert choose_threshold("fixed:0.3", labels, probs) == 0.3
     assert choose_threshold("youden", *random_case(3)) is None
-    assert parse_threshold_rule("sensitivity@0.95") is None
-    assert parse_threshold_rule("fixed:1.5") and parse_threshold_rule("median")
+    assert parse_threshold("sensitivity@0.95") == ("sensitivity", 0.95)
+    assert parse_threshold("youden") == ("youden", None)
+    with pytest.raises(PipelineError, match="strictly between 0 and 1"):
+        parse_threshold("fixed:1.5")
+    with pytest.raises(PipelineError, match="must be youden"):
+        parse_threshold("median")
 
 
 def test_threshold_sits_midway_between_neighbouring_scores():

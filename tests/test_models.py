@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.models import ModelConfig, build_model, load_checkpoint, save_checkpoint
+from pipeline.modeling.checkpoints import load_checkpoint, save_checkpoint
+from pipeline.modeling.networks import ModelConfig, build_model
 
 
 def config(name="small_cnn", channels=1, classes=2, size=28, width=4):

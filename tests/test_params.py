@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import PipelineError
-from pipeline.params import as_dict, flatten, load_params, parse_overrides
+from pipeline.core.config import as_dict, flatten, load_params, parse_overrides
+from pipeline.core.errors import PipelineError
 from tests.conftest import REPO, write_params
 
 
@@ -25,14 +25,17 @@ def test_repository_params_load():
         ({"train.epochs": "ten"}, "'train.epochs' must be int"),
         ({"train.lr": -1.0}, "'train.lr' must be positive"),
         ({"data.source": "npz", "data.path": None}, "'data.path' must name the input"),
-        ({"explain.methods": ["saliency", "deeplift"]}, "'explain.methods' is 'deeplift'"),
+        ({"explain.methods": ["saliency", "deeplift"]}, "'explain.methods[1]' is 'deeplift'; choose one of: saliency,"),
         ({"data.phantom.lesion_radius": [3.0]}, "'data.phantom.lesion_radius' must be a list of 2 values"),
         ({"train.epochs": True}, "'train.epochs' must be int"),
         ({"data.source": "medmnist", "data.name": "mnist"}, "'data.name' is 'mnist'"),
-        ({"data.source": "medmnist", "data.name": "breastmnist", "data.size": 32}, "'data.size' must be one of"),
+        ({"data.source": "medmnist", "data.name": None}, "'data.name' must name the dataset"),
+        ({"evaluate.threshold": "fixed:2"}, "needs a value strictly between 0 and 1"),
+        ({"evaluate.baselines": ["knn"]}, "'evaluate.baselines[0]' is 'knn'"),
+        ({"data.source": "medmnist", "data.name": "breastmnist", "data.size": 32}, "'data.size' is 32; choose one of: 28, 64, 128, 224"),
         ({"data.split": {"val": 0.5, "test": 0.6}}, "'data.split' needs"),
         ({"data.duplicates": "ignore"}, "'data.duplicates' is 'ignore'"),
-        ({"data.channels": 2}, "'data.channels' must be null, 1 or 3"),
+        ({"data.channels": 2}, "'data.channels' is 2; choose one of: 1, 3"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path: Path, overrides, message):

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from pipeline.phantom import generate_split
+from pipeline.data.phantom import generate_split
 from tests.conftest import tiny_params
 
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from pipeline import prepare
-from pipeline.errors import PipelineError
-from pipeline.files import read_json, sha256_file
-from pipeline.splits import load_meta, load_split
+from pipeline.core.dataset import load_meta, load_split
+from pipeline.core.errors import PipelineError
+from pipeline.core.files import file_digest, read_json
 from tests.conftest import MEDMNIST, REPO, make_npz, tiny_params, write_params
 
 
@@ -24,7 +24,7 @@ def test_phantom_summary_counts_and_checksums(tmp_path):
     assert summary["splits"]["train"]["class_counts"] == {"normal": 128, "lesion": 32}
     assert summary["has_masks"] is True
     for name, digest in summary["outputs_sha256"].items():
-        assert sha256_file(tmp_path / "prepared" / name) == digest
+        assert file_digest(tmp_path / "prepared" / name) == digest
     assert read_json(tmp_path / "summary.json") == summary
     assert load_split(tmp_path / "prepared", "test")["masks"].shape == (80, 32, 32)
 
@@ -35,7 +35,7 @@ def test_npz_grayscale_rgb_multiclass(tmp_path, channels, classes):
     summary = run_prepare(tmp_path, **{"data.source": "npz", "data.path": str(path)})
     meta = load_meta(tmp_path / "prepared")
     assert meta["num_classes"] == classes and meta["channels"] == (channels or 1)
-    assert summary["input"]["sha256"] == sha256_file(path)
+    assert summary["input"]["sha256"] == file_digest(path)
     train = load_split(tmp_path / "prepared", "train")
     assert train["images"].shape == (40, 8, 8, channels or 1)
     assert sorted(np.unique(train["labels"])) == list(range(classes))
@@ -89,15 +89,32 @@ def test_missing_and_unreadable_files(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(PipelineError, match="junk.npz: not a readable .npz"):
         run_prepare(tmp_path, **{"data.source": "npz", "data.path": str(tmp_path / "junk.npz")})
+    (tmp_path / "empty.npz").write_bytes(b"")
+    with pytest.raises(PipelineError, match=r"empty.npz: empty file \(0 bytes\)"):
+        run_prepare(tmp_path, **{"data.source": "npz", "data.path": str(tmp_path / "empty.npz")})
+    whole = make_npz(tmp_path / "whole.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(whole[: len(whole) // 2])  # the zip directory at the end is lost
+    with pytest.raises(PipelineError, match="cut.npz: not a readable .npz"):
+        run_prepare(tmp_path, **{"data.source": "npz", "data.path": str(tmp_path / "cut.npz")})
+    np.savez_compressed(tmp_path / "packed.npz", **dict(np.load(tmp_path / "whole.npz")))
+    packed = bytearray((tmp_path / "packed.npz").read_bytes())
+    start = packed.index(b"train_images.npy") + 200  # inside that member's compressed data
+    packed[start:start + 64] = bytes(64)
+    (tmp_path / "corrupt.npz").write_bytes(bytes(packed))
+    with pytest.raises(PipelineError, match="corrupt.npz: (train_images cannot be read|not a readable)"):
+        run_prepare(tmp_path, **{"data.source": "npz", "data.path": str(tmp_path / "corrupt.npz")})
 
 
-def test_command_line_error_is_one_line_no_traceback(tmp_path):
+@pytest.mark.parametrize(("content", "problem"), [(None, "file not found"), (b"", "empty file (0 bytes), not a .npz archive")])
+def test_command_line_error_is_one_line_no_traceback(tmp_path, content, problem):
+    if content is not None:
+        (tmp_path / "absent.npz").write_bytes(content)
     params = write_params(tmp_path / "params.yaml", {"data.source": "npz", "data.path": str(tmp_path / "absent.npz")})
     result = subprocess.run([sys.executable, "-m", "pipeline.prepare", "--params", str(params)], cwd=tmp_path,
                             capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: {tmp_path / 'absent.npz'}: file not found"]
+    assert errors == [f"error: {tmp_path / 'absent.npz'}: {problem}"]
     assert result.stderr.strip().splitlines()[-1] == errors[0]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "data").exists()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pipeline import track
-from pipeline.privacy import pseudonym, public_params, redact
+from pipeline.data.privacy import pseudonym, public_params, redact
 from tests.conftest import run_stages, tiny_params
 
 PHI = {"name": "Doe^Janet", "id": "PHI-ID-", "birth": "19450317", "study": "20040119", "accession": "ACC-778899"}
@@ -76,6 +76,6 @@ def test_pseudonyms_are_salted_and_stable():
 
 @pytest.mark.parametrize("tag", ["PatientName", "PatientID", "PatientBirthDate", "StudyDate", "InstitutionName"])
 def test_dicom_whitelist_excludes_identifying_tags(tag):
-    from pipeline.dicom import WHITELIST
+    from pipeline.data.dicom import WHITELIST
 
     assert tag not in WHITELIST

@@ -1,11 +1,17 @@
 """report: CLAIM sections in order, self-contained, every number equal to the metrics files; model card."""
 
+import copy
 import dataclasses
 import re
 
-from pipeline.files import read_json
-from pipeline.metrics import HEADLINE
-from pipeline.report import augmentation_text, fmt, fmt_ci
+import pytest
+from markupsafe import escape
+
+from pipeline import report
+from pipeline.core.files import read_json
+from pipeline.evaluation.metrics import HEADLINE
+from pipeline.reporting import content
+from pipeline.reporting.content import augmentation_text, fmt, fmt_ci
 
 SECTIONS = ["summary", "data", "preprocessing", "model", "results", "failures", "explanations",
             "reproducibility", "limitations"]
@@ -79,3 +85,101 @@ def test_model_card_sections(tiny_run):
     assert positions == sorted(positions)
     test = read_json(root / "reports/eval/metrics.json")["test"]
     assert f"| roc_auc | {fmt(test['roc_auc'])} | {fmt_ci(test, 'roc_auc')} |" in card
+
+
+@pytest.fixture
+def records(tiny_run):
+    return content.load_records(tiny_run[0])
+
+
+def with_train(params, **changes):
+    return dataclasses.replace(params, train=dataclasses.replace(params.train, **changes))
+
+
+def test_preprocessing_sentences_follow_the_records(tiny_run, records):
+    root, params = tiny_run
+    page = (root / "reports/report.html").read_text()
+    for fact in content.preprocessing_facts(params, records):
+        assert f"<li>{escape(fact)}</li>" in page
+    assert "no resizing or augmentation" not in page
+    data = copy.deepcopy(records["data"])
+    assert content.resize_text(data) == "Size: images kept at their stored size (32×32); no resizing."
+    data["preprocessing"].update(image_size=32, resized=0)
+    assert "none was resized" in content.resize_text(data)
+    data["preprocessing"].update(resized=7, original_sizes={"28x28": 7, "32x32": 3})
+    assert content.resize_text(data).startswith("Size: 7 image(s) centre-cropped to a square and resized (bilinear) to 32×32")
+    assert "28x28 (7)" in content.resize_text(data)
+    assert content.channels_text(data) == "Channels: 1, as stored; no conversion."
+    data["preprocessing"]["channels_converted"] = 5
+    assert "RGB to grayscale" in content.channels_text(data)
+    data["channels"] = 3
+    assert "grayscale copied to 3 channels" in content.channels_text(data)
+    assert content.dicom_text(data) is None
+    data["dicom"] = {"Modality=CT": 3}
+    assert "each file's own VOI LUT or window" in content.dicom_text(data)
+    data["preprocessing"]["dicom_window"] = [40.0, 400.0]
+    assert "center 40.0, width 400.0" in content.dicom_text(data)
+    config = records["model_config"]
+    assert f"mean {fmt(config['mean'])}" in content.standardisation_text(config)
+
+
+def test_augmentation_sentence_follows_params(tiny_run, records):
+    _, params = tiny_run
+    none = with_train(params, aug_rotate=0.0, aug_scale=0.0)
+    assert "Training augmentation: none" in " ".join(content.preprocessing_facts(none, records))
+    flips = with_train(params, aug_flip=True, aug_intensity=0.1)
+    assert "brightness/contrast ±0.1, horizontal flips" in " ".join(content.preprocessing_facts(flips, records))
+
+
+def test_data_sentences_follow_the_summary(records):
+    data = copy.deepcopy(records["data"])
+    assert content.source_text(data).startswith("data.source phantom: medcnn phantom")
+    assert content.split_text(data) == f"Split: {data['split_method']}."
+    data["split_method"] = "grouped by patient and stratified by label (val 0.1, test 0.2, seed 42)"
+    assert "grouped by patient" in content.split_text(data)
+    assert content.inclusion_text(data).endswith("no file excluded.")
+    data["excluded"], data["checks"]["duplicates_dropped"] = 3, 2
+    assert "3 file(s) excluded" in content.inclusion_text(data)
+    assert "2 exact duplicate image(s) dropped" in content.inclusion_text(data)
+    data["input"] = {"source": "npz", "path": "breastmnist.npz"}
+    assert content.source_text(data) == "data.source npz: breastmnist (MedMNIST)"
+    data["input"] = {"source": "folder", "path": "scans"}
+    assert content.source_text(data) == "data.source folder: scans"
+
+
+def test_training_sentences_follow_params(tiny_run, records):
+    _, params = tiny_run
+    rows = dict((r[0], r[1]) for r in content.model_rows(params, records))
+    assert rows["batches"].startswith(f"{params.train.batch_size} images, seeded shuffle")
+    assert rows["learning-rate schedule"] == content.SCHEDULE_TEXT[params.train.schedule]
+    changed = with_train(params, sampler="weighted", loss="focal", schedule="onecycle", warmup_epochs=1,
+                         label_smoothing=0.1, ema=0.0)
+    rows = dict((r[0], r[1]) for r in content.model_rows(changed, records))
+    assert "class-balanced draw" in rows["batches"]
+    assert rows["loss"].startswith("focal (gamma") and "label smoothing 0.1" in rows["loss"]
+    assert rows["learning-rate schedule"].startswith("one-cycle") and "1 linear warm-up" in rows["learning-rate schedule"]
+    assert "moving average" not in rows["stopping and selection"]
+    assert "deterministic kernels" in rows["determinism"]
+    gpu = content.determinism_text(params.train, {"device": "cuda"})
+    assert "cuda" in gpu and "not bit for bit" in gpu
+
+
+def test_imbalance_calibration_and_threshold_sentences(records):
+    for strategy, text in content.STRATEGY_TEXT.items():
+        assert content.imbalance_text({**records["balance"], "strategy": strategy}).startswith(f"Imbalance handling: {text}")
+    calib = records["eval"]["calibration"]
+    assert f"temperature {fmt(calib['temperature'])}" in content.calibration_text(calib)
+    assert content.calibration_text({**calib, "method": "none"}).startswith("Calibration: none")
+    test = records["eval"]["test"]
+    assert f"rule '{test['threshold_rule']}'" in content.decision_text(test)
+    assert "highest probability" in content.decision_text({**test, "threshold": None})
+
+
+def test_rendered_report_follows_a_changed_param(tiny_run, tmp_path):
+    """End to end through the template: another augmentation setting, another sentence."""
+    root, params = tiny_run
+    changed = with_train(params, aug_rotate=0.0, aug_scale=0.0, aug_flip=True)
+    report.run(changed, root, tmp_path / "report.html", tmp_path / "card.md")
+    page = (tmp_path / "report.html").read_text()
+    assert "<li>Training augmentation: seeded: horizontal flips" in page
+    assert "rotation ±" not in page

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pipeline import catalog, prepare, sources, splitting
-from pipeline.errors import PipelineError
-from pipeline.files import load_npy, read_json
-from pipeline.images import preprocess, read_file
-from pipeline.dicom import ImageError
+from pipeline import prepare
+from pipeline.core.errors import PipelineError
+from pipeline.core.files import file_digest, load_npy, read_json
+from pipeline.data import catalog, medmnist, patient_split
+from pipeline.data.dicom import ImageError
+from pipeline.data.images import preprocess, read_file
 from tests.conftest import MEDMNIST, tiny_params
 
 SALT = "test-salt"
@@ -32,7 +34,7 @@ def png(path, seed, size=(20, 20), mode="L"):
 def image_folder(root, per_class=(14, 6), **kw):
     for label, count in zip(("benign", "malignant"), per_class):
         for i in range(count):
-            png(root / label / f"case{i:03d}.png", seed=hash((label, i)) % 2**32, **kw)
+            png(root / label / f"case{i:03d}.png", seed=[zlib.crc32(label.encode()), i], **kw)
     return root
 
 
@@ -124,7 +126,7 @@ def manifest(tmp_path, rows, header="path,label,patient_id"):
     for row in rows:
         rel = row.split(",")[0]
         if not rel.startswith("..") and not (folder / rel).exists() and "missing" not in rel:
-            png(folder / rel, seed=abs(hash(rel)) % 2**32)
+            png(folder / rel, seed=zlib.crc32(rel.encode()))
     path = folder / "manifest.csv"
     path.write_text(header + "\n" + "\n".join(rows) + "\n")
     return path
@@ -154,7 +156,7 @@ def test_csv_given_splits_integer_labels_and_groups(tmp_path):
     rows = [f"a{i}.png,{i % 2},P{i},{['train', 'train', 'val', 'test'][i % 4]},site{i % 3}" for i in range(16)]
     path = manifest(tmp_path, rows, header="path,label,patient_id,split,site")
     summary = prepare_run(tmp_path, **{"data.source": "csv", "data.path": str(path), "data.group_column": "site"})
-    assert summary["split_method"] == "the splits given in the manifest"
+    assert summary["split_method"] == "the train/val/test splits given in the manifest"
     assert [summary["splits"][s]["n"] for s in ("train", "val", "test")] == [8, 4, 4]
     assert summary["class_names"] == ["0", "1"] and summary["group_name"] == "site"
     assert set(load_npy(tmp_path / "prepared" / "test" / "groups.npy")) <= {"site0", "site1", "site2"}
@@ -237,10 +239,10 @@ def test_grouped_split_never_shares_a_patient(pairs, seed):
     labels = np.array([first.setdefault(p, lab) for p, lab in zip(patients, [lab for _, lab in pairs])])
     if len(set(patients)) < 3:
         return
-    assigned = splitting.assign(labels, patients, 0.1, 0.2, seed)
+    assigned = patient_split.assign(labels, patients, 0.1, 0.2, seed)
     for pid in set(patients):
         assert len(set(assigned[patients == pid])) == 1
-    assert splitting.overlap({s: patients[assigned == s] for s in ("train", "val", "test")}) == []
+    assert patient_split.overlap({s: patients[assigned == s] for s in ("train", "val", "test")}) == []
 
 
 # --- DICOM ------------------------------------------------------------------------------------
@@ -261,12 +263,39 @@ def test_dicom_rescale_window_and_monochrome1(tmp_path):
     ds = pydicom.dcmread(ct)
     hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
     windowed, _ = read_file(Path(ct), window_center=40.0, window_width=400.0)
-    expected = np.rint(np.clip((hu - (40 - 200)) / 400, 0, 1) * 255).astype(np.uint8)
+    # DICOM PS3.3 C.11.2.1.2.1, LINEAR: ((x - (c - 0.5)) / (w - 1) + 0.5) of the output range, clipped.
+    expected = np.rint(np.clip((hu - 39.5) / 399 + 0.5, 0, 1) * 255).astype(np.uint8)
     np.testing.assert_array_equal(windowed[..., 0], expected)
     ds.PhotometricInterpretation = "MONOCHROME1"
     ds.save_as(tmp_path / "inverted.dcm")
     inverted, _ = read_file(tmp_path / "inverted.dcm", window_center=40.0, window_width=400.0)
     np.testing.assert_array_equal(inverted[..., 0], 255 - expected)
+
+
+def test_dicom_voi_lut_sequence_and_sigmoid_window(tmp_path):
+    """The file's own VOI: a LUT Sequence is looked up (not approximated by a window), SIGMOID is honoured."""
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds = pydicom.dcmread(dicom_sample("CT_small.dcm"))
+    hu = (ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)).astype(int)
+    first, n = int(hu.min()), int(hu.max() - hu.min()) + 1
+    table = (np.arange(n) * 7) % 256  # deliberately not monotone: only a true lookup reproduces it
+    item = Dataset()
+    item.add_new(0x00283002, "SS" if first < 0 else "US", [n, first, 8])  # LUTDescriptor
+    item.add_new(0x00283006, "US", table.tolist())  # LUTData
+    ds.VOILUTSequence = Sequence([item])
+    ds.save_as(tmp_path / "lut.dcm")
+    image, _ = read_file(tmp_path / "lut.dcm")
+    np.testing.assert_array_equal(image[..., 0], table[hu - first].astype(np.uint8))
+
+    ds = pydicom.dcmread(dicom_sample("CT_small.dcm"))
+    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = 40, 400, "SIGMOID"
+    ds.save_as(tmp_path / "sigmoid.dcm")
+    image, _ = read_file(tmp_path / "sigmoid.dcm")
+    expected = np.rint(255 / (1 + np.exp(-4 * (hu - 40) / 400))).astype(np.uint8)
+    assert np.abs(image[..., 0].astype(int) - expected).max() <= 1
 
 
 def test_dicom_without_pixels_and_multiframe(tmp_path):
@@ -301,11 +330,11 @@ def test_preprocess_crop_resize_channels():
 @pytest.mark.skipif(not (MEDMNIST / "breastmnist.npz").exists(), reason="shared MedMNIST data not present")
 def test_medmnist_download_verify_and_cache(tmp_path):
     url = (MEDMNIST.resolve().as_uri()) + "/{file}"
-    path = sources.fetch_medmnist("breastmnist", 28, tmp_path / "raw", url)
+    path = medmnist.fetch_medmnist("breastmnist", 28, tmp_path / "raw", url)
     assert path == tmp_path / "raw" / "breastmnist.npz"
-    assert sources.md5_file(path) == catalog.medmnist("breastmnist")["md5"][28]
+    assert file_digest(path, "md5") == catalog.medmnist("breastmnist")["md5"][28]
     # Cached: a second call needs no network (the URL now points nowhere).
-    assert sources.fetch_medmnist("breastmnist", 28, tmp_path / "raw", "file:///nonexistent/{file}") == path
+    assert medmnist.fetch_medmnist("breastmnist", 28, tmp_path / "raw", "file:///nonexistent/{file}") == path
     assert [p.name for p in (tmp_path / "raw").iterdir()] == ["breastmnist.npz"]
 
 
@@ -314,7 +343,7 @@ def test_medmnist_corrupt_file_is_kept_and_reported(tmp_path):
     raw.mkdir()
     (raw / "breastmnist.npz").write_bytes(b"corrupted")
     with pytest.raises(PipelineError, match="does not match the official 750601b1"):
-        sources.fetch_medmnist("breastmnist", 28, raw, "file:///nonexistent/{file}")
+        medmnist.fetch_medmnist("breastmnist", 28, raw, "file:///nonexistent/{file}")
     assert (raw / "breastmnist.npz").read_bytes() == b"corrupted"
 
 
@@ -322,9 +351,9 @@ def test_medmnist_bad_download_and_no_network(tmp_path):
     (tmp_path / "srv").mkdir()
     (tmp_path / "srv" / "breastmnist.npz").write_bytes(b"not the official file")
     with pytest.raises(PipelineError, match="not kept"):
-        sources.fetch_medmnist("breastmnist", 28, tmp_path / "raw", (tmp_path / "srv").as_uri() + "/{file}")
+        medmnist.fetch_medmnist("breastmnist", 28, tmp_path / "raw", (tmp_path / "srv").as_uri() + "/{file}")
     with pytest.raises(PipelineError, match="place it at"):
-        sources.fetch_medmnist("breastmnist", 28, tmp_path / "raw", "file:///nonexistent/{file}")
+        medmnist.fetch_medmnist("breastmnist", 28, tmp_path / "raw", "file:///nonexistent/{file}")
     assert list((tmp_path / "raw").iterdir()) == []
 
 

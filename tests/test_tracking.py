@@ -4,17 +4,18 @@ import json
 
 import pytest
 
-from pipeline import track, tracking
-from pipeline.params import as_dict, flatten
+from pipeline import track
+from pipeline.core.config import as_dict, flatten
+from pipeline.reporting import mlflow_adapter
 
 
 def test_default_store_follows_dvc_root(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    assert tracking.tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"
+    assert mlflow_adapter.tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://user:secret@db/mlflow")
-    assert tracking.tracking_uri() == "postgresql://user:secret@db/mlflow"
-    assert tracking._redact("postgresql://user:secret@db/mlflow") == "postgresql://***@db/mlflow"
+    assert mlflow_adapter.tracking_uri() == "postgresql://user:secret@db/mlflow"
+    assert mlflow_adapter.redact_uri("postgresql://user:secret@db/mlflow") == "postgresql://***@db/mlflow"
 
 
 def test_track_logs_one_complete_run(tiny_run, mlflow_store, monkeypatch):

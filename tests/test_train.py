@@ -6,22 +6,9 @@ import json
 import pytest
 import torch
 
-from pipeline import balance, prepare, train
-from pipeline.files import read_json
-from tests.conftest import tiny_params
-
-
-@pytest.fixture
-def balanced(tmp_path):
-    params = tiny_params(tmp_path)
-    prepare.run(params, tmp_path / "prepared", tmp_path / "summary.json")
-    balance.run(params, tmp_path / "prepared", tmp_path / "balanced", tmp_path / "balance.json")
-    return tmp_path
-
-
-def run_train(root, out, **overrides):
-    params = tiny_params(root, **overrides)
-    return train.run(params, root / "prepared", root / "balanced", root / out / "model.pt", root / out)
+from pipeline import train
+from pipeline.core.files import read_json
+from tests.conftest import run_train, tiny_params
 
 
 def test_same_params_and_seed_give_identical_bytes(balanced):

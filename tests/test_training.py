@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from pipeline.evaluate import imbalanced_report
-from pipeline.training import FocalLoss, WeightAverage, augment, epoch_order, lr_factor, make_loss
-from tests.test_train import balanced, run_train  # noqa: F401 (fixture)
+from pipeline.modeling.recipe import FocalLoss, WeightAverage, augment, epoch_order, lr_factor, make_loss
+from tests.conftest import run_train
 
 
 def cfg(params, **changes):

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 import torch
 
-from pipeline import attributions, balance, prepare, train, trust
-from pipeline.files import read_json
-from pipeline.models import images_to_tensor, load_checkpoint
-from pipeline.phantom import marker_box
-from pipeline.splits import load_split
-from tests.conftest import tiny_params
+from pipeline.core.dataset import load_split
+from pipeline.core.files import read_json
+from pipeline.data.phantom import marker_box
+from pipeline.modeling.checkpoints import load_checkpoint
+from pipeline.modeling.networks import images_to_tensor
+from pipeline.xai import attributions, trust
+from tests.conftest import run_stages, tiny_params
 
 SMALL = {"data.phantom.image_size": 32, "data.phantom.n_train": 600, "data.phantom.n_val": 100,
          "data.phantom.n_test": 120, "data.phantom.lesion_contrast": 0.35, "data.phantom.lesion_radius": [4.0, 7.0],
@@ -24,9 +23,7 @@ def trained(folder, **overrides):
     """A small model trained on a phantom; returns (params, model, test split, meta)."""
     folder.mkdir(parents=True, exist_ok=True)
     params = tiny_params(folder, **{**SMALL, **overrides})
-    with contextlib.chdir(folder):
-        for stage in (prepare, balance, train):
-            stage.run(params)
+    run_stages(folder, params, ("prepare", "balance", "train"))
     model, _ = load_checkpoint(folder / "models/model.pt")
     return params, model, load_split(folder / "data/prepared", "test"), read_json(folder / "data/prepared/meta.json")
 

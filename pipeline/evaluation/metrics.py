@@ -13,15 +13,20 @@ PPV with no positive call) is ``None``, never NaN, so JSON stays valid.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 
 import numpy as np
 from scipy.stats import rankdata
-from sklearn import metrics as skm
 
+from pipeline.core.config import parse_threshold
+from pipeline.core.files import rounded
+
+# The metric key lists, each defined once: every test metric (with CIs), the report's summary
+# table, and the short comparison (baselines, `make run`'s summary).
 HEADLINE = ("accuracy", "balanced_accuracy", "roc_auc", "average_precision", "sensitivity", "specificity",
             "ppv", "npv", "f1", "mcc", "g_mean", "brier", "log_loss")
+SUMMARY = ("roc_auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1")
+COMPARISON = ("roc_auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1")
 
 
 def binary_auc(positive: np.ndarray, score: np.ndarray) -> float | None:
@@ -129,6 +134,23 @@ def normalised(matrix: list[list[int]]) -> list[list[float | None]]:
     return [[_clean(v) for v in row] for row in _div(cm, np.broadcast_to(rows, cm.shape))]
 
 
+def _youden(fpr: np.ndarray, tpr: np.ndarray, value: float | None) -> int:
+    return int(np.argmax(tpr - fpr))  # maximises sensitivity + specificity - 1
+
+
+def _sensitivity_at(fpr: np.ndarray, tpr: np.ndarray, value: float | None) -> int:
+    return int(np.flatnonzero(tpr >= value)[0])  # the highest cut reaching the target sensitivity
+
+
+# Threshold rules (``evaluate.threshold``): the index of the chosen cut on the validation ROC
+# curve; ``fixed`` needs no curve (see :func:`choose_threshold`).
+THRESHOLD_RULES: dict[str, Callable[[np.ndarray, np.ndarray, float | None], int] | None] = {
+    "youden": _youden,
+    "sensitivity": _sensitivity_at,
+    "fixed": None,
+}
+
+
 def choose_threshold(rule: str, labels: np.ndarray, probs: np.ndarray, positive_class: int = 1) -> float | None:
     """The binary operating point under ``rule``, from (validation) labels and probabilities.
 
@@ -144,32 +166,22 @@ def choose_threshold(rule: str, labels: np.ndarray, probs: np.ndarray, positive_
     """
     if probs.shape[1] != 2:
         return None
-    if rule.startswith("fixed:"):
-        return float(rule.split(":", 1)[1])
+    name, value = parse_threshold(rule)
+    pick = THRESHOLD_RULES[name]
+    if pick is None:
+        return value
     y, score = labels == positive_class, probs[:, positive_class]
     if y.all() or not y.any():
         return 0.5
+    from sklearn.metrics import roc_curve  # imported here: the key lists above are read by light stages too
+
     # Every distinct score is a threshold (positive when score >= t), highest first.
-    fpr, tpr, thresholds = skm.roc_curve(y, score, drop_intermediate=False)
+    fpr, tpr, thresholds = roc_curve(y, score, drop_intermediate=False)
     thresholds = np.minimum(thresholds, 1.0)  # sklearn's first threshold is +inf
-    if rule == "youden":
-        chosen = int(np.argmax(tpr - fpr))
-    else:
-        chosen = int(np.flatnonzero(tpr >= float(rule.split("@", 1)[1]))[0])
+    chosen = pick(fpr, tpr, value)
     if chosen + 1 == len(thresholds):
         return float(thresholds[chosen])  # everything positive: the lowest score itself
     return float((thresholds[chosen] + thresholds[chosen + 1]) / 2)
-
-
-def parse_threshold_rule(rule: str) -> str | None:
-    """None when ``rule`` is valid, else what is wrong with it."""
-    if rule == "youden":
-        return None
-    match = re.fullmatch(r"sensitivity@([0-9.]+)|fixed:([0-9.]+)", rule)
-    if not match:
-        return "must be youden, sensitivity@<0..1> or fixed:<0..1>"
-    value = float(match.group(1) or match.group(2))
-    return None if 0 < value < 1 else "needs a value strictly between 0 and 1"
 
 
 def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, metric_fn: Callable[[np.ndarray, np.ndarray], dict],
@@ -227,4 +239,4 @@ def _clean(value: object) -> float | int | None:
     if isinstance(value, (int, np.integer)):
         return int(value)
     value = float(value)
-    return None if math.isnan(value) else round(value, 6)
+    return None if math.isnan(value) else rounded(value)

@@ -1,18 +1,30 @@
-"""Training-time building blocks: losses, sampling order, learning-rate schedules, augmentation.
+"""The training recipe: optimiser, loss, sampling order, learning-rate schedule, augmentation, weight average.
 
-Kept apart from the train stage so each can be tested on its own. Everything random takes
-an explicit ``torch.Generator``, so the same seed gives the same batches and the same model.
+One registry per choice in params (``OPTIMIZERS``, ``LOSSES``, ``SAMPLERS``, ``SCHEDULES``),
+kept apart from the train stage so each piece can be tested on its own. Everything random
+takes an explicit ``torch.Generator``, so the same seed gives the same batches and model.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from pipeline.params import TrainParams
+from pipeline.core.config import TrainParams
+
+OPTIMIZERS: dict[str, Callable[[nn.Module, TrainParams], torch.optim.Optimizer]] = {
+    "sgd": lambda model, cfg: torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                              weight_decay=cfg.weight_decay),
+    "adamw": lambda model, cfg: torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
+}
+
+
+def make_optimizer(model: nn.Module, cfg: TrainParams) -> torch.optim.Optimizer:
+    return OPTIMIZERS[cfg.optimizer](model, cfg)
 
 
 class FocalLoss(nn.Module):
@@ -37,24 +49,43 @@ class FocalLoss(nn.Module):
         return (loss * w).sum() / w.sum()
 
 
+LOSSES: dict[str, Callable[[TrainParams, torch.Tensor], nn.Module]] = {
+    "cross_entropy": lambda cfg, weight: nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing),
+    "focal": lambda cfg, weight: FocalLoss(cfg.focal_gamma, weight, cfg.label_smoothing),
+}
+
+
 def make_loss(cfg: TrainParams, weight: torch.Tensor) -> nn.Module:
-    if cfg.loss == "focal":
-        return FocalLoss(cfg.focal_gamma, weight, cfg.label_smoothing)
-    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    return LOSSES[cfg.loss](cfg, weight)
+
+
+def _class_balanced_draw(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``torch.utils.data.WeightedRandomSampler`` with weights 1/n_class: every class is drawn
+    equally often in expectation, with replacement, and the epoch keeps its length."""
+    counts = torch.bincount(labels).double()
+    weights = (1.0 / counts)[labels]
+    draw = torch.utils.data.WeightedRandomSampler(weights, len(labels), replacement=True, generator=generator)
+    return torch.tensor(list(draw))
+
+
+SAMPLERS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = {
+    "none": lambda labels, generator: torch.randperm(len(labels), generator=generator),
+    "weighted": _class_balanced_draw,
+}
 
 
 def epoch_order(labels: torch.Tensor, sampler: str, generator: torch.Generator) -> torch.Tensor:
-    """Indices for one epoch: a permutation, or (``weighted``) a class-balanced draw with replacement.
+    """Indices for one epoch: a seeded permutation, or (``weighted``) a class-balanced draw."""
+    return SAMPLERS[sampler](labels, generator)
 
-    The weighted draw is ``torch.utils.data.WeightedRandomSampler`` with weights 1/n_class, so
-    every class is drawn equally often in expectation and the epoch keeps its length.
-    """
-    if sampler == "weighted":
-        counts = torch.bincount(labels).double()
-        weights = (1.0 / counts)[labels]
-        draw = torch.utils.data.WeightedRandomSampler(weights, len(labels), replacement=True, generator=generator)
-        return torch.tensor(list(draw))
-    return torch.randperm(len(labels), generator=generator)
+
+# Learning-rate multiplier as a function of progress through the post-warm-up steps (0 → 1).
+SCHEDULES: dict[str, Callable[[float], float]] = {
+    "none": lambda progress: 1.0,
+    "cosine": lambda progress: 0.5 * (1 + math.cos(math.pi * progress)),
+    # one-cycle's annealing half (the warm-up is its rising half): cosine down to lr / 100
+    "onecycle": lambda progress: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)),
+}
 
 
 def lr_factor(cfg: TrainParams, step: int, total: int) -> float:
@@ -62,13 +93,7 @@ def lr_factor(cfg: TrainParams, step: int, total: int) -> float:
     warmup = cfg.warmup_epochs * total / max(cfg.epochs, 1)
     if warmup and step < warmup:
         return (step + 1) / warmup
-    if cfg.schedule == "none":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(total - warmup, 1))
-    if cfg.schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * progress))
-    # one-cycle's annealing half (the warm-up is its rising half): cosine down to lr / 100
-    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+    return SCHEDULES[cfg.schedule](min(1.0, (step - warmup) / max(total - warmup, 1)))
 
 
 def augment(x: torch.Tensor, cfg: TrainParams, generator: torch.Generator) -> torch.Tensor:

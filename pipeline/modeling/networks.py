@@ -1,4 +1,4 @@
-"""Network definitions, a builder from config, and the checkpoint format.
+"""Network definitions, the ``NETWORKS`` registry (one entry per ``train.model``), and batched inference.
 
 Every network takes images scaled to [0, 1] (N×C×H×W) and returns class logits. Input
 standardisation (mean/std of the training split) is a fixed buffer inside the model, so a
@@ -9,16 +9,13 @@ never in-place, which some Captum methods require.
 from __future__ import annotations
 
 import dataclasses
-import io
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline.errors import PipelineError
-from pipeline.files import write_bytes
+from pipeline.core.errors import PipelineError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,14 +163,17 @@ class Classifier(nn.Module):
         return self.net((x - self.mean) / self.std)
 
 
+NETWORKS: dict[str, Callable[[ModelConfig], nn.Module]] = {
+    "seed_cnn": lambda c: SeedCNN(c.in_channels, c.num_classes, c.image_size),
+    "small_cnn": lambda c: SmallCNN(c.in_channels, c.num_classes, c.width),
+    "resnet18": lambda c: ResNet(c.in_channels, c.num_classes, c.width, c.image_size),
+}
+
+
 def _build_net(config: ModelConfig) -> nn.Module:
-    if config.name == "seed_cnn":
-        return SeedCNN(config.in_channels, config.num_classes, config.image_size)
-    if config.name == "small_cnn":
-        return SmallCNN(config.in_channels, config.num_classes, config.width)
-    if config.name == "resnet18":
-        return ResNet(config.in_channels, config.num_classes, config.width, config.image_size)
-    raise PipelineError(f"unknown model '{config.name}'")
+    if config.name not in NETWORKS:
+        raise PipelineError(f"unknown model '{config.name}' (known: {', '.join(NETWORKS)})")
+    return NETWORKS[config.name](config)
 
 
 def build_model(config: ModelConfig) -> Classifier:
@@ -182,30 +182,6 @@ def build_model(config: ModelConfig) -> Classifier:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def save_checkpoint(path: str | Path, model: Classifier, extra: dict[str, Any]) -> None:
-    """state_dict + config (+ plain ``extra``), loadable with ``torch.load(weights_only=True)``.
-
-    Saved through an in-memory buffer: torch embeds the file name in the archive, so writing
-    to a temporary name and renaming would change the bytes from run to run.
-    """
-    buffer = io.BytesIO()
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"config": dataclasses.asdict(model.config), "state_dict": state, **extra}, buffer)
-    write_bytes(path, buffer.getvalue())
-
-
-def load_checkpoint(path: str | Path) -> tuple[Classifier, dict[str, Any]]:
-    """The model in eval mode and the checkpoint's other entries."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: model checkpoint not found (run the train stage first)") from None
-    model = build_model(ModelConfig(**checkpoint.pop("config")))
-    model.load_state_dict(checkpoint.pop("state_dict"))
-    model.eval()
-    return model, checkpoint
 
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:

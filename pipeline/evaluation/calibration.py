@@ -13,6 +13,8 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
+from pipeline.core.files import rounded
+
 N_BINS = 15
 
 
@@ -31,8 +33,8 @@ def reliability(labels: np.ndarray, probs: np.ndarray, positive_class: int = 1,
     for b in range(n_bins):
         inside = bins == b
         if inside.any():
-            rows.append({"bin": b, "predicted": round(float(conf[inside].mean()), 6),
-                         "observed": round(float(outcome[inside].mean()), 6), "count": int(inside.sum())})
+            rows.append({"bin": b, "predicted": rounded(float(conf[inside].mean())),
+                         "observed": rounded(float(outcome[inside].mean())), "count": int(inside.sum())})
     return rows
 
 
@@ -41,7 +43,7 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, positive_c
     """Count-weighted mean |observed - predicted| over equal-width bins (15 by default)."""
     rows = reliability(labels, probs, positive_class, n_bins)
     total = sum(r["count"] for r in rows)
-    return round(sum(r["count"] * abs(r["observed"] - r["predicted"]) for r in rows) / total, 6)
+    return rounded(sum(r["count"] * abs(r["observed"] - r["predicted"]) for r in rows) / total)
 
 
 def slope_intercept(labels: np.ndarray, probs: np.ndarray, positive_class: int = 1) -> tuple[float | None, float | None]:
@@ -57,7 +59,7 @@ def slope_intercept(labels: np.ndarray, probs: np.ndarray, positive_class: int =
     p = np.clip(conf, 1e-6, 1 - 1e-6)
     logit = np.log(p / (1 - p)).reshape(-1, 1)
     fit = LogisticRegression(C=np.inf, max_iter=1000).fit(logit, outcome)
-    return round(float(fit.coef_[0, 0]), 6), round(float(fit.intercept_[0]), 6)
+    return rounded(float(fit.coef_[0, 0])), rounded(float(fit.intercept_[0]))
 
 
 def fit_temperature(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -68,7 +70,14 @@ def fit_temperature(labels: np.ndarray, probs: np.ndarray) -> float:
         return float(-log_softmax(logits / np.exp(log_t), axis=1)[np.arange(len(labels)), labels].mean())
 
     result = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded", options={"xatol": 1e-6})
-    return round(float(np.exp(result.x)), 6)
+    return rounded(float(np.exp(result.x)))
+
+
+# ``evaluate.calibrate``: the temperature fitted on validation (labels, probabilities); 1 is none.
+CALIBRATIONS = {
+    "temperature": lambda labels, probs: fit_temperature(labels, probs),
+    "none": lambda labels, probs: 1.0,
+}
 
 
 def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:

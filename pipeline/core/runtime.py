@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import PipelineError
-from pipeline.params import Params, load_params
+from pipeline.core.config import Params, load_params
+from pipeline.core.errors import PipelineError
 
 log = logging.getLogger(__name__)
 

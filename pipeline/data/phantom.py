@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from pipeline.params import PhantomParams
-from pipeline.splits import SPLITS
+from pipeline.core.config import PhantomParams
+from pipeline.core.dataset import SPLITS
 
 CLASS_NAMES = ("normal", "lesion")
 

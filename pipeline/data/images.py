@@ -1,7 +1,7 @@
 """Image files to uint8 arrays, and the preprocessing every source shares.
 
 PNG, JPEG and TIFF are read with Pillow (16-bit grayscale is scaled to 8 bits); DICOM with
-pydicom (:mod:`pipeline.dicom`). Preprocessing, in order: centre-crop to a square and resize
+pydicom (:mod:`pipeline.data.dicom`). Preprocessing, in order: centre-crop to a square and resize
 to ``data.image_size`` (bilinear; skipped when null, and then every image must already have
 the same size), then convert to ``data.channels`` (ITU-R 601 luma for RGB → gray, copies for
 gray → RGB). Everything is deterministic, so equal inputs give equal bytes.
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.dicom import ImageError, read_dicom
+from pipeline.data.dicom import ImageError, read_dicom
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 DICOM_SUFFIXES = (".dcm",)

@@ -25,7 +25,8 @@ from scipy.ndimage import binary_dilation, uniform_filter
 from scipy.stats import spearmanr
 from torch import nn
 
-from pipeline.metrics import average_precision
+from pipeline.core.files import DECIMALS, rounded
+from pipeline.evaluation.metrics import average_precision
 
 
 def _probabilities(model: nn.Module, batch: torch.Tensor, target: int) -> np.ndarray:
@@ -76,9 +77,9 @@ def faithfulness(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
         curves = [perturbation_curves(model, inputs[i], int(targets[i]), order, steps) for i, order in enumerate(per_image)]
         deletion = np.mean([c[0] for c in curves], axis=0)
         insertion = np.mean([c[1] for c in curves], axis=0)
-        out[name] = {"deletion_auc": round(float(np.mean([area(c[0]) for c in curves])), 6),
-                     "insertion_auc": round(float(np.mean([area(c[1]) for c in curves])), 6),
-                     "deletion_curve": deletion.round(6).tolist(), "insertion_curve": insertion.round(6).tolist()}
+        out[name] = {"deletion_auc": rounded(float(np.mean([area(c[0]) for c in curves]))),
+                     "insertion_auc": rounded(float(np.mean([area(c[1]) for c in curves]))),
+                     "deletion_curve": deletion.round(DECIMALS).tolist(), "insertion_curve": insertion.round(DECIMALS).tolist()}
     return out
 
 
@@ -93,18 +94,19 @@ def captum_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
         return noise, x - noise
 
     channels = inputs.shape[1]
-    attributions = torch.from_numpy(maps)[:, None].expand(-1, channels, -1, -1) / channels
+    # Contiguous copies: Captum views attributions flat, which an expanded (stride-0) tensor cannot be.
+    attributions = (torch.from_numpy(maps)[:, None].expand(-1, channels, -1, -1) / channels).contiguous()
     torch.manual_seed(seed)
     inf = infidelity(model, perturb, inputs, attributions, target=targets, n_perturb_samples=n_perturb, normalize=True)
     def explain(x: torch.Tensor | tuple, target: torch.Tensor) -> torch.Tensor | tuple:
         # Captum hands the (perturbed, repeated) inputs over as a tuple.
         tensor = x[0] if isinstance(x, tuple) else x
-        out = explain_fn(tensor.detach().clone().requires_grad_(True), target).detach()
+        out = explain_fn(tensor.detach().clone().requires_grad_(True), target).detach().contiguous()
         return (out,) if isinstance(x, tuple) else out
 
     torch.manual_seed(seed)
     sens = sensitivity_max(explain, inputs, n_perturb_samples=n_perturb, perturb_radius=0.02, target=targets)
-    return {"infidelity": round(float(inf.mean()), 6), "sensitivity_max": round(float(sens.mean()), 6)}
+    return {"infidelity": rounded(float(inf.mean())), "sensitivity_max": rounded(float(sens.mean()))}
 
 
 def randomised(model: nn.Module, fraction: float, seed: int) -> nn.Module:
@@ -140,8 +142,8 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 def similarity(original: np.ndarray, other: np.ndarray) -> dict[str, float]:
     """Mean Spearman and SSIM between two stacks of maps (N×H×W)."""
-    return {"spearman": round(float(np.mean([rank_correlation(a, b) for a, b in zip(original, other)])), 6),
-            "ssim": round(float(np.mean([ssim(a, b) for a, b in zip(original, other)])), 6)}
+    return {"spearman": rounded(float(np.mean([rank_correlation(a, b) for a, b in zip(original, other)]))),
+            "ssim": rounded(float(np.mean([ssim(a, b) for a, b in zip(original, other)])))}
 
 
 def localisation(maps: np.ndarray, masks: np.ndarray) -> dict[str, float | None]:
@@ -156,8 +158,8 @@ def localisation(maps: np.ndarray, masks: np.ndarray) -> dict[str, float | None]
         auprcs.append(average_precision(mask.ravel() > 0, attribution.ravel()))
     if not hits:
         return {"pointing_game": None, "mass_in_mask": None, "auprc_mask": None, "n_masks": 0}
-    return {"pointing_game": round(float(np.mean(hits)), 6), "mass_in_mask": round(float(np.mean(masses)), 6),
-            "auprc_mask": round(float(np.mean(auprcs)), 6), "n_masks": len(hits)}
+    return {"pointing_game": rounded(float(np.mean(hits))), "mass_in_mask": rounded(float(np.mean(masses))),
+            "auprc_mask": rounded(float(np.mean(auprcs))), "n_masks": len(hits)}
 
 
 def mass_fraction(attribution: np.ndarray, region: np.ndarray, absolute: bool = False) -> float:

@@ -1,8 +1,9 @@
-"""Atomic file writes and checksums.
+"""Atomic file writes, checksums, and how floats are rounded when written.
 
 Every stage writes through these helpers: data go to a temporary file or folder beside the
 target and are renamed into place only when complete, so an interrupted or failing stage
-never leaves a half-written output behind.
+never leaves a half-written output behind. Every written metric is rounded by
+:func:`rounded`, so equal runs give equal bytes and no file carries noise digits.
 """
 
 from __future__ import annotations
@@ -91,18 +92,28 @@ def staged_dir(target: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
+DECIMALS = 6  # digits every written metric keeps
+SECONDS_DECIMALS = 2  # wall times (timing.json): noise beyond 10 ms
+
+
+def rounded(value: Any, digits: int = DECIMALS) -> Any:
+    """A float rounded for writing (``DECIMALS`` digits unless told); other values unchanged."""
+    return round(value, digits) if isinstance(value, float) else value
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB blocks (``md5`` for MedMNIST's published checksums)."""
+    digest = hashlib.new(algorithm, usedforsecurity=False)  # integrity checks, not signatures
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
-def sha256_tree(root: str | Path) -> dict[str, str]:
+def digest_tree(root: str | Path) -> dict[str, str]:
     """sha256 of every file under ``root``, keyed by its path relative to ``root``."""
     root = Path(root)
-    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+    return {p.relative_to(root).as_posix(): file_digest(p) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 class NpyWriter:

@@ -4,39 +4,68 @@ One frozen dataclass per section, field names identical to the YAML keys. Buildi
 strict: an unknown key, a missing key, a value of the wrong type or an unknown choice fails
 with a :class:`PipelineError` naming the file and the dotted key, so a typo in
 ``dvc exp run -S train.lrr=0.1`` can never be silently ignored.
+
+Every stage loads params first, so this module imports only PyYAML: never torch or
+scikit-learn (a test checks it), which would cost each stage seconds before it does any work.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
-DATA_SOURCES = ("phantom", "npz", "medmnist", "folder", "csv")
-DUPLICATE_POLICIES = ("error", "warn", "drop")
-ON_ERROR = ("error", "skip")
-DICOM_FRAMES = ("error", "first")
-BALANCE_STRATEGIES = ("none", "class_weight", "oversample", "undersample", "smote")
-MODELS = ("seed_cnn", "small_cnn", "resnet18")
-OPTIMIZERS = ("sgd", "adamw")
-DEVICES = ("auto", "cpu", "cuda")
-SAMPLERS = ("none", "weighted")
-LOSSES = ("cross_entropy", "focal")
-SCHEDULES = ("none", "cosine", "onecycle")
-EXPLAIN_METHODS = ("saliency", "integrated_gradients", "smoothgrad", "grad_cam", "guided_grad_cam", "occlusion", "lime")
-CALIBRATIONS = ("temperature", "none")
-BASELINES = ("logistic_regression", "random_forest", "svm")
+# Every choice in params.yaml is a Literal here and, where it selects an implementation, the
+# keys of one registry dict next to that implementation (a test checks that the two agree).
+DataSource = Literal["phantom", "npz", "medmnist", "folder", "csv"]  # data.sources.SOURCES
+MedmnistName = Literal["pathmnist", "dermamnist", "octmnist", "pneumoniamnist", "retinamnist", "breastmnist",
+                       "bloodmnist", "tissuemnist", "organamnist"]  # data.catalog.MEDMNIST
+MedmnistSize = Literal[28, 64, 128, 224]
+DuplicatePolicy = Literal["error", "warn", "drop"]
+OnError = Literal["error", "skip"]
+DicomFrames = Literal["error", "first"]
+Channels = Literal[1, 3]
+BalanceStrategy = Literal["none", "class_weight", "oversample", "undersample", "smote"]  # data.resampling.STRATEGIES
+Model = Literal["seed_cnn", "small_cnn", "resnet18"]  # modeling.networks.NETWORKS
+Optimizer = Literal["sgd", "adamw"]  # modeling.recipe.OPTIMIZERS
+Sampler = Literal["none", "weighted"]  # modeling.recipe.SAMPLERS
+Loss = Literal["cross_entropy", "focal"]  # modeling.recipe.LOSSES
+Schedule = Literal["none", "cosine", "onecycle"]  # modeling.recipe.SCHEDULES
+Device = Literal["auto", "cpu", "cuda"]
+Calibration = Literal["temperature", "none"]  # evaluation.calibration.CALIBRATIONS
+Baseline = Literal["logistic_regression", "random_forest", "svm", "decision_tree"]  # evaluation.baselines.BASELINES
+ThresholdRule = Literal["youden", "sensitivity", "fixed"]  # evaluation.metrics.THRESHOLD_RULES
+ExplainMethod = Literal["saliency", "integrated_gradients", "smoothgrad", "grad_cam", "guided_grad_cam", "occlusion",
+                        "lime"]  # xai.attributions.METHODS
+
+
+def parse_threshold(rule: str) -> tuple[str, float | None]:
+    """``youden`` | ``sensitivity@S`` | ``fixed:T`` -> (rule name, its value); PipelineError when malformed."""
+    match = re.fullmatch(r"(youden)|(sensitivity)@([0-9.]+)|(fixed):([0-9.]+)", rule)
+    if not match:
+        raise PipelineError(f"'evaluate.threshold' is {rule!r}: must be youden, sensitivity@<0..1> or fixed:<0..1>")
+    if match.group(1):
+        return "youden", None
+    name, value = (match.group(2), match.group(3)) if match.group(2) else (match.group(4), match.group(5))
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0 < number < 1:
+        raise PipelineError(f"'evaluate.threshold' is {rule!r}: needs a value strictly between 0 and 1")
+    return name, number
 
 
 @dataclasses.dataclass(frozen=True)
 class PhantomParams:
-    """Settings of the built-in simulated scans (see :mod:`pipeline.phantom`)."""
+    """Settings of the built-in simulated scans (see :mod:`pipeline.data.phantom`)."""
 
     image_size: int
     n_train: int
@@ -79,75 +108,66 @@ class SplitParams:
 class DicomParams:
     window_center: Union[float, None]
     window_width: Union[float, None]
-    frames: str
+    frames: DicomFrames
 
     def __post_init__(self) -> None:
-        _choice(self.frames, DICOM_FRAMES, "data.dicom.frames")
         _check(self.window_width is None or self.window_width > 0, "data.dicom.window_width", "must be positive")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataParams:
-    source: str
+    source: DataSource
     path: Union[str, None]
-    name: Union[str, None]
-    size: int
+    name: Union[MedmnistName, None]
+    size: MedmnistSize
     raw_dir: str
     class_names: tuple[str, ...]
     image_size: Union[int, None]
-    channels: Union[int, None]
+    channels: Union[Channels, None]
     split: SplitParams
     group_column: Union[str, None]
-    duplicates: str
-    on_error: str
+    duplicates: DuplicatePolicy
+    on_error: OnError
     pseudonym_salt: str
     dicom: DicomParams
     phantom: PhantomParams
 
     def __post_init__(self) -> None:
-        from pipeline.catalog import MEDMNIST_NAMES, SIZES
-
-        _choice(self.source, DATA_SOURCES, "data.source")
         if self.source in ("npz", "folder", "csv"):
             _check(bool(self.path), "data.path", f"must name the input for data.source={self.source}")
         if self.source == "medmnist":
-            _check(self.name in MEDMNIST_NAMES, "data.name",
-                   f"is {self.name!r}; for data.source=medmnist choose one of: {', '.join(MEDMNIST_NAMES)}")
-            _check(self.size in SIZES, "data.size", f"must be one of {SIZES}")
+            _check(self.name is not None, "data.name",
+                   f"must name the dataset for data.source=medmnist, one of: {', '.join(typing.get_args(MedmnistName))}")
         _check(self.image_size is None or self.image_size >= 8, "data.image_size", "must be null or >= 8")
-        _check(self.channels in (None, 1, 3), "data.channels", "must be null, 1 or 3")
-        _choice(self.duplicates, DUPLICATE_POLICIES, "data.duplicates")
-        _choice(self.on_error, ON_ERROR, "data.on_error")
 
 
 @dataclasses.dataclass(frozen=True)
 class BalanceParams:
-    strategy: str
+    strategy: BalanceStrategy
     smote_k_neighbors: int
 
     def __post_init__(self) -> None:
-        _choice(self.strategy, BALANCE_STRATEGIES, "balance.strategy")
         _check(self.smote_k_neighbors >= 1, "balance.smote_k_neighbors", "must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainParams:
-    model: str
+    model: Model
     width: int
-    optimizer: str
+    optimizer: Optimizer
     lr: float
     momentum: float
     weight_decay: float
     batch_size: int
     epochs: int
     patience: int
-    sampler: str
-    loss: str
+    sampler: Sampler
+    loss: Loss
     focal_gamma: float
     label_smoothing: float
     grad_clip: float
     ema: float
-    schedule: str
+    schedule: Schedule
     warmup_epochs: int
     aug_rotate: float
     aug_translate: float
@@ -155,13 +175,9 @@ class TrainParams:
     aug_flip: bool
     aug_intensity: float
     threads: int
-    device: str
+    device: Device
 
     def __post_init__(self) -> None:
-        _choice(self.model, MODELS, "train.model")
-        _choice(self.sampler, SAMPLERS, "train.sampler")
-        _choice(self.loss, LOSSES, "train.loss")
-        _choice(self.schedule, SCHEDULES, "train.schedule")
         _check(self.focal_gamma >= 0, "train.focal_gamma", "must be >= 0")
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must lie in [0, 1)")
         _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = off)")
@@ -169,8 +185,6 @@ class TrainParams:
         _check(0 <= self.warmup_epochs < self.epochs, "train.warmup_epochs", "must lie in [0, train.epochs)")
         for key in ("aug_rotate", "aug_translate", "aug_scale", "aug_intensity"):
             _check(getattr(self, key) >= 0, f"train.{key}", "must be >= 0 (0 = off)")
-        _choice(self.optimizer, OPTIMIZERS, "train.optimizer")
-        _choice(self.device, DEVICES, "train.device")
         _check(self.width >= 1, "train.width", "must be >= 1")
         _check(self.lr > 0, "train.lr", "must be positive")
         _check(0 <= self.momentum < 1, "train.momentum", "must lie in [0, 1)")
@@ -185,23 +199,17 @@ class TrainParams:
 class EvaluateParams:
     positive_class: int
     threshold: str
-    calibrate: str
+    calibrate: Calibration
     bootstrap: int
-    baselines: tuple[str, ...]
+    baselines: tuple[Baseline, ...]
     svm_max_train: int
     failure_cases: int
     batch_size: int
 
     def __post_init__(self) -> None:
-        from pipeline.metrics import parse_threshold_rule
-
         _check(self.positive_class >= 0, "evaluate.positive_class", "must be >= 0")
-        problem = parse_threshold_rule(self.threshold)
-        _check(problem is None, "evaluate.threshold", f"is {self.threshold!r}: {problem}")
-        _choice(self.calibrate, CALIBRATIONS, "evaluate.calibrate")
+        parse_threshold(self.threshold)
         _check(self.bootstrap >= 100, "evaluate.bootstrap", "must be >= 100 resamples (1000+ recommended)")
-        for name in self.baselines:
-            _choice(name, BASELINES, "evaluate.baselines")
         _check(self.svm_max_train >= 0, "evaluate.svm_max_train", "must be >= 0")
         _check(self.failure_cases >= 0, "evaluate.failure_cases", "must be >= 0")
         _check(self.batch_size >= 1, "evaluate.batch_size", "must be >= 1")
@@ -209,7 +217,7 @@ class EvaluateParams:
 
 @dataclasses.dataclass(frozen=True)
 class ExplainParams:
-    methods: tuple[str, ...]
+    methods: tuple[ExplainMethod, ...]
     per_class: int
     worst: int
     ig_steps: int
@@ -227,8 +235,6 @@ class ExplainParams:
 
     def __post_init__(self) -> None:
         _check(len(self.methods) > 0, "explain.methods", "must name at least one method")
-        for method in self.methods:
-            _choice(method, EXPLAIN_METHODS, "explain.methods")
         _check(self.per_class >= 1, "explain.per_class", "must be >= 1")
         for key in ("ig_steps", "smoothgrad_samples", "lime_samples", "lime_grid", "faithfulness_steps", "perturbations",
                     "batch_size"):
@@ -345,6 +351,10 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return build(hint, value, where)
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if origin is Literal:
+        if not any(value == a and type(value) is type(a) for a in args):
+            raise PipelineError(f"'{where}' is {value!r}; choose one of: {', '.join(str(a) for a in args)}")
+        return value
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -381,6 +391,3 @@ def _check(ok: bool, key: str, problem: str) -> None:
     if not ok:
         raise PipelineError(f"'{key}' {problem}")
 
-
-def _choice(value: str, choices: tuple[str, ...], key: str) -> None:
-    _check(value in choices, key, f"is {value!r}; choose one of: {', '.join(choices)}")

@@ -13,7 +13,7 @@ import warnings
 
 import numpy as np
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 
 def assign(labels: np.ndarray, groups: np.ndarray, val: float, test: float, seed: int) -> np.ndarray:

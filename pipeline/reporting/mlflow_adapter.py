@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -61,16 +62,28 @@ def log_run(experiment: str, run_name: str | None, params: Mapping[str, Any], me
                 mlflow.log_artifact(str(path), artifact_path=folder or None)
         for name, text in (texts or {}).items():
             mlflow.log_text(text, name)
-        return {"run_id": run.info.run_id, "experiment_id": experiment_id, "tracking_uri": _redact(uri)}
+        return {"run_id": run.info.run_id, "experiment_id": experiment_id, "tracking_uri": redact_uri(uri)}
 
 
 def _param(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
-def _redact(uri: str) -> str:
-    """Drop credentials (``user:password@``) from a server URI before it is written anywhere."""
-    if "@" in uri and "://" in uri:
-        scheme, rest = uri.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return uri
+_SECRET_QUERY_KEYS = ("password", "pass", "pwd", "token")
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` without credentials (``user:password@host``, ``?password=``), fit to be written anywhere.
+
+    Parsed with ``urllib.parse``, so an ``@`` in a path (``sqlite:////data/a@b/mlflow.db``) is
+    left alone.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    secret_query = any(k.lower() in _SECRET_QUERY_KEYS for k, _ in pairs)
+    if "@" not in parts.netloc and not secret_query:
+        return uri
+    netloc = "***@" + parts.netloc.rsplit("@", 1)[1] if "@" in parts.netloc else parts.netloc
+    query = urllib.parse.urlencode([(k, "***" if k.lower() in _SECRET_QUERY_KEYS else v) for k, v in pairs],
+                                   safe="*") if secret_query else parts.query
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))

@@ -17,9 +17,9 @@ import csv
 import dataclasses
 from pathlib import Path
 
-from pipeline.errors import PipelineError
-from pipeline.images import SUPPORTED
-from pipeline.splits import SPLITS
+from pipeline.core.dataset import SPLITS
+from pipeline.core.errors import PipelineError
+from pipeline.data.images import SUPPORTED
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Figures written as PNG (offline reviewers cannot load DVC's Vega-from-CDN plots).
 
-Matplotlib runs on the Agg backend: no display is needed. Each function writes one file
-atomically and closes its figure.
+Figures are matplotlib ``Figure`` objects rendered by Agg directly, never through pyplot:
+no display is needed, no global backend is chosen on import, and no figure outlives its
+function. Each function writes one file atomically.
 """
 
 from __future__ import annotations
@@ -10,26 +11,29 @@ import io
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
-import numpy as np  # noqa: E402
-
-from pipeline.files import write_bytes  # noqa: E402
+from pipeline.core.files import write_bytes
 
 
-def save_figure(fig: "plt.Figure", path: str | Path) -> None:
+def new_figure(rows: int = 1, cols: int = 1, figsize: tuple[float, float] = (4.2, 4), squeeze: bool = True):
+    """A figure and its axes (as ``plt.subplots`` returns them), without pyplot's global state."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(rows, cols, squeeze=squeeze)
+
+
+def save_figure(fig: Figure, path: str | Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
     write_bytes(path, buffer.getvalue())
 
 
 def plot_history(history: Sequence[dict[str, float]], path: str | Path) -> None:
     """Training and validation loss and AUC per epoch."""
     epochs = [row["epoch"] for row in history]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, axes = new_figure(1, 2, figsize=(9, 3.2))
     for ax, key in zip(axes, ("loss", "roc_auc")):
         for split, style in (("train", "-o"), ("val", "-s")):
             values = [row[f"{split}_{key}"] for row in history]
@@ -43,7 +47,7 @@ def plot_history(history: Sequence[dict[str, float]], path: str | Path) -> None:
 
 def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: str | Path) -> None:
     """One ROC curve per name: (fpr, tpr, auc)."""
-    fig, ax = plt.subplots(figsize=(4.2, 4))
+    fig, ax = new_figure(figsize=(4.2, 4))
     for name, (fpr, tpr, auc) in curves.items():
         ax.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f})")
     ax.plot([0, 1], [0, 1], ":", color="grey")
@@ -55,7 +59,7 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: str 
 
 def plot_confusion(matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: str | Path) -> None:
     cm = np.asarray(matrix)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(cm), 1 + 0.7 * len(cm)))
+    fig, ax = new_figure(figsize=(1.2 + 0.7 * len(cm), 1 + 0.7 * len(cm)))
     ax.imshow(cm, cmap="Blues")
     for (i, j), value in np.ndenumerate(cm):
         ax.text(j, i, str(value), ha="center", va="center", color="white" if value > cm.max() / 2 else "black")
@@ -76,7 +80,7 @@ def plot_attributions(image: np.ndarray, maps: dict[str, np.ndarray], title: str
     gray = image.mean(axis=2) if image.shape[2] == 3 else image[..., 0]
     shown = image if image.shape[2] == 3 else gray
     cols = 1 + len(maps)
-    fig, axes = plt.subplots(1, cols, figsize=(2.0 * cols, 2.4))
+    fig, axes = new_figure(1, cols, figsize=(2.0 * cols, 2.4))
     axes[0].imshow(shown, cmap=None if image.shape[2] == 3 else "gray", vmin=0, vmax=1)
     axes[0].set_title("image", fontsize=8)
     for ax, (name, attribution) in zip(axes[1:], maps.items()):
@@ -89,7 +93,7 @@ def plot_attributions(image: np.ndarray, maps: dict[str, np.ndarray], title: str
             ax.contour(mask, levels=[0.5], colors="lime", linewidths=0.8)
         if marker is not None:
             top, bottom, left, right = marker
-            ax.add_patch(plt.Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False,
+            ax.add_patch(Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False,
                                        edgecolor="orange", linewidth=0.8))
         ax.axis("off")
     fig.suptitle(title, fontsize=8)
@@ -98,7 +102,7 @@ def plot_attributions(image: np.ndarray, maps: dict[str, np.ndarray], title: str
 
 def plot_faithfulness(curves: dict[str, dict], path: str | Path) -> None:
     """Mean deletion and insertion curves per method (dashed: random pixel order)."""
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.3))
+    fig, axes = new_figure(1, 2, figsize=(9, 3.3))
     for ax, kind in zip(axes, ("deletion", "insertion")):
         for name, row in curves.items():
             curve = row[f"{kind}_curve"]
@@ -114,7 +118,7 @@ def plot_faithfulness(curves: dict[str, dict], path: str | Path) -> None:
 
 def plot_feature_maps(layers: list[tuple[str, np.ndarray]], path: str | Path, channels: int = 8) -> None:
     """The first ``channels`` activation maps of each conv layer for one image."""
-    fig, axes = plt.subplots(len(layers), channels, figsize=(1.3 * channels, 1.4 * len(layers)), squeeze=False)
+    fig, axes = new_figure(len(layers), channels, figsize=(1.3 * channels, 1.4 * len(layers)), squeeze=False)
     for r, (name, maps) in enumerate(layers):
         for c in range(channels):
             ax = axes[r, c]
@@ -127,7 +131,7 @@ def plot_feature_maps(layers: list[tuple[str, np.ndarray]], path: str | Path, ch
 
 def plot_class_images(images: dict[str, np.ndarray], path: str | Path) -> None:
     """Gradient-ascent images, one per class."""
-    fig, axes = plt.subplots(1, len(images), figsize=(2.2 * len(images), 2.4), squeeze=False)
+    fig, axes = new_figure(1, len(images), figsize=(2.2 * len(images), 2.4), squeeze=False)
     for ax, (name, image) in zip(axes[0], images.items()):
         ax.imshow(image[..., 0] if image.shape[2] == 1 else image, cmap="gray", vmin=0, vmax=1)
         ax.set_title(name, fontsize=8)
@@ -137,7 +141,7 @@ def plot_class_images(images: dict[str, np.ndarray], path: str | Path) -> None:
 
 def plot_pr(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path) -> None:
     """One precision-recall curve per name: (recall, precision)."""
-    fig, ax = plt.subplots(figsize=(4.2, 4))
+    fig, ax = new_figure(figsize=(4.2, 4))
     for name, (recall, precision) in curves.items():
         ax.plot(recall, precision, label=name)
     ax.set_xlabel("recall (sensitivity)")
@@ -149,7 +153,7 @@ def plot_pr(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path) 
 
 def plot_calibration(reliability: dict[str, list[dict[str, float]]], summary: dict, path: str | Path) -> None:
     """Reliability diagram before and after calibration, with ECE in the legend."""
-    fig, ax = plt.subplots(figsize=(4.2, 4))
+    fig, ax = new_figure(figsize=(4.2, 4))
     ax.plot([0, 1], [0, 1], ":", color="grey", label="perfect")
     for when, rows in reliability.items():
         ece = summary[when]["ece"]
@@ -164,7 +168,7 @@ def plot_failures(images: np.ndarray, failures: dict[str, list[dict]], path: str
     """Thumbnails of the most confident mistakes, one row per kind, with their scores."""
     kinds = [k for k, rows in failures.items() if rows] or list(failures)
     cols = max([len(failures[k]) for k in kinds] + [1])
-    fig, axes = plt.subplots(len(kinds), cols, figsize=(1.9 * cols, 2.2 * len(kinds)), squeeze=False)
+    fig, axes = new_figure(len(kinds), cols, figsize=(1.9 * cols, 2.2 * len(kinds)), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for r, kind in enumerate(kinds):

@@ -1,0 +1,45 @@
+"""Where each stage reads and writes, relative to the repository root (DVC's working dir).
+
+Every output file name lives here, once; these are the paths ``dvc.yaml`` declares. Stages
+take folders as arguments defaulting to these, so tests can point a stage at a temporary
+folder instead, and write the file names below inside them.
+"""
+
+from pathlib import Path
+
+PARAMS = Path("params.yaml")
+DVC_LOCK = Path("dvc.lock")
+
+# File names shared by several stage folders.
+METRICS = "metrics.json"
+TIMING = "timing.json"
+
+PREPARED = Path("data/prepared")
+BALANCED = Path("data/balanced")
+MODEL = Path("models/model.pt")
+CHECKPOINT = Path("models/checkpoints/last.pt")  # persisted between runs: not a DVC output
+
+REPORTS = Path("reports")
+DATA_SUMMARY = REPORTS / "data" / "summary.json"
+BALANCE_REPORT = REPORTS / "balance.json"
+
+TRAIN_DIR = REPORTS / "train"
+HISTORY = "history.csv"
+CURVES = "curves.png"
+
+EVAL_DIR = REPORTS / "eval"
+PREDICTIONS = "predictions.csv"
+FAILURES = "failures.json"
+ROC_CSV, PR_CSV, CALIBRATION_CSV = "roc.csv", "pr.csv", "calibration.csv"
+ROC_PNG, PR_PNG, CONFUSION_PNG, CALIBRATION_PNG, FAILURES_PNG = (
+    "roc.png", "pr.png", "confusion.png", "calibration.png", "failures.png")
+
+EXPLAIN_DIR = REPORTS / "explain"
+SAMPLES = "samples.json"
+ATTRIBUTIONS = "attributions.npy"
+FIGURES = "figures"
+FAITHFULNESS_PNG, FEATURE_MAPS_PNG, CLASS_IMAGES_PNG = "curves.png", "feature_maps.png", "class_images.png"
+
+REPORT_HTML = REPORTS / "report.html"
+MODEL_CARD = REPORTS / "model_card.md"
+MLFLOW_RUN = REPORTS / "mlflow_run.json"

@@ -1,0 +1,93 @@
+"""MedMNIST-format ``.npz`` files: ``{train,val,test}_images`` and ``{train,val,test}_labels``.
+
+Every problem is one :class:`PipelineError` naming the file and the key: a zero-byte or
+truncated file, a missing key, images and labels of different lengths, non-uint8 or NaN
+pixels, multi-label or non-integer labels, an empty split, splits of different shapes.
+"""
+
+from __future__ import annotations
+
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.core.dataset import SPLITS
+from pipeline.core.errors import PipelineError
+
+# What numpy and zipfile raise for a file that is not, or no longer, a whole .npz archive.
+_UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+def read_npz(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
+    """A MedMNIST-format ``.npz``: ``{split}_images`` and ``{split}_labels`` for each split.
+
+    Images may be N×H×W (grayscale) or N×H×W×C with C in {1, 3}; labels N or N×1 integers.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise PipelineError(f"{path}: empty file (0 bytes), not a .npz archive")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except _UNREADABLE as exc:
+        raise PipelineError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    with archive:
+        expected = [f"{s}_{kind}" for s in SPLITS for kind in ("images", "labels")]
+        missing = [key for key in expected if key not in archive.files]
+        if missing:
+            raise PipelineError(f"{path}: missing key '{missing[0]}' (has: {', '.join(archive.files) or 'nothing'})")
+        splits = {}
+        for split in SPLITS:
+            images = _check_images(path, f"{split}_images", _member(path, archive, f"{split}_images"))
+            labels = _check_labels(path, f"{split}_labels", _member(path, archive, f"{split}_labels"))
+            if len(images) != len(labels):
+                raise PipelineError(
+                    f"{path}: {split}_images has {len(images)} images but {split}_labels has {len(labels)} labels"
+                )
+            if len(images) == 0:
+                raise PipelineError(f"{path}: split '{split}' is empty")
+            ids = np.array([f"{split}-{i:06d}" for i in range(len(images))])
+            splits[split] = {"images": images, "labels": labels, "ids": ids}
+    shapes = {s: splits[s]["images"].shape[1:] for s in SPLITS}
+    if len(set(shapes.values())) != 1:
+        raise PipelineError(f"{path}: splits have different image shapes {shapes}")
+    return splits
+
+
+def _member(path: Path, archive: np.lib.npyio.NpzFile, key: str) -> np.ndarray:
+    """One array of the archive; a truncated or corrupt member is the file's error, not a traceback."""
+    try:
+        return archive[key]
+    except _UNREADABLE as exc:
+        raise PipelineError(f"{path}: {key} cannot be read, the file is truncated or corrupt "
+                            f"({type(exc).__name__}: {exc})") from None
+
+
+def _check_images(path: Path, key: str, images: np.ndarray) -> np.ndarray:
+    if images.dtype.kind == "f" and np.isnan(images).any():
+        raise PipelineError(f"{path}: {key} contains NaN values")
+    if images.dtype != np.uint8:
+        raise PipelineError(f"{path}: {key} has dtype {images.dtype}; expected uint8 pixel values 0..255")
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise PipelineError(f"{path}: {key} has shape {images.shape}; expected N×H×W or N×H×W×C with C in (1, 3)")
+    return images
+
+
+def _check_labels(path: Path, key: str, labels: np.ndarray) -> np.ndarray:
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1:
+        raise PipelineError(f"{path}: {key} has shape {labels.shape}; expected one label per image (multi-label is not supported)")
+    if labels.dtype.kind == "f":
+        if np.isnan(labels).any():
+            raise PipelineError(f"{path}: {key} contains NaN values")
+        if not np.all(labels == np.round(labels)):
+            raise PipelineError(f"{path}: {key} has non-integer values; expected class indices")
+    elif labels.dtype.kind not in "iu":
+        raise PipelineError(f"{path}: {key} has dtype {labels.dtype}; expected integer class indices")
+    return labels.astype(np.int64)

@@ -1,0 +1,1 @@
+"""Clinical-study evaluation: metrics with bootstrap CIs and operating points, calibration, classical baselines."""

@@ -1,0 +1,1 @@
+"""Networks, the training recipe (optimiser, losses, samplers, schedules, augmentation, weight average), checkpoints."""

@@ -1,0 +1,390 @@
+"""What the report says, as plain data gathered from the run's own records.
+
+Every sentence that states a fact about the run is built here from params, the data summary,
+``balance.json``, the stage metrics or the model checkpoint, never written as a constant, so
+a reviewer never reads a sentence the run contradicts; the templates in ``templates/`` only
+lay the facts out. Each function takes the records (:func:`load_records`) and returns
+strings, rows or mappings, so tests can flip one record and check that the sentence follows.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.core import paths
+from pipeline.core.config import Params, TrainParams, as_dict, flatten
+from pipeline.core.dataset import SPLITS
+from pipeline.core.files import file_digest, read_csv, read_json
+from pipeline.data import catalog
+from pipeline.data.privacy import public_params
+from pipeline.evaluation.metrics import COMPARISON, HEADLINE, SUMMARY
+from pipeline.reporting.provenance import git_state, hardware, versions
+
+CI_WIDTH_LIMIT = 0.1
+ECE_LIMIT = 0.1
+PREVALENCE_SHIFT_LIMIT = 0.05
+
+# How each imbalance strategy (balance.strategy) changed the training split, in words.
+STRATEGY_TEXT = {
+    "none": "none: the training split is used as it is, every class with loss weight 1",
+    "class_weight": "class weights: every training image used once; the loss weights each class by n / (K · n_class)",
+    "oversample": "random oversampling (imblearn RandomOverSampler): minority-class images repeated until classes are equal",
+    "undersample": "random undersampling (imblearn RandomUnderSampler): majority-class images dropped until classes are equal",
+    "smote": "SMOTE (imblearn) on flattened pixels: synthetic minority images blended from neighbours",
+}
+SAMPLER_TEXT = {"none": "seeded shuffle, every image once per epoch",
+                "weighted": "class-balanced draw with replacement (WeightedRandomSampler, weights 1/n_class)"}
+SCHEDULE_TEXT = {"none": "constant learning rate", "cosine": "cosine annealing to 0",
+                 "onecycle": "one-cycle (cosine annealing to lr/100 after the warm-up)"}
+TRUST_COLUMNS = (("deletion_auc", "deletion AUC ↓"), ("insertion_auc", "insertion AUC ↑"), ("infidelity", "infidelity ↓"),
+                 ("sensitivity_max", "max-sensitivity ↓"), ("randomised_top_layer_spearman", "Spearman, top layer random"),
+                 ("randomised_all_layers_spearman", "Spearman, all layers random"),
+                 ("randomised_all_layers_ssim", "SSIM, all layers random"), ("pointing_game", "pointing game ↑"),
+                 ("mass_in_mask", "mass in lesion ↑"), ("auprc_mask", "AUPRC vs mask ↑"), ("marker_mass", "mass on marker"))
+
+
+def fmt(value: Any) -> str:
+    """How every number appears in the report (4 significant digits)."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def fmt_ci(metrics: dict[str, Any], key: str) -> str:
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    return "n/a" if low is None or high is None else f"{fmt(low)} – {fmt(high)}"
+
+
+def data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def load_records(root: Path) -> dict[str, Any]:
+    """Every stage output the report reads, by name (paths as ``dvc.yaml`` declares them)."""
+    from pipeline.modeling.checkpoints import load_checkpoint  # torch: only the model's own record needs it
+
+    model, extra = load_checkpoint(root / paths.MODEL)
+    lock = root / paths.DVC_LOCK
+    return {
+        "data": read_json(root / paths.DATA_SUMMARY),
+        "balance": read_json(root / paths.BALANCE_REPORT),
+        "train": read_json(root / paths.TRAIN_DIR / paths.METRICS)["train"],
+        "train_timing": read_json(root / paths.TRAIN_DIR / paths.TIMING),
+        "history": read_csv(root / paths.TRAIN_DIR / paths.HISTORY),
+        "eval": read_json(root / paths.EVAL_DIR / paths.METRICS),
+        "eval_timing": read_json(root / paths.EVAL_DIR / paths.TIMING),
+        "failures": read_json(root / paths.EVAL_DIR / paths.FAILURES),
+        "explain": read_json(root / paths.EXPLAIN_DIR / paths.SAMPLES),
+        "explain_metrics": read_json(root / paths.EXPLAIN_DIR / paths.METRICS),
+        "model_config": dict(vars(model.config)),
+        "model_sha256": file_digest(root / paths.MODEL),
+        "dvc_lock": yaml.safe_load(lock.read_text()) if lock.is_file() else None,
+    }
+
+
+# --- facts, one function per topic ---------------------------------------------------------------
+
+def source_text(data: dict[str, Any]) -> str:
+    source = data["input"]
+    known = catalog.lookup(source["source"], source.get("path"))
+    where = known["name"] if known else source.get("path", source["source"])
+    return f"data.source {source['source']}: {where}"
+
+
+def inclusion_text(data: dict[str, Any]) -> str:
+    n = sum(d["n"] for d in data["splits"].values())
+    excluded = data.get("excluded", 0)
+    dropped = data.get("checks", {}).get("duplicates_dropped", 0)
+    parts = [f"{n} images prepared"]
+    parts.append(f"{excluded} file(s) excluded as unreadable or not images (listed below)" if excluded
+                 else "no file excluded")
+    if dropped:
+        parts.append(f"{dropped} exact duplicate image(s) dropped")
+    return "Inclusion: " + "; ".join(parts) + "."
+
+
+def split_text(data: dict[str, Any]) -> str:
+    return f"Split: {data['split_method']}."
+
+
+def resize_text(data: dict[str, Any]) -> str:
+    pre = data.get("preprocessing", {})
+    size = f"{data['image_size'][0]}×{data['image_size'][1]}"
+    originals = ", ".join(f"{k} ({v})" for k, v in pre.get("original_sizes", {}).items()) or "unknown"
+    if pre.get("image_size") is None:
+        return f"Size: images kept at their stored size ({size}); no resizing."
+    if pre.get("resized"):
+        return (f"Size: {pre['resized']} image(s) centre-cropped to a square and resized (bilinear) to {size}; "
+                f"stored sizes: {originals}.")
+    return f"Size: data.image_size is {size} and every image already had that size; none was resized."
+
+
+def channels_text(data: dict[str, Any]) -> str:
+    pre, channels = data.get("preprocessing", {}), data["channels"]
+    if pre.get("channels_converted"):
+        how = "RGB to grayscale (ITU-R 601 luma)" if channels == 1 else "grayscale copied to 3 channels"
+        return f"Channels: {pre['channels_converted']} image(s) converted, {how}; {channels} channel(s) in the model."
+    return f"Channels: {channels}, as stored; no conversion."
+
+
+def dicom_text(data: dict[str, Any]) -> str | None:
+    if not data.get("dicom"):
+        return None
+    center, width = data.get("preprocessing", {}).get("dicom_window", [None, None])
+    voi = (f"the window given in data.dicom (center {center}, width {width})" if center is not None and width is not None
+           else "each file's own VOI LUT or window (else its min..max)")
+    return (f"DICOM ({', '.join(data['dicom'])}): modality LUT (rescale), then {voi}, mapped to 0..255; "
+            "MONOCHROME1 inverted.")
+
+
+def standardisation_text(config: dict[str, Any]) -> str:
+    return (f"Intensities: stored as uint8, scaled to [0, 1], then standardised inside the model with the "
+            f"training split's mean {fmt(config['mean'])} and standard deviation {fmt(config['std'])}.")
+
+
+def augmentation_text(cfg: TrainParams) -> str:
+    parts = [f"{label}{value}{unit}" for label, value, unit in (
+        ("rotation ±", cfg.aug_rotate, "°"), ("shift ±", cfg.aug_translate, " of the side"), ("zoom ±", cfg.aug_scale, ""),
+        ("brightness/contrast ±", cfg.aug_intensity, "")) if value]
+    if cfg.aug_flip:
+        parts.append("horizontal flips")
+    return "seeded: " + ", ".join(parts) if parts else "none"
+
+
+def preprocessing_facts(params: Params, records: dict[str, Any]) -> list[str]:
+    data = records["data"]
+    facts = [resize_text(data), channels_text(data), dicom_text(data), standardisation_text(records["model_config"]),
+             f"Training augmentation: {augmentation_text(params.train)} (validation and test images are never "
+             "augmented)."]
+    return [f for f in facts if f]
+
+
+def imbalance_text(balance: dict[str, Any]) -> str:
+    return f"Imbalance handling: {STRATEGY_TEXT[balance['strategy']]}; applied to the training split only."
+
+
+def loss_text(cfg: TrainParams) -> str:
+    loss = f"focal (gamma {cfg.focal_gamma})" if cfg.loss == "focal" else "cross-entropy"
+    return (loss + " with the balance stage's class weights"
+            + (f", label smoothing {cfg.label_smoothing}" if cfg.label_smoothing else ""))
+
+
+def schedule_text(cfg: TrainParams) -> str:
+    return (SCHEDULE_TEXT[cfg.schedule] + (f", after {cfg.warmup_epochs} linear warm-up epoch(s)" if cfg.warmup_epochs else "")
+            + (f"; gradient norm clipped at {cfg.grad_clip}" if cfg.grad_clip else ""))
+
+
+def determinism_text(cfg: TrainParams, timing: dict[str, Any]) -> str:
+    device = timing.get("device", "unknown")
+    if device == "cpu":
+        return (f"trained on the CPU with {cfg.threads} thread(s) and deterministic kernels: the same params and seed "
+                "give the same model bytes")
+    return (f"trained on {device} with bfloat16 autocast: reruns agree closely but not bit for bit; the CPU path "
+            "(train.device: cpu) gives identical bytes")
+
+
+def model_rows(params: Params, records: dict[str, Any]) -> list[list[Any]]:
+    train, cfg = records["train"], params.train
+    optimizer = f"{cfg.optimizer} (lr {cfg.lr}, weight decay {cfg.weight_decay}" + (
+        f", momentum {cfg.momentum})" if cfg.optimizer == "sgd" else ")")
+    config = records["model_config"]
+    return [["architecture", config["name"] + (f" (width {config['width']})" if config["name"] != "seed_cnn" else "")],
+            ["input", f"{config['image_size']} px, {config['in_channels']} channel(s), {config['num_classes']} classes"],
+            ["parameters", train["parameters"]],
+            ["initialisation", "PyTorch defaults (Kaiming-uniform), drawn from the run's seed"],
+            ["optimizer", optimizer],
+            ["learning-rate schedule", schedule_text(cfg)],
+            ["loss", loss_text(cfg)],
+            ["batches", f"{cfg.batch_size} images, {SAMPLER_TEXT[cfg.sampler]}; at most {cfg.epochs} epochs"],
+            ["augmentation", augmentation_text(cfg)],
+            ["stopping and selection", f"stop after {cfg.patience} epochs without a better validation ROC AUC; keep the best "
+                                       "epoch's weights" + (f" (of the exponential moving average of the weights, decay {cfg.ema})"
+                                                            if cfg.ema else "")],
+            ["epochs run / selected", f"{train['epochs_run']} / {train['best_epoch']}"],
+            ["seed", params.seed],
+            ["determinism", determinism_text(cfg, records["train_timing"])],
+            ["model sha256", records["model_sha256"]]]
+
+
+def decision_text(test: dict[str, Any]) -> str:
+    if test["threshold"] is None:
+        return "Decision: the class with the highest probability (multi-class)."
+    return (f"Operating point: threshold {fmt(test['threshold'])} on P(positive), chosen on the validation split by "
+            f"rule '{test['threshold_rule']}' and frozen before the test split was scored.")
+
+
+def calibration_text(calib: dict[str, Any]) -> str:
+    if calib["method"] == "temperature":
+        return f"Calibration: temperature scaling, temperature {fmt(calib['temperature'])} fitted on validation."
+    return "Calibration: none (evaluate.calibrate: none); probabilities are the network's softmax."
+
+
+def sample_text(explain: dict[str, Any], n: int) -> str:
+    counts: dict[str, int] = {}
+    for sample in explain["samples"]:
+        counts[sample["why"]] = counts.get(sample["why"], 0) + 1
+    return f"{n} test images: " + ", ".join(f"{k} {why}" for why, k in counts.items()) + "."
+
+
+def method_settings_text(methods: list[str], settings: dict[str, Any]) -> str:
+    described = {
+        "integrated_gradients": f"Integrated Gradients: black baseline, {settings['ig_steps']} steps",
+        "smoothgrad": f"SmoothGrad: {settings['smoothgrad_samples']} samples, σ {settings['smoothgrad_stdev']}",
+        "occlusion": f"occlusion: patch {settings['occlusion_window']} of the image side",
+        "lime": f"LIME: {settings['lime_samples']} samples on a {settings['lime_grid']}×{settings['lime_grid']} grid",
+    }
+    return "; ".join(described[m] for m in methods if m in described)
+
+
+def limitations(records: dict[str, Any]) -> list[str]:
+    """Automatic warnings, most serious first."""
+    data, test, calib = records["data"], records["eval"]["test"], records["eval"]["calibration"]
+    found = []
+    if data["input"]["source"] == "phantom":
+        found.append("Trained and tested on simulated phantom scans: this says nothing about performance on real patients.")
+    for check in ("patient_overlap", "duplicates_across_splits"):
+        if data.get("checks", {}).get(check):
+            found.append(f"Data check failed: {check.replace('_', ' ')} = {data['checks'][check]}.")
+    low, high = test.get("roc_auc_ci_low"), test.get("roc_auc_ci_high")
+    if low is not None and high - low > CI_WIDTH_LIMIT:
+        found.append(f"Small test set: the 95% CI of ROC AUC is {high - low:.3f} wide (> {CI_WIDTH_LIMIT}).")
+    if calib["after"]["ece"] > ECE_LIMIT:
+        found.append(f"Poor calibration: ECE {calib['after']['ece']:.3f} (> {ECE_LIMIT}) after {calib['method']} "
+                     "calibration; predicted probabilities should not be read as risks.")
+    shift = prevalence_shift(data)
+    if shift > PREVALENCE_SHIFT_LIMIT:
+        found.append(f"Class prevalence differs between splits by up to {shift:.3f}; PPV and NPV do not transfer.")
+    found += [w for w in records["explain_metrics"]["warnings"] if w.startswith("Shortcut")]
+    if records["balance"]["synthetic_images"]:
+        found.append(f"SMOTE added {records['balance']['synthetic_images']} synthetic (blended) training images.")
+    found.append("No external test set: all splits come from one source, so performance at other sites is unknown.")
+    return found
+
+
+def prevalence_shift(data: dict[str, Any]) -> float:
+    prevalences = [split["prevalence"] for split in data["splits"].values()]
+    return max(max(p[c] for p in prevalences) - min(p[c] for p in prevalences) for c in data["class_names"])
+
+
+# --- sections as template context --------------------------------------------------------------
+
+def context(params: Params, root: Path, records: dict[str, Any]) -> dict[str, Any]:
+    """Everything ``report.html.j2`` and ``model_card.md.j2`` show."""
+    data, ev, balance = records["data"], records["eval"], records["balance"]
+    test, names = ev["test"], data["class_names"]
+    known = catalog.lookup(data["input"]["source"], data["input"].get("path"))
+    warnings = limitations(records)
+    return {
+        "title": params.report.title, "intended_use": params.report.intended_use, "params": params,
+        "warnings": warnings, "names": names, "test": test, "ev": ev, "train": records["train"],
+        "model_sha256": records["model_sha256"],
+        "summary_rows": [[k, test[k], fmt_ci(test, k)] for k in SUMMARY],
+        "decision": decision_text(test),
+        "data": {
+            "provenance": [[k, v] for k, v in flatten(data["input"]).items()],
+            "known": known,
+            "source": source_text(data),
+            "inclusion": inclusion_text(data),
+            "split": split_text(data),
+            "counts": [[s, d["n"], *[d["class_counts"][n] for n in names], *[d["prevalence"][n] for n in names]]
+                       for s, d in ((s, data["splits"][s]) for s in SPLITS)],
+            "skipped": [[row["id"], row["reason"]] for row in data.get("skipped", [])],
+            "checks": [[k, v] for k, v in flatten(data["checks"]).items()] if data.get("checks") else [],
+            "sha256": [[k, v] for k, v in data["outputs_sha256"].items()],
+            "evaluation_set": f"{known['name'] if known else data['input'].get('path', data['input']['source'])}",
+        },
+        "preprocessing": preprocessing_facts(params, records),
+        "imbalance": {"text": imbalance_text(balance),
+                      "rows": [[n, balance["before"][n], balance["after"][n], balance["class_weights"][n]] for n in names],
+                      "synthetic": balance["synthetic_images"]},
+        "model": {"rows": model_rows(params, records), "curves": data_uri(root / paths.TRAIN_DIR / paths.CURVES),
+                  "history": [list(r.values()) for r in records["history"]], "history_header": list(records["history"][0])},
+        "results": results_context(root, records),
+        "failures": {"rows": [[kind.replace("_", " "), r["id"], r["label"], r["predicted"], r["score"]]
+                              for kind, items in records["failures"].items() for r in items],
+                     "figure": data_uri(root / paths.EVAL_DIR / paths.FAILURES_PNG)},
+        "explanations": explanations_context(root, records),
+        "reproducibility": reproducibility_context(params, root, records),
+        "card": card_context(params, records),
+    }
+
+
+def results_context(root: Path, records: dict[str, Any]) -> dict[str, Any]:
+    ev = records["eval"]
+    test, calib = ev["test"], ev["calibration"]
+    models = {"CNN": test, **ev.get("baselines", {})}
+    return {
+        "metrics": [[k, test[k], fmt_ci(test, k)] for k in HEADLINE],
+        "per_class_auc": [[k, v] for k, v in test.get("roc_auc_per_class", {}).items()],
+        "comparison_header": ["model", *COMPARISON],
+        "comparison": [[name, *[f"{fmt(m[k])} ({fmt_ci(m, k)})" for k in COMPARISON]] for name, m in models.items()]
+        if ev.get("baselines") else [],
+        "subgroups": {group: [[g, m["n"], m["roc_auc"], fmt_ci(m, "roc_auc"), m["sensitivity"], m["specificity"]]
+                              for g, m in rows.items()] for group, rows in ev.get("subgroups", {}).items()},
+        "calibration": [[when, calib[when]["ece"], calib[when]["slope"], calib[when]["intercept"], calib[when]["brier"],
+                         calib[when]["log_loss"]] for when in ("before", "after")],
+        "calibration_text": calibration_text(calib),
+        "figures": [(data_uri(root / paths.EVAL_DIR / f), alt) for f, alt in (
+            (paths.ROC_PNG, "ROC curves"), (paths.PR_PNG, "precision-recall curves"),
+            (paths.CONFUSION_PNG, "confusion matrix"), (paths.CALIBRATION_PNG, "reliability diagram"))],
+        "confusion": [[n, *row] for n, row in zip(records["data"]["class_names"], test["confusion_matrix_normalized"])],
+    }
+
+
+def explanations_context(root: Path, records: dict[str, Any]) -> dict[str, Any]:
+    ex, trust = records["explain"], records["explain_metrics"]
+    methods, settings = ex["methods"], ex["settings"]
+    columns = [(k, title) for k, title in TRUST_COLUMNS if any(k in trust["explain"][m] for m in methods)]
+    rows = [[m, "passes sanity check" if trust["explain"][m]["sanity_pass"] else "FAILS sanity check",
+             *[trust["explain"][m].get(k) for k, _ in columns]] for m in methods]
+    rows.append(["random order", "(reference)", trust["random"]["deletion_auc"], trust["random"]["insertion_auc"],
+                 *[None] * (len(columns) - 2)])
+    figures = root / paths.EXPLAIN_DIR / paths.FIGURES
+    extra = [(data_uri(figures / f), alt) for f, alt in ((paths.FEATURE_MAPS_PNG, "feature maps"),
+                                                         (paths.CLASS_IMAGES_PNG, "gradient-ascent class images"))
+             if (figures / f).is_file()]
+    has_masks = any("pointing_game" in trust["explain"][m] for m in methods)
+    return {
+        "intro": (f"Methods (Captum): {', '.join(methods)}. Each map explains the {ex['target']}. "
+                  + sample_text(ex, trust["n_samples"]) + " " + method_settings_text(methods, settings)),
+        "sanity_threshold": settings["sanity_threshold"],
+        "localisation": has_masks,
+        "header": ["method", "verdict", *[t for _, t in columns]], "rows": rows, "warnings": trust["warnings"],
+        "curves": data_uri(figures / paths.FAITHFULNESS_PNG), "extra": extra,
+        "samples": [(data_uri(figures / s["figure"]), s["id"]) for s in ex["samples"]],
+    }
+
+
+def reproducibility_context(params: Params, root: Path, records: dict[str, Any]) -> dict[str, Any]:
+    git = git_state(root)
+    timing = {"train (s)": records["train_timing"]["seconds"], **records["eval_timing"]}
+    lock = records["dvc_lock"] or {}
+    return {
+        "rows": [["git commit", git["commit"]], ["uncommitted changes", git["dirty"]],
+                 *[[k, v] for k, v in versions().items()], *[[k, v] for k, v in hardware().items()],
+                 *[[f"run time: {k}", v] for k, v in timing.items()]],
+        "lock": [[stage, o["path"], o.get("md5", "")] for stage, entry in lock.get("stages", {}).items()
+                 for o in entry.get("outs", [])],
+        "params": [[k, v] for k, v in public_params(flatten(as_dict(params))).items()],
+    }
+
+
+def card_context(params: Params, records: dict[str, Any]) -> dict[str, Any]:
+    data, ev = records["data"], records["eval"]
+    known = catalog.lookup(data["input"]["source"], data["input"].get("path"))
+    return {
+        "metrics": [[k, fmt(ev["test"][k]), fmt_ci(ev["test"], k)] for k in SUMMARY],
+        "groups": [[g, m["n"], fmt(m["roc_auc"]), fmt_ci(m, "roc_auc")]
+                   for rows in ev.get("subgroups", {}).values() for g, m in rows.items()],
+        "group_names": ", ".join(ev.get("subgroups", {})) or "none available in this dataset",
+        "counts": "; ".join(f"{s}: {d['n']} ({', '.join(f'{n} {c}' for n, c in d['class_counts'].items())})"
+                            for s, d in ((s, data["splits"][s]) for s in SPLITS)),
+        "license": f"License: {known['license']}." if known else "License of the data: not known to the pipeline.",
+        "stopping": f"early stopping after {params.train.patience} epochs without a better validation ROC AUC",
+    }

@@ -1,0 +1,1 @@
+"""Explanations: Captum attribution methods and the measurements of how far each deserves trust."""

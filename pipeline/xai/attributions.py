@@ -1,0 +1,183 @@
+"""Attribution maps: Captum's methods behind one batched call, plus the seed's two visualisations.
+
+Every method returns one H×W map per image (channels summed) explaining ``targets``:
+- ``saliency``: |∂logit/∂x| (Simonyan et al. 2014);
+- ``integrated_gradients``: black baseline, ``ig_steps`` steps, Captum's internal batching;
+- ``smoothgrad``: Saliency averaged over noisy copies (Captum ``NoiseTunnel``);
+- ``grad_cam``: ``LayerGradCam`` on the last conv feature map, bilinearly upsampled;
+- ``guided_grad_cam``: Grad-CAM times guided backpropagation (Captum ``GuidedGradCam``);
+- ``occlusion``: drop in the target's logit when a square patch is blacked out (patches tile
+  the image without overlap);
+- ``lime``: Captum ``Lime`` on a grid of square superpixels.
+Feature maps (activations of each conv layer) and gradient-ascent class images are the seed's
+own visualisations.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.core.config import ExplainParams
+
+TITLES = {"saliency": "Saliency", "integrated_gradients": "Integrated Gradients", "smoothgrad": "SmoothGrad",
+          "grad_cam": "Grad-CAM", "guided_grad_cam": "Guided Grad-CAM", "occlusion": "Occlusion", "lime": "LIME"}
+
+
+def grid_mask(height: int, width: int, cells: int) -> torch.Tensor:
+    """LIME's features: an integer label per pixel for a ``cells``×``cells`` grid of squares."""
+    rows = np.minimum(np.arange(height) * cells // height, cells - 1)
+    cols = np.minimum(np.arange(width) * cells // width, cells - 1)
+    return torch.from_numpy(rows[:, None] * cells + cols[None, :]).long()
+
+
+Explainer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (inputs N×C×H×W, targets N) → N×C×H×W
+
+
+def _saliency(model: nn.Module, cfg: ExplainParams, shape: tuple[int, int, int], seed: int) -> Explainer:
+    from captum.attr import Saliency
+
+    return lambda x, t: Saliency(model).attribute(x, target=t, abs=True)
+
+
+def _integrated_gradients(model: nn.Module, cfg: ExplainParams, shape: tuple[int, int, int], seed: int) -> Explainer:
+    from captum.attr import IntegratedGradients
+
+    ig = IntegratedGradients(model)
+    return lambda x, t: ig.attribute(x, baselines=0.0, target=t, n_steps=cfg.ig_steps,
+                                     internal_batch_size=4 * cfg.ig_steps)
+
+
+def _smoothgrad(model: nn.Module, cfg: ExplainParams, shape: tuple[int, int, int], seed: int) -> Explainer:
+    from captum.attr import NoiseTunnel, Saliency
+
+    tunnel = NoiseTunnel(Saliency(model))
+
+    def smooth(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(seed)  # the noise draws are part of the explanation: keep them fixed
+        return tunnel.attribute(x, nt_type="smoothgrad", nt_samples=cfg.smoothgrad_samples,
+                                stdevs=cfg.smoothgrad_stdev, target=t, abs=True)
+    return smooth
+
+
+def _grad_cam(model: nn.Module, cfg: ExplainParams, shape: tuple[int, int, int], seed: int) -> Explainer:
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    channels, height, width = shape
+    cam = LayerGradCam(model, model.cam_layer)
+    return lambda x, t: LayerAttribution.interpolate(
+        cam.attribute(x, target=t, relu_attributions=True), (height, width), interpolate_mode="bilinear"
+    ).expand(-1, channels, -1, -1) / channels
+
+
+def _guided_grad_cam(model: nn.Module, cfg: ExplainParams, shape: tuple[int, int, int], seed: int) -> Explainer:
+    from captum.attr import GuidedGradCam
+
+    guided = GuidedGradCam(model, model.cam_layer)
+
+    def guided_cam(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with warnings.catch_warnings():  # Captum announces its temporary ReLU hooks on every call
+            warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
+            return guided.attribute(x, target=t, interpolate_mode="bilinear")
+    return guided_cam
+
+
+def _occlusion(model: nn.Module, cfg: ExplainParams, shape: tuple[int, int, int], seed: int) -> Explainer:
+    from captum.attr import Occlusion
+
+    channels, height, _ = shape
+    side = max(2, round(cfg.occlusion_window * height))
+    occlusion = Occlusion(model)
+    return lambda x, t: occlusion.attribute(x, sliding_window_shapes=(channels, side, side),
+                                            strides=(channels, side, side),
+                                            baselines=0.0, target=t, perturbations_per_eval=64)
+
+
+def _lime(model: nn.Module, cfg: ExplainParams, shape: tuple[int, int, int], seed: int) -> Explainer:
+    from captum.attr import Lime
+
+    channels, height, width = shape
+    lime = Lime(model)
+    features = grid_mask(height, width, cfg.lime_grid)
+
+    def explain_lime(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(seed)  # LIME's random perturbations: fixed, so maps are reproducible
+        return torch.cat([lime.attribute(x[i:i + 1], baselines=0.0, target=t[i:i + 1],
+                                         feature_mask=features.expand(1, channels, -1, -1),
+                                         n_samples=cfg.lime_samples, perturbations_per_eval=64)
+                          for i in range(len(x))])
+    return explain_lime
+
+
+# ``explain.methods``: name → builder of an :data:`Explainer` for one model and input shape.
+METHODS: dict[str, Callable[[nn.Module, ExplainParams, tuple[int, int, int], int], Explainer]] = {
+    "saliency": _saliency,
+    "integrated_gradients": _integrated_gradients,
+    "smoothgrad": _smoothgrad,
+    "grad_cam": _grad_cam,
+    "guided_grad_cam": _guided_grad_cam,
+    "occlusion": _occlusion,
+    "lime": _lime,
+}
+
+
+def explainer(method: str, model: nn.Module, cfg: ExplainParams, shape: tuple[int, int, int], seed: int) -> Explainer:
+    """A function (inputs N×C×H×W, targets N) → attributions N×C×H×W for ``method``."""
+    return METHODS[method](model, cfg, shape, seed)
+
+
+def attribute(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, cfg: ExplainParams,
+              seed: int = 0, methods: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """One N×H×W float32 map per method, computed in batches of ``cfg.batch_size``."""
+    model.eval()
+    maps = {}
+    for method in methods or cfg.methods:
+        fn = explainer(method, model, cfg, tuple(inputs.shape[1:]), seed)
+        chunks = []
+        for start in range(0, len(inputs), cfg.batch_size):
+            x = inputs[start:start + cfg.batch_size].clone().requires_grad_(True)
+            chunks.append(fn(x, targets[start:start + cfg.batch_size]).detach().sum(dim=1))
+        maps[method] = torch.cat(chunks).float().numpy()
+    return maps
+
+
+def feature_maps(model: nn.Module, image: torch.Tensor) -> list[tuple[str, np.ndarray]]:
+    """Activations (C×H×W) after each convolution for one image: the seed's feature-map view."""
+    found: list[tuple[str, np.ndarray]] = []
+    hooks = [module.register_forward_hook(lambda m, i, o, name=name: found.append((name, o[0].detach().numpy())))
+             for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            model(image[None])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return found
+
+
+def class_image(model: nn.Module, target: int, shape: tuple[int, int, int], steps: int, seed: int,
+                lr: float = 0.05, l2: float = 0.01, blur_every: int = 10) -> np.ndarray:
+    """Gradient ascent on the input to maximise one class's logit (the seed's class visualisation).
+
+    Regularised towards mid-grey by an L2 penalty and a light blur every ``blur_every`` steps,
+    so the image shows structure rather than adversarial noise; kept in [0, 1].
+    """
+    generator = torch.Generator().manual_seed(seed + target)
+    x = (0.5 + 0.01 * torch.randn((1, *shape), generator=generator)).requires_grad_(True)
+    optimizer = torch.optim.Adam([x], lr=lr)
+    blur = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
+    model.eval()
+    for step in range(1, steps + 1):
+        optimizer.zero_grad()
+        loss = -model(x)[0, target] + l2 * ((x - 0.5) ** 2).sum()
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            if step % blur_every == 0:
+                x.copy_(nn.functional.conv2d(x, blur.expand(shape[0], 1, 3, 3), padding=1, groups=shape[0]))
+            x.clamp_(0, 1)
+    return x.detach()[0].permute(1, 2, 0).numpy()
