@@ -11,6 +11,7 @@ from torch import nn
 from pipeline import evaluate, explain
 from pipeline.core.files import load_npy, read_json, save_npy
 from pipeline.evaluation.metrics import HEADLINE, classification_metrics
+from pipeline.modeling.networks import ModelConfig, build_model
 from pipeline.xai import attributions
 
 
@@ -158,3 +159,24 @@ def test_five_class_rgb_data_run_through_evaluate_explain_and_report(rgb_run):
     assert "simulated phantom" not in page
     card = (root / "reports/model_card.md").read_text()
     assert "&lt;e&amp;f&gt;" in card and "<e&f>" not in card
+
+
+@pytest.mark.parametrize("method", ["smoothgrad", "lime"])
+def test_random_methods_draw_from_their_own_generator(params, method):
+    """Same maps whatever torch's global generator holds, and that generator is left alone."""
+    torch.manual_seed(0)
+    # SmoothGrad needs a non-linear model (a linear one has the same gradient under any noise); LIME a
+    # model whose output a superpixel moves far enough for the Lasso to keep it.
+    x = torch.rand(2, 1, 16, 16)
+    model = build_model(ModelConfig("small_cnn", 1, 2, 16, 4, 0.5, 0.25)).eval() if method == "smoothgrad" else OnePixel()
+    targets = torch.ones(2, dtype=torch.long)
+    maps = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        state = torch.random.get_rng_state()
+        maps.append(attributions.attribute(model, x, targets, params.explain, seed=3, methods=(method,))[method])
+        if method == "smoothgrad":  # LIME's own DataLoader still draws a worker seed from the global generator
+            assert torch.equal(state, torch.random.get_rng_state())
+    assert np.array_equal(maps[0], maps[1])
+    other = attributions.attribute(model, x, targets, params.explain, seed=4, methods=(method,))[method]
+    assert not np.array_equal(maps[0], other)

@@ -3,7 +3,7 @@
 Every method returns one H×W map per image (channels summed) explaining ``targets``:
 - ``saliency``: |∂logit/∂x| (Simonyan et al. 2014);
 - ``integrated_gradients``: black baseline, ``ig_steps`` steps, Captum's internal batching;
-- ``smoothgrad``: Saliency averaged over noisy copies (Captum ``NoiseTunnel``);
+- ``smoothgrad``: Saliency averaged over noisy copies (as Captum's ``NoiseTunnel``, with seeded noise);
 - ``grad_cam``: ``LayerGradCam`` on the last conv feature map, bilinearly upsampled;
 - ``guided_grad_cam``: Grad-CAM times guided backpropagation (Captum ``GuidedGradCam``);
 - ``occlusion``: drop in the target's logit when a square patch is blacked out (patches tile
@@ -53,14 +53,23 @@ def _integrated_gradients(model: nn.Module, cfg: ExplainParams, shape: tuple[int
 
 
 def _smoothgrad(model: nn.Module, cfg: ExplainParams, shape: tuple[int, int, int], seed: int) -> Explainer:
-    from captum.attr import NoiseTunnel, Saliency
+    """Saliency averaged over ``smoothgrad_samples`` noisy copies (Smilkov et al. 2017).
 
-    tunnel = NoiseTunnel(Saliency(model))
+    What Captum's ``NoiseTunnel(Saliency)`` computes, with the noise drawn from an explicit
+    generator (NoiseTunnel draws from torch's global one): each call starts from ``seed``, so
+    the noise is part of the explanation's definition and maps are reproducible.
+    """
+    from captum.attr import Saliency
+
+    saliency = Saliency(model)
 
     def smooth(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        torch.manual_seed(seed)  # the noise draws are part of the explanation: keep them fixed
-        return tunnel.attribute(x, nt_type="smoothgrad", nt_samples=cfg.smoothgrad_samples,
-                                stdevs=cfg.smoothgrad_stdev, target=t, abs=True)
+        generator = torch.Generator().manual_seed(seed)
+        n = cfg.smoothgrad_samples
+        noisy = x.detach().repeat_interleave(n, dim=0)
+        noisy = (noisy + cfg.smoothgrad_stdev * torch.randn(noisy.shape, generator=generator)).requires_grad_(True)
+        maps = saliency.attribute(noisy, target=t.repeat_interleave(n), abs=True)
+        return maps.view(len(x), n, *x.shape[1:]).mean(dim=1)
     return smooth
 
 
@@ -98,14 +107,23 @@ def _occlusion(model: nn.Module, cfg: ExplainParams, shape: tuple[int, int, int]
 
 
 def _lime(model: nn.Module, cfg: ExplainParams, shape: tuple[int, int, int], seed: int) -> Explainer:
+    """Captum ``Lime`` on a grid of square superpixels; its random on/off samples come from an
+    explicit generator that restarts from ``seed`` on every call, so maps are reproducible."""
     from captum.attr import Lime
 
     channels, height, width = shape
-    lime = Lime(model)
     features = grid_mask(height, width, cfg.lime_grid)
+    draws = {"generator": torch.Generator()}
+
+    def perturb(original: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        # Captum's default (each superpixel kept with probability 1/2), from our generator.
+        probs = torch.full((1, int(kwargs["num_interp_features"])), 0.5)
+        return torch.bernoulli(probs, generator=draws["generator"]).long()
+
+    lime = Lime(model, perturb_func=perturb)
 
     def explain_lime(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        torch.manual_seed(seed)  # LIME's random perturbations: fixed, so maps are reproducible
+        draws["generator"].manual_seed(seed)
         return torch.cat([lime.attribute(x[i:i + 1], baselines=0.0, target=t[i:i + 1],
                                          feature_mask=features.expand(1, channels, -1, -1),
                                          n_samples=cfg.lime_samples, perturbations_per_eval=64)

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -86,36 +87,59 @@ def faithfulness(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
 def captum_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, maps: np.ndarray,
                   explain_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], seed: int,
                   n_perturb: int) -> dict[str, float]:
-    """Captum ``infidelity`` (noise σ 0.05, normalised) and ``sensitivity_max`` (radius 0.02)."""
+    """Captum ``infidelity`` (noise σ 0.05, normalised) and ``sensitivity_max`` (radius 0.02).
+
+    Both perturb the inputs at random; the perturbations come from generators seeded with
+    ``seed``, never from torch's global one.
+    """
     from captum.metrics import infidelity, sensitivity_max
 
+    noise_draws = torch.Generator().manual_seed(seed)
+
     def perturb(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        noise = 0.05 * torch.randn_like(x)
+        noise = 0.05 * torch.randn(x.shape, generator=noise_draws)
         return noise, x - noise
+
+    ball_draws = torch.Generator().manual_seed(seed)
+
+    def in_ball(x: torch.Tensor | tuple, perturb_radius: float) -> tuple[torch.Tensor, ...]:
+        # Captum's default: uniform noise in the L-infinity ball of the radius.
+        tensors = x if isinstance(x, tuple) else (x,)
+        return tuple(t + torch.empty(t.shape).uniform_(-perturb_radius, perturb_radius, generator=ball_draws)
+                     for t in tensors)
 
     channels = inputs.shape[1]
     # Contiguous copies: Captum views attributions flat, which an expanded (stride-0) tensor cannot be.
     attributions = (torch.from_numpy(maps)[:, None].expand(-1, channels, -1, -1) / channels).contiguous()
-    torch.manual_seed(seed)
     inf = infidelity(model, perturb, inputs, attributions, target=targets, n_perturb_samples=n_perturb, normalize=True)
+
     def explain(x: torch.Tensor | tuple, target: torch.Tensor) -> torch.Tensor | tuple:
         # Captum hands the (perturbed, repeated) inputs over as a tuple.
         tensor = x[0] if isinstance(x, tuple) else x
         out = explain_fn(tensor.detach().clone().requires_grad_(True), target).detach().contiguous()
         return (out,) if isinstance(x, tuple) else out
 
-    torch.manual_seed(seed)
-    sens = sensitivity_max(explain, inputs, n_perturb_samples=n_perturb, perturb_radius=0.02, target=targets)
+    sens = sensitivity_max(explain, inputs, perturb_func=in_ball, n_perturb_samples=n_perturb, perturb_radius=0.02,
+                           target=targets)
     return {"infidelity": rounded(float(inf.mean())), "sensitivity_max": rounded(float(sens.mean()))}
 
 
 def randomised(model: nn.Module, fraction: float, seed: int) -> nn.Module:
-    """A copy with the top ``fraction`` of its conv/linear layers re-initialised (cascading from the output)."""
+    """A copy with the top ``fraction`` of its conv/linear layers re-initialised (cascading from the output).
+
+    Re-initialisation is PyTorch's default for these layers (Kaiming-uniform weights, uniform
+    bias), drawn from a generator seeded with ``seed``.
+    """
     copy_ = copy.deepcopy(model).eval()
     layers = [m for m in copy_.modules() if isinstance(m, (nn.Conv2d, nn.Linear))][::-1]
-    torch.manual_seed(seed)
-    for layer in layers[:max(1, round(fraction * len(layers)))]:
-        layer.reset_parameters()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in layers[:max(1, round(fraction * len(layers)))]:
+            nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+            if layer.bias is not None:
+                fan_in = layer.weight[0].numel()
+                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+                nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
     return copy_
 
 
