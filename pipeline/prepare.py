@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from pipeline.core import paths
 from pipeline.core.config import DataParams, Params
-from pipeline.core.dataset import SPLITS, save_meta
+from pipeline.core.dataset import SPLITS, array_path, save_meta
 from pipeline.core.errors import PipelineError
 from pipeline.core.files import NpyWriter, digest_tree, rounded, save_npy, staged_dir, write_json
 from pipeline.core.runtime import stage_main
@@ -75,14 +75,14 @@ def write_splits(source: Source, data: DataParams, out: Path) -> dict[str, Any]:
                 if data.duplicates == "drop":
                     continue
             seen.setdefault(digest, (split, item.id))
-            writer = writer or NpyWriter(out / split / "images.npy", np.uint8, shape)
+            writer = writer or NpyWriter(array_path(out, split, "images"), np.uint8, shape)
             writer.append(image)
             total, total_sq = total + float(image.sum(dtype=np.float64)), total_sq + float(np.square(image, dtype=np.float64).sum())
             rows.append(item)
             tags_seen.update(f"{k}={v}" for k, v in tags.items() if k in ("Modality", "PhotometricInterpretation"))
         if writer is not None:
             writer.close()
-        stats[split] = _write_columns(out / split, rows, data.image_size, total, total_sq, shape)
+        stats[split] = _write_columns(out, split, rows, data.image_size, total, total_sq, shape)
     if data.on_error != "skip":
         fail(data.path, "cannot read (data.on_error: skip skips them)", unreadable)
     fail(data.path, f"image size differs from the first image ({first_where}: {_dims(shape or ())}) and "
@@ -101,18 +101,18 @@ def write_splits(source: Source, data: DataParams, out: Path) -> dict[str, Any]:
             "preprocessing": preprocessing}
 
 
-def _write_columns(folder: Path, rows: list[Item], size: int | None, total: float, total_sq: float,
+def _write_columns(out: Path, split: str, rows: list[Item], size: int | None, total: float, total_sq: float,
                    shape: tuple[int, ...] | None) -> dict[str, Any]:
-    save_npy(folder / "labels.npy", np.array([r.label for r in rows], dtype=np.int64))
-    save_npy(folder / "ids.npy", np.array([r.id for r in rows], dtype=str))
+    save_npy(array_path(out, split, "labels"), np.array([r.label for r in rows], dtype=np.int64))
+    save_npy(array_path(out, split, "ids"), np.array([r.id for r in rows], dtype=str))
     if rows and all(r.mask is not None for r in rows):
-        save_npy(folder / "masks.npy", np.stack([resize_mask(r.mask, size) for r in rows]))
+        save_npy(array_path(out, split, "masks"), np.stack([resize_mask(r.mask, size) for r in rows]))
     if rows and all(r.group for r in rows):
-        save_npy(folder / "groups.npy", np.array([r.group for r in rows], dtype=str))
+        save_npy(array_path(out, split, "groups"), np.array([r.group for r in rows], dtype=str))
     if rows and all(r.patient for r in rows):
-        save_npy(folder / "patients.npy", np.array([r.patient for r in rows], dtype=str))
+        save_npy(array_path(out, split, "patients"), np.array([r.patient for r in rows], dtype=str))
     if rows and all(r.marker is not None for r in rows):
-        save_npy(folder / "markers.npy", np.array([r.marker for r in rows], dtype=np.uint8))
+        save_npy(array_path(out, split, "markers"), np.array([r.marker for r in rows], dtype=np.uint8))
     pixels = len(rows) * int(np.prod(shape)) if shape else 0
     mean = total / pixels if pixels else 0.0
     return {"n": len(rows), "intensity_mean": rounded(mean),
@@ -126,8 +126,9 @@ def _dims(shape: tuple[int, ...]) -> str:
 
 def summarise(source: Source, found: dict[str, Any], prepared: Path, data: DataParams) -> dict[str, Any]:
     names = source.class_names
-    labels = {s: np.load(prepared / s / "labels.npy") for s in SPLITS}
-    patients = {s: np.load(prepared / s / "patients.npy") for s in SPLITS if (prepared / s / "patients.npy").exists()}
+    labels = {s: np.load(array_path(prepared, s, "labels")) for s in SPLITS}
+    patients = {s: np.load(array_path(prepared, s, "patients")) for s in SPLITS
+                if array_path(prepared, s, "patients").exists()}
     splits = {}
     for split in SPLITS:
         counts = np.bincount(labels[split], minlength=len(names))
@@ -159,15 +160,14 @@ def run(params: Params, out_dir: Path = paths.PREPARED, summary_path: Path = pat
     source = load_source(data, params.seed)
     with staged_dir(out_dir) as tmp:
         found = write_splits(source, data, tmp)
-        arrays = {s: {"labels": np.load(tmp / s / "labels.npy")} for s in SPLITS}
+        arrays = {s: {"labels": np.load(array_path(tmp, s, "labels"))} for s in SPLITS}
         names = check_classes(arrays, tuple(source.class_names), str(data.path or data.source))
-        first = np.load(tmp / "train" / "images.npy", mmap_mode="r")
+        first = np.load(array_path(tmp, "train", "images"), mmap_mode="r")
+        has = {name: array_path(tmp, "train", name).exists() for name in ("masks", "groups", "markers")}
         meta = {"class_names": names, "num_classes": len(names), "image_size": list(first.shape[1:3]),
-                "channels": int(first.shape[3]), "has_masks": (tmp / "train" / "masks.npy").exists(),
-                "group_name": ("site" if data.source == "phantom" else data.group_column)
-                if (tmp / "train" / "groups.npy").exists() else None,
-                "marker_box": list(phantom.marker_box(int(first.shape[1])))
-                if (tmp / "train" / "markers.npy").exists() else None}
+                "channels": int(first.shape[3]), "has_masks": has["masks"],
+                "group_name": ("site" if data.source == "phantom" else data.group_column) if has["groups"] else None,
+                "marker_box": list(phantom.marker_box(int(first.shape[1]))) if has["markers"] else None}
         del first
         save_meta(tmp, meta)
         details = summarise(source, found, tmp, data)

@@ -25,22 +25,16 @@ INDICES, SYNTHETIC_IMAGES, SYNTHETIC_LABELS, CLASS_WEIGHTS = (
     "indices.npy", "synthetic_images.npy", "synthetic_labels.npy", "class_weights.json")
 
 
-def save_split(root: Path, split: str, data: dict[str, np.ndarray]) -> dict[str, str]:
-    """Write one split's arrays; returns the written file names relative to ``root``."""
-    written = {}
-    for name in ARRAYS:
-        if name in data:
-            path = root / split / f"{name}.npy"
-            save_npy(path, data[name])
-            written[name] = path.relative_to(root).as_posix()
-    return written
+def array_path(root: str | Path, split: str, name: str) -> Path:
+    """Where one array of one split lives: ``root/<split>/<name>.npy``."""
+    return Path(root) / split / f"{name}.npy"
 
 
 def load_split(root: str | Path, split: str, mmap: bool = False) -> dict[str, np.ndarray]:
-    folder = Path(root) / split
-    if not (folder / "images.npy").is_file():
-        raise PipelineError(f"{folder}: prepared split not found (run the prepare stage first)")
-    return {name: load_npy(folder / f"{name}.npy", mmap=mmap) for name in ARRAYS if (folder / f"{name}.npy").is_file()}
+    if not array_path(root, split, "images").is_file():
+        raise PipelineError(f"{Path(root) / split}: prepared split not found (run the prepare stage first)")
+    return {name: load_npy(array_path(root, split, name), mmap=mmap) for name in ARRAYS
+            if array_path(root, split, name).is_file()}
 
 
 def save_meta(root: Path, meta: dict[str, Any]) -> None:

@@ -34,6 +34,13 @@ def _one_fold(index: np.ndarray, labels: np.ndarray, groups: np.ndarray, fractio
     folds = min(max(2, round(1 / fraction)), n_groups)
     if n_groups < 2:
         raise PipelineError(f"cannot split {len(index)} images of {n_groups} patient(s) into train/val/test")
+    _, counts = np.unique(labels, return_counts=True)
+    if (counts < folds).all():
+        # Too few images in every class to stratify (StratifiedGroupKFold refuses): a seeded
+        # fold of whole patients, so no patient is ever split.
+        names = np.unique(groups)
+        np.random.default_rng(seed).shuffle(names)
+        return np.flatnonzero(np.isin(groups, names[:max(1, round(len(names) / folds))]))
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed % 2**32)
     with warnings.catch_warnings():
         # A class with fewer members than folds only makes stratification approximate.
