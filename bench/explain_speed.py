@@ -22,7 +22,7 @@ from pipeline import explain
 from pipeline.core.config import load_params
 from pipeline.core.dataset import load_split
 from pipeline.core.runtime import configure_torch
-from pipeline.modeling.checkpoints import load_checkpoint
+from pipeline.modeling.package import load_package
 from pipeline.modeling.networks import images_to_tensor
 from pipeline.xai import attributions
 
@@ -39,7 +39,7 @@ def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 16
     params = load_params(REPO / "params.yaml")
     configure_torch(params.train.threads)
-    model, _ = load_checkpoint(REPO / "models/model.pt")
+    model = load_package(REPO / "models/model.pt").network
     test = load_split(REPO / "data/prepared", "test")
     inputs = images_to_tensor(np.asarray(test["images"][:n]))
     with torch.no_grad():

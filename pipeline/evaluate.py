@@ -2,11 +2,14 @@
 
 Every choice is made on the validation split and frozen before the test split is scored:
 the temperature (``evaluate.calibrate``), then the binary operating threshold
-(``evaluate.threshold``: Youden, a target sensitivity, or fixed). Test metrics come with 95%
+(``evaluate.threshold``: Youden, a target sensitivity, or fixed). They are frozen into the
+model package ``models/model.pt`` (see :mod:`pipeline.modeling.package`) with the network,
+the preprocessing and the training images' intensity statistics, and the test split is
+scored through that package, exactly as ``pipeline.predict`` scores new images. Test metrics come with 95%
 bootstrap confidence intervals (patients resampled when patient ids exist). Classical
 scikit-learn baselines are fitted on the same training set and scored the same way.
 
-Writes ``reports/eval/``:
+Writes ``models/model.pt`` and ``reports/eval/``:
 - ``metrics.json`` (DVC metrics): ``test.<metric>`` with ``_ci_low``/``_ci_high``, the threshold,
   confusion matrices, calibration before/after, baselines, subgroups;
 - ``predictions.csv``: id, true label, calibrated and uncalibrated probabilities, prediction:
@@ -28,22 +31,15 @@ from pipeline.core import paths
 from pipeline.core.config import EvaluateParams, Params
 from pipeline.core.dataset import load_meta, load_split, load_training_set
 from pipeline.core.errors import PipelineError
-from pipeline.core.files import SECONDS_DECIMALS, rounded, write_csv, write_json
+from pipeline.core.files import SECONDS_DECIMALS, file_digest, rounded, write_csv, write_json
 from pipeline.core.runtime import configure_torch, stage_main
 from pipeline.evaluation import baselines as classical
 from pipeline.evaluation import calibration
-from pipeline.evaluation.metrics import (
-    HEADLINE,
-    bootstrap_ci,
-    choose_threshold,
-    classification_metrics,
-    confusion_matrix,
-    decide,
-    normalised,
-    per_class_auc,
-)
+from pipeline.evaluation.metrics import (HEADLINE, bootstrap_ci, choose_threshold, classification_metrics,
+                                         confusion_matrix, normalised, per_class_auc)
 from pipeline.modeling.checkpoints import load_checkpoint
 from pipeline.modeling.networks import predict_proba
+from pipeline.modeling.package import ModelPackage, intensity_reference, save_package
 from pipeline.reporting.plots import plot_calibration, plot_confusion, plot_failures, plot_pr, plot_roc
 
 log = logging.getLogger(__name__)
@@ -107,8 +103,28 @@ def curves(labels: np.ndarray, probs: np.ndarray, names: list[str], positive: in
         yield names[c], (fpr, tpr, np.minimum(thr, 1.0)), (recall, precision)
 
 
+def freeze(params: Params, network_path: Path, prepared: Path, meta: dict[str, Any],
+           val: dict[str, np.ndarray]) -> ModelPackage:
+    """The model package: the trained network with every choice made on validation, frozen before the test."""
+    cfg = params.evaluate
+    network, _ = load_checkpoint(network_path)
+    raw = predict_proba(network, val["images"], cfg.batch_size)
+    temperature = calibration.CALIBRATIONS[cfg.calibrate](val["labels"], raw)
+    threshold = choose_threshold(cfg.threshold, val["labels"], calibration.apply_temperature(raw, temperature),
+                                 cfg.positive_class)
+    log.info("validation choices: temperature %.4f, threshold %s (%s)", temperature, threshold, cfg.threshold)
+    height, width = meta["image_size"]
+    return ModelPackage(
+        network=network, class_names=meta["class_names"], positive_class=cfg.positive_class, temperature=temperature,
+        threshold=threshold, threshold_rule=cfg.threshold if threshold is not None else "argmax",
+        preprocessing={**meta["preprocessing"], "input_size": [height, width], "input_channels": meta["channels"]},
+        intensity=intensity_reference(load_split(prepared, "train", mmap=True)["images"]),
+        provenance={"data_sha256": meta["arrays_sha256"], "network_sha256": file_digest(network_path)})
+
+
 def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.BALANCED,
-        model_path: Path = paths.MODEL, out_dir: Path = paths.EVAL_DIR) -> dict[str, Any]:
+        network_path: Path = paths.NETWORK, out_dir: Path = paths.EVAL_DIR,
+        package_path: Path = paths.MODEL) -> dict[str, Any]:
     cfg = params.evaluate
     configure_torch(params.train.threads)
     meta = load_meta(prepared)
@@ -116,20 +132,18 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
     positive = cfg.positive_class
     if positive >= len(names):
         raise PipelineError(f"evaluate.positive_class={positive} but the data have {len(names)} classes")
-    model, _ = load_checkpoint(model_path)
     val, test = load_split(prepared, "val"), load_split(prepared, "test")
     y_val, y_test = val["labels"], test["labels"]
-    raw = {split: predict_proba(model, data["images"], cfg.batch_size) for split, data in (("val", val), ("test", test))}
 
-    # 1. Choices on validation only, then frozen.
-    temperature = calibration.CALIBRATIONS[cfg.calibrate](y_val, raw["val"])
-    probs = {split: calibration.apply_temperature(p, temperature) for split, p in raw.items()}
-    threshold = choose_threshold(cfg.threshold, y_val, probs["val"], positive)
-    log.info("validation choices: temperature %.4f, threshold %s (%s)", temperature, threshold, cfg.threshold)
+    # 1. Choices on validation only, frozen into the model package before the test split is scored.
+    package = freeze(params, network_path, prepared, meta, val)
+    temperature, threshold = package.temperature, package.threshold
+    val_probs = package.score(val["images"], cfg.batch_size).probabilities
 
-    # 2. Test, scored once.
+    # 2. Test, scored once, exactly as pipeline.predict scores an image.
     patients = test.get("patients")
-    preds = decide(probs["test"], threshold, positive)
+    scored = package.score(test["images"], cfg.batch_size)
+    raw, probs, preds = {"test": scored.uncalibrated}, {"test": scored.probabilities}, scored.predictions
     matrix = confusion_matrix(y_test, preds, len(names))
     test_metrics = {
         **score(y_test, probs["test"], threshold, cfg, params.seed, patients),
@@ -144,7 +158,8 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
         overall = classification_metrics(y_test, p, positive, threshold)
         calib[when] = {**calibration.summarise(y_test, p, positive), "brier": overall["brier"], "log_loss": overall["log_loss"]}
     result: dict[str, Any] = {"test": test_metrics, "calibration": calib, "val": {
-        "roc_auc": classification_metrics(y_val, probs["val"], positive, threshold)["roc_auc"], "n": int(len(y_val))}}
+        "roc_auc": classification_metrics(y_val, val_probs, positive, threshold)["roc_auc"], "n": int(len(y_val))},
+        "out_of_distribution": {"test_flagged": int(scored.out_of_distribution.sum())}}
 
     # 3. Subgroups (e.g. scanner site) with their own intervals.
     if "groups" in test:
@@ -170,6 +185,7 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
             result["baselines"][name] = {**score(y_test, out["test"], t, cfg, params.seed, patients), "threshold": t}
             baseline_probs[name] = out["test"]
 
+    save_package(package_path, package)
     write_outputs(out_dir, result, test, probs["test"], raw["test"], preds, names, positive, baseline_probs, cfg, timing)
     log.info("test: %s", ", ".join(f"{k} {test_metrics[k]}" for k in ("roc_auc", "accuracy", "sensitivity", "specificity")))
     return result

@@ -31,7 +31,7 @@ from pipeline.core.config import Params
 from pipeline.core.dataset import load_meta, load_split
 from pipeline.core.files import SECONDS_DECIMALS, read_json, rounded, save_npy, staged_dir, write_json
 from pipeline.core.runtime import configure_torch, stage_main
-from pipeline.modeling.checkpoints import load_checkpoint
+from pipeline.modeling.package import load_package
 from pipeline.modeling.networks import images_to_tensor
 from pipeline.reporting.plots import plot_attributions, plot_class_images, plot_faithfulness, plot_feature_maps
 from pipeline.xai import attributions, trust
@@ -126,7 +126,7 @@ def run(params: Params, prepared: Path = paths.PREPARED, model_path: Path = path
     cfg = params.explain
     meta = load_meta(prepared)
     names = meta["class_names"]
-    model, _ = load_checkpoint(model_path)
+    model = load_package(model_path).network
     test = load_split(prepared, "test")
     chosen = choose(test, params, read_json(failures_path) if failures_path.is_file() else {})
     index = np.array([i for i, _ in chosen])

@@ -18,6 +18,7 @@ success: bad input leaves no partial output.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -94,11 +95,18 @@ def write_splits(source: Source, data: DataParams, out: Path) -> dict[str, Any]:
         if stats[split]["n"] == 0:
             raise PipelineError(f"{data.path or data.source}: split '{split}' is empty "
                                 "(too few images or patients for data.split, or every image was skipped)")
-    preprocessing = {"image_size": data.image_size, "channels": data.channels, "resized": resized,
-                     "channels_converted": converted, "original_sizes": dict(sorted(original_sizes.items())),
-                     "dicom_window": [data.dicom.window_center, data.dicom.window_width]}
+    preprocessing = {**preprocessing_settings(data), "resized": resized, "channels_converted": converted,
+                     "original_sizes": dict(sorted(original_sizes.items()))}
     return {"stats": stats, "unreadable": skipped, "duplicates": duplicates, "dicom": dict(sorted(tags_seen.items())),
             "preprocessing": preprocessing}
+
+
+def preprocessing_settings(data: DataParams) -> dict[str, Any]:
+    """What every image went through before it was stored, as the model package carries it to predict."""
+    return {"image_size": data.image_size, "channels": data.channels,
+            "resize": "centre-crop to a square, then bilinear" if data.image_size else "none: sizes must already match",
+            "dicom": {"window_center": data.dicom.window_center, "window_width": data.dicom.window_width,
+                      "frames": data.dicom.frames}}
 
 
 def _write_columns(out: Path, split: str, rows: list[Item], size: int | None, total: float, total_sq: float,
@@ -167,8 +175,11 @@ def run(params: Params, out_dir: Path = paths.PREPARED, summary_path: Path = pat
         meta = {"class_names": names, "num_classes": len(names), "image_size": list(first.shape[1:3]),
                 "channels": int(first.shape[3]), "has_masks": has["masks"],
                 "group_name": ("site" if data.source == "phantom" else data.group_column) if has["groups"] else None,
-                "marker_box": list(phantom.marker_box(int(first.shape[1]))) if has["markers"] else None}
+                "marker_box": list(phantom.marker_box(int(first.shape[1]))) if has["markers"] else None,
+                "preprocessing": preprocessing_settings(data)}
         del first
+        arrays = digest_tree(tmp)
+        meta["arrays_sha256"] = hashlib.sha256(json.dumps(arrays, sort_keys=True).encode()).hexdigest()
         save_meta(tmp, meta)
         details = summarise(source, found, tmp, data)
         outputs = digest_tree(tmp)

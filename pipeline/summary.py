@@ -1,4 +1,4 @@
-"""Print a short summary after ``make run``: test metrics, where the report and MLflow run are."""
+"""Print a short summary after ``make run``: test metrics, where the report, MLflow run and model are."""
 
 from __future__ import annotations
 
@@ -24,7 +24,11 @@ def main() -> None:
         print(f"  test {key:<18} {'n/a' if value is None else f'{value:.4f}'}")
     print(f"  report:  {paths.REPORT_HTML.resolve()}")
     print(f"  MLflow:  run {run['run_id']} in {run['tracking_uri']}")
+    if "model_version" in run:
+        print(f"           model '{run['registered_model']}' version {run['model_version']} "
+              "(make it the champion: python -m pipeline.promote)")
     print("           browse with `make ui` (mlflow ui --backend-store-uri sqlite:///mlflow.db)")
+    print(f"  predict: medcnn-predict <images> -o predictions.csv (uses {paths.MODEL})")
 
 
 if __name__ == "__main__":

@@ -1,42 +1,52 @@
 """Stage 7, track: log this pipeline execution as one MLflow run.
 
 Logs every param (dotted names as in params.yaml), every final metric (data summary counts,
-training, test), the per-epoch history as step metrics, the report, figures, model,
-params.yaml and dvc.lock as artifacts (the pseudonym salt redacted), and tags: git commit, dirty flag, DVC experiment name,
-data and model sha256. Writes ``reports/mlflow_run.json`` (run id; not cached by DVC, so a
-run restored from DVC's cache never points at a run that does not exist in this store).
+training, test), the per-epoch history as step metrics, the report, figures, params.yaml and
+dvc.lock as artifacts (the pseudonym salt redacted), and tags: git commit, dirty flag, DVC
+experiment name, data and model sha256. The model package is logged as an MLflow Model
+(pyfunc, with a signature and an input example) and registered as a new version of
+``track.registered_model``, tagged with the data source, test ROC AUC and git commit; move
+the ``champion`` alias with ``python -m pipeline.promote``. Writes ``reports/mlflow_run.json``
+(run id and model version; not cached by DVC, so a run restored from DVC's cache never points
+at a run that does not exist in this store).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from pipeline.core import paths
-from pipeline.core.config import Params, as_dict, flatten
+from pipeline.core.config import Params, as_dict, flatten, leaves
 from pipeline.core.files import file_digest, read_csv, read_json, write_json
 from pipeline.core.runtime import stage_main
 from pipeline.data.privacy import public_params, redact, resolve_salt
-from pipeline.reporting.mlflow_adapter import log_run
+from pipeline.reporting.mlflow_adapter import ModelSpec, log_run, metric_key
 from pipeline.reporting.provenance import dvc_experiment, git_state, versions
 
 log = logging.getLogger(__name__)
 
+METRIC_NAMES = "metric_names.json"  # {MLflow metric name: dotted name} for names a class or subgroup changed
 
-def collect_metrics(root: Path) -> dict[str, float]:
-    """Every numeric scalar from the stage metrics files, under dotted names (test.roc_auc,
-    explain.saliency.deletion_auc, …)."""
-    found = {}
-    for path in (paths.TRAIN_DIR / paths.METRICS, paths.EVAL_DIR / paths.METRICS, paths.EXPLAIN_DIR / paths.METRICS):
-        for key, value in flatten(read_json(root / path)).items():
+
+def collect_metrics(root: Path) -> tuple[dict[str, float], dict[str, str]]:
+    """Every numeric scalar from the stage metrics files under dotted names (test.roc_auc,
+    explain.saliency.deletion_auc, …), and {MLflow name: dotted name} for each name that had to
+    change because a class or subgroup name in it is not a valid MLflow name."""
+    found, renamed = {}, {}
+    files = [((), folder / paths.METRICS) for folder in (paths.TRAIN_DIR, paths.EVAL_DIR, paths.EXPLAIN_DIR)]
+    files += [(("timing", stage), folder / paths.TIMING) for stage, folder in (("train", paths.TRAIN_DIR),
+                                                                              ("eval", paths.EVAL_DIR))]
+    for prefix, path in files:
+        for keys, value in leaves(read_json(root / path)):
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                found[key] = float(value)
-    for stage, folder in (("train", paths.TRAIN_DIR), ("eval", paths.EVAL_DIR)):
-        for key, value in read_json(root / folder / paths.TIMING).items():
-            if isinstance(value, (int, float)):
-                found[f"timing.{stage}.{key}"] = float(value)
-    return found
+                name, dotted = metric_key((*prefix, *keys)), ".".join((*prefix, *keys))
+                found[name] = float(value)
+                if name != dotted:
+                    renamed[name] = dotted
+    return found, renamed
 
 
 def collect_history(root: Path) -> list[tuple[int, dict[str, float]]]:
@@ -71,17 +81,22 @@ def run(params: Params, root: Path = Path("."), out: Path = paths.MLFLOW_RUN) ->
     artifacts = [
         (root / paths.REPORT_HTML, ""),
         (root / paths.MODEL_CARD, ""),
-        (root / paths.MODEL, "model"),
         (root / paths.DATA_SUMMARY, "data"),
         (root / paths.BALANCE_REPORT, "balance"),
         (root / paths.TRAIN_DIR, "train"),
         (root / paths.EVAL_DIR, "eval"),
         (root / paths.EXPLAIN_DIR, "explain"),
     ]
-    tags = collect_tags(root)
+    tags, (metrics, renamed) = collect_tags(root), collect_metrics(root)
+    texts = {**texts, METRIC_NAMES: json.dumps(renamed, indent=2, sort_keys=True, ensure_ascii=False)}
+    data = read_json(root / paths.DATA_SUMMARY)
+    model = ModelSpec(root / paths.MODEL, (*data["image_size"], data["channels"]), data["class_names"],
+                      params.track.registered_model,
+                      {"data.source": tags["data.source"], "git.commit": tags["git.commit"],
+                       "test.roc_auc": str(metrics.get("test.roc_auc", "n/a"))})
     record = log_run(params.track.experiment, tags["dvc.exp_name"] or None, public_params(flatten(as_dict(params))),
-                     collect_metrics(root), collect_history(root), tags, artifacts,
-                     {Path(name).name: text for name, text in texts.items()})
+                     metrics, collect_history(root), tags, artifacts,
+                     {Path(name).name: text for name, text in texts.items()}, model)
     write_json(root / out, record)
     log.info("logged MLflow run %s to %s", record["run_id"], record["tracking_uri"])
     return record

@@ -1,7 +1,7 @@
 """Stage 3, train: fit the configured CNN, keep the checkpoint with the best validation AUC.
 
-Writes ``models/model.pt`` (state_dict + model config, loadable with
-``torch.load(weights_only=True)``), ``reports/train/history.csv`` (per-epoch train/val loss,
+Writes ``models/network.pt`` (state_dict + network config, loadable with
+``torch.load(weights_only=True)``; evaluate wraps it into the model package ``models/model.pt``), ``reports/train/history.csv`` (per-epoch train/val loss,
 accuracy and AUC), ``reports/train/metrics.json``, ``reports/train/curves.png`` and
 ``reports/train/timing.json`` (wall time lives apart from metrics so metrics stay
 byte-identical between runs).
@@ -170,7 +170,7 @@ def fit(params: Params, images: np.ndarray, labels: np.ndarray, weights: list[fl
 
 
 def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.BALANCED,
-        model_path: Path = paths.MODEL, out_dir: Path = paths.TRAIN_DIR,
+        model_path: Path = paths.NETWORK, out_dir: Path = paths.TRAIN_DIR,
         checkpoint: Path | None = paths.CHECKPOINT) -> dict[str, Any]:
     meta = load_meta(prepared)
     images, labels, weights = load_training_set(prepared, balanced)

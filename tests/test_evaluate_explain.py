@@ -58,13 +58,13 @@ def test_choices_never_look_at_the_test_split(tiny_run, tmp_path):
     """Scrambling test labels and images changes test metrics but not the threshold or temperature."""
     root, params = tiny_run
     shutil.copytree(root / "data", tmp_path / "data")
-    first = evaluate.run(params, tmp_path / "data/prepared", tmp_path / "data/balanced", root / "models/model.pt",
-                         tmp_path / "a")
+    first = evaluate.run(params, tmp_path / "data/prepared", tmp_path / "data/balanced", root / "models/network.pt",
+                         tmp_path / "a", tmp_path / "a.pt")
     test_dir = tmp_path / "data/prepared/test"
     save_npy(test_dir / "labels.npy", 1 - load_npy(test_dir / "labels.npy"))
     save_npy(test_dir / "images.npy", load_npy(test_dir / "images.npy")[::-1].copy())
-    second = evaluate.run(params, tmp_path / "data/prepared", tmp_path / "data/balanced", root / "models/model.pt",
-                          tmp_path / "b")
+    second = evaluate.run(params, tmp_path / "data/prepared", tmp_path / "data/balanced", root / "models/network.pt",
+                          tmp_path / "b", tmp_path / "b.pt")
     assert second["test"]["threshold"] == first["test"]["threshold"]
     assert second["calibration"]["temperature"] == first["calibration"]["temperature"]
     for name in first["baselines"]:
@@ -153,12 +153,12 @@ def test_five_class_rgb_data_run_through_evaluate_explain_and_report(rgb_run):
         assert np.isfinite(metrics[method]["sensitivity_max"]) and np.isfinite(metrics[method]["infidelity"])
         assert "pointing_game" not in metrics[method]  # no masks outside the phantom
     page = (root / "reports/report.html").read_text()
-    assert "&lt;e&amp;f&gt;" in page and "<e&f>" not in page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page and "<img src=x" not in page
     assert "the train/val/test splits given in the input file" in page
     assert "License and citation: not known to this pipeline" in page
     assert "simulated phantom" not in page
     card = (root / "reports/model_card.md").read_text()
-    assert "&lt;e&amp;f&gt;" in card and "<e&f>" not in card
+    assert "&lt;img src=x" in card and "<img src=x" not in card and "正常" in card
 
 
 @pytest.mark.parametrize("method", ["smoothgrad", "lime"])

@@ -82,6 +82,7 @@ def test_repro_then_experiment(project):
     assert 0.0 <= run.data.metrics["test.roc_auc"] <= 1.0
     assert run.data.tags["git.dirty"] == "false"
     assert len(client.get_metric_history(run.info.run_id, "epoch.train_loss")) == 2
+    assert client.get_model_version("medcnn", "1").run_id == run.info.run_id  # the package, registered
 
     # Nothing changed: nothing but the always-run prepare stage runs, and no new MLflow run.
     log = sh(["dvc", "repro"], root, env)
@@ -101,6 +102,8 @@ def test_repro_then_experiment(project):
     client, found = runs(root)
     assert found[-1].data.params["train.lr"] == "0.01"
     assert found[-1].data.tags["dvc.exp_name"] and found[-1].data.tags["git.dirty"] == "true"
+    versions = sorted(client.search_model_versions("name = 'medcnn'"), key=lambda v: int(v.version))
+    assert len(versions) == len(found) and versions[-1].run_id == found[-1].info.run_id  # one version per run
     shown = sh(["dvc", "exp", "show", "--json"], root, env)
     assert "train.lr" in shown or '"lr"' in shown
     assert "test" in sh(["dvc", "metrics", "diff", "--json"], root, env)

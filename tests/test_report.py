@@ -117,7 +117,7 @@ def test_preprocessing_sentences_follow_the_records(tiny_run, records):
     assert content.dicom_text(data) is None
     data["dicom"] = {"Modality=CT": 3}
     assert "each file's own VOI LUT or window" in content.dicom_text(data)
-    data["preprocessing"]["dicom_window"] = [40.0, 400.0]
+    data["preprocessing"]["dicom"].update(window_center=40.0, window_width=400.0)
     assert "center 40.0, width 400.0" in content.dicom_text(data)
     config = records["model_config"]
     assert f"mean {fmt(config['mean'])}" in content.standardisation_text(config)

@@ -6,6 +6,7 @@ import pytest
 
 from pipeline import track
 from pipeline.core.config import as_dict, flatten
+from tests.conftest import AWKWARD_CLASS_NAMES
 from pipeline.reporting import mlflow_adapter
 
 
@@ -41,6 +42,35 @@ def test_track_logs_one_complete_run(tiny_run, mlflow_store, monkeypatch):
     assert run.data.tags["dvc.exp_name"] == "tiny-exp" and run.info.run_name == "tiny-exp"
     assert run.data.tags["data.source"] == "phantom" and len(run.data.tags["model.sha256"]) == 64
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"report.html", "params.yaml", "dvc.lock", "model", "eval", "explain", "train"} <= top
+    assert {"report.html", "params.yaml", "dvc.lock", "eval", "explain", "train"} <= top
+    # The model package is the run's logged MLflow Model, registered (a version per execution).
+    assert record["model_version"] == "1" and client.get_logged_model(record["model_id"]).source_run_id == run.info.run_id
     # Artifacts live beside the store, not in the working directory.
     assert (mlflow_store / "mlartifacts" / run.info.run_id / "artifacts" / "report.html").is_file()
+
+
+def test_metric_names_from_class_names_are_valid_stable_and_distinct():
+    from mlflow.utils.validation import validate_param_and_metric_name
+
+    names = [*AWKWARD_CLASS_NAMES, "covid-", "covid_", "a.b", "a_b", "", "normal"]
+    keys = [mlflow_adapter.metric_key(("test", "per_class_imbalanced", n, "f1")) for n in names]
+    assert all(validate_param_and_metric_name(k) for k in keys)
+    assert len(set(keys)) == len(keys)
+    assert keys == [mlflow_adapter.metric_key(("test", "per_class_imbalanced", n, "f1")) for n in names]
+    assert all(k.count(".") == 3 for k in keys)  # a dot in a name never adds a level
+    assert keys[-1] == "test.per_class_imbalanced.normal.f1" and "正常" in keys[2]
+    assert mlflow_adapter.metric_key(("test", "roc_auc")) == "test.roc_auc"
+
+
+def test_track_logs_awkward_class_names_with_the_mapping(rgb_run, mlflow_store):
+    from mlflow.tracking import MlflowClient
+
+    root, params = rgb_run
+    record = track.run(params, root, root / "reports/mlflow_run.json")
+    client = MlflowClient(f"sqlite:///{mlflow_store}/mlflow.db")
+    run = client.get_run(record["run_id"])
+    renamed = json.loads((mlflow_store / "mlartifacts" / run.info.run_id / "artifacts" / track.METRIC_NAMES).read_text())
+    assert "test.per_class_imbalanced.<img src=x onerror=alert(1)>.f1" in renamed.values()
+    for name, dotted in renamed.items():
+        assert name in run.data.metrics and run.data.metrics[name] is not None
+    assert "test.per_class_imbalanced.正常.f1" in run.data.metrics  # valid as it is: kept

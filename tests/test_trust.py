@@ -24,7 +24,7 @@ def trained(folder, **overrides):
     folder.mkdir(parents=True, exist_ok=True)
     params = tiny_params(folder, **{**SMALL, **overrides})
     run_stages(folder, params, ("prepare", "balance", "train"))
-    model, _ = load_checkpoint(folder / "models/model.pt")
+    model, _ = load_checkpoint(folder / "models/network.pt")
     return params, model, load_split(folder / "data/prepared", "test"), read_json(folder / "data/prepared/meta.json")
 
 

@@ -15,6 +15,7 @@ import dataclasses
 import re
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -255,6 +256,11 @@ class ReportParams:
 @dataclasses.dataclass(frozen=True)
 class TrackParams:
     experiment: str
+    registered_model: str
+
+    def __post_init__(self) -> None:
+        _check(bool(re.fullmatch(r"[\w.-]+", self.registered_model)), "track.registered_model",
+               "must be a name of letters, digits, '_', '-' and '.'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,16 +324,18 @@ def as_dict(params: Any) -> dict[str, Any]:
     return _plain(dataclasses.asdict(params))
 
 
-def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"train": {"lr": 0.1}}`` -> ``{"train.lr": 0.1}``, the names MLflow and DVC show."""
-    flat: dict[str, Any] = {}
+def leaves(mapping: dict[str, Any], path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """Every non-mapping value of a nested mapping with the keys that lead to it."""
     for key, value in mapping.items():
-        name = f"{prefix}{key}"
         if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
+            yield from leaves(value, (*path, str(key)))
         else:
-            flat[name] = value
-    return flat
+            yield (*path, str(key)), value
+
+
+def flatten(mapping: dict[str, Any]) -> dict[str, Any]:
+    """``{"train": {"lr": 0.1}}`` -> ``{"train.lr": 0.1}``, the names MLflow and DVC show."""
+    return {".".join(keys): value for keys, value in leaves(mapping)}
 
 
 def build(cls: type, raw: Any, where: str) -> Any:

@@ -16,7 +16,8 @@ TIMING = "timing.json"
 
 PREPARED = Path("data/prepared")
 BALANCED = Path("data/balanced")
-MODEL = Path("models/model.pt")
+NETWORK = Path("models/network.pt")  # the trained network (train)
+MODEL = Path("models/model.pt")  # the model package: network + preprocessing + frozen decision (evaluate)
 CHECKPOINT = Path("models/checkpoints/last.pt")  # persisted between runs: not a DVC output
 
 REPORTS = Path("reports")

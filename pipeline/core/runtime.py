@@ -50,24 +50,36 @@ def select_device(name: str) -> "torch.device":  # noqa: F821 - torch imported l
     return torch.device(name)
 
 
-def stage_main(description: str, run: Callable[[Params], object]) -> None:
-    """Command-line entry point shared by every stage.
-
-    Parses ``--params``, configures logging, loads params, seeds, and runs the stage. A
-    :class:`PipelineError` becomes one line on stderr and exit code 1 (no traceback).
-    """
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--params", default="params.yaml", type=Path, help="params file (default: params.yaml)")
-    args = parser.parse_args()
+def configure_logging() -> None:
     logging.basicConfig(
         level=os.environ.get("MEDCNN_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
+
+
+def run_command(work: Callable[[], int | None]) -> None:
+    """Run a command's work; a :class:`PipelineError` becomes one line on stderr and exit code 1
+    (no traceback), and a returned non-zero code becomes the exit code."""
     try:
-        params = load_params(args.params)
-        seed_everything(params.seed)
-        run(params)
+        code = work()
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
+    if code:
+        sys.exit(code)
+
+
+def stage_main(description: str, run: Callable[[Params], object]) -> None:
+    """Command-line entry point shared by every stage: ``--params``, logging, params, seeds, run."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default="params.yaml", type=Path, help="params file (default: params.yaml)")
+    args = parser.parse_args()
+    configure_logging()
+
+    def work() -> None:
+        params = load_params(args.params)
+        seed_everything(params.seed)
+        run(params)
+
+    run_command(work)

@@ -32,6 +32,15 @@ class ImageError(Exception):
     """A file that cannot become an image; the message says why (without the file name)."""
 
 
+def describe(exc: Exception, path: Path) -> str:
+    """``exc`` as text for an :class:`ImageError`, with the file's path and name taken out: a file
+    name may carry a patient's name, and these reasons reach summaries and prediction rows."""
+    text = str(exc)
+    for name in (str(path), str(Path(path).resolve()), Path(path).name):
+        text = text.replace(name, "the file")
+    return f"{type(exc).__name__}: {text}"
+
+
 def read_patient_id(path: Path) -> str | None:
     """PatientID without decoding pixels (for grouping before the images are read)."""
     import pydicom
@@ -58,7 +67,7 @@ def read_dicom(path: Path, window_center: float | None, window_width: float | No
     try:
         pixels = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - missing decoders, truncated data
-        raise ImageError(f"cannot decode DICOM pixel data ({type(exc).__name__}: {exc})") from None
+        raise ImageError(f"cannot decode DICOM pixel data ({describe(exc, path)})") from None
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     if n_frames > 1:
         if frames != "first":
@@ -70,7 +79,7 @@ def read_dicom(path: Path, window_center: float | None, window_width: float | No
     try:
         image = to_uint8(ds, pixels, window_center, window_width)
     except (ValueError, AttributeError, KeyError) as exc:  # an invalid LUT or window, or its attributes missing
-        raise ImageError(f"cannot apply the DICOM modality/VOI transform ({type(exc).__name__}: {exc})") from None
+        raise ImageError(f"cannot apply the DICOM modality/VOI transform ({describe(exc, path)})") from None
     if ds.get("PhotometricInterpretation") == "MONOCHROME1":
         image = 255 - image
     return image[..., None], tags

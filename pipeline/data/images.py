@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.dicom import ImageError, read_dicom
+from pipeline.data.dicom import ImageError, describe, read_dicom
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF"}
+IMAGE_SUFFIXES = tuple(_FORMATS)
 DICOM_SUFFIXES = (".dcm",)
 SUPPORTED = IMAGE_SUFFIXES + DICOM_SUFFIXES
 
@@ -37,18 +38,24 @@ def read_file(path: Path, window_center: float | None = None, window_width: floa
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        try:  # the suffix's decoder first (skips Pillow's format sniffing), then any that fits
+            image = Image.open(path, formats=[_FORMATS[path.suffix.lower()]])
+        except UnidentifiedImageError:
+            image = Image.open(path)
+        with image:
             image.load()
             return _to_array(image), {}
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"not a readable image ({type(exc).__name__}: {exc})") from None
+        raise ImageError(f"not a readable image ({describe(exc, path)})") from None
 
 
 def _to_array(image: Any) -> np.ndarray:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         values = np.asarray(image, dtype=np.float64)
         return np.rint(np.clip(values, 0, 65535) / 257).astype(np.uint8)[..., None]
-    if image.mode in ("L", "P", "1", "LA"):
+    if image.mode == "L":
+        return np.asarray(image, dtype=np.uint8)[..., None]
+    if image.mode in ("P", "1", "LA"):
         return np.asarray(image.convert("L"), dtype=np.uint8)[..., None]
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 

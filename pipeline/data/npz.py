@@ -26,15 +26,7 @@ def read_npz(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
     Images may be N×H×W (grayscale) or N×H×W×C with C in {1, 3}; labels N or N×1 integers.
     """
     path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{path}: file not found")
-    if path.stat().st_size == 0:
-        raise PipelineError(f"{path}: empty file (0 bytes), not a .npz archive")
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except _UNREADABLE as exc:
-        raise PipelineError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
-    with archive:
+    with _open(path) as archive:
         expected = [f"{s}_{kind}" for s in SPLITS for kind in ("images", "labels")]
         missing = [key for key in expected if key not in archive.files]
         if missing:
@@ -55,6 +47,26 @@ def read_npz(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
     if len(set(shapes.values())) != 1:
         raise PipelineError(f"{path}: splits have different image shapes {shapes}")
     return splits
+
+
+def read_images(path: str | Path, key: str = "test_images") -> np.ndarray:
+    """One image array of an ``.npz`` (N×H×W×C uint8), checked like :func:`read_npz` checks it."""
+    path = Path(path)
+    with _open(path) as archive:
+        if key not in archive.files:
+            raise PipelineError(f"{path}: missing key '{key}' (has: {', '.join(archive.files) or 'nothing'})")
+        return _check_images(path, key, _member(path, archive, key))
+
+
+def _open(path: Path) -> np.lib.npyio.NpzFile:
+    if not path.is_file():
+        raise PipelineError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise PipelineError(f"{path}: empty file (0 bytes), not a .npz archive")
+    try:
+        return np.load(path, allow_pickle=False)
+    except _UNREADABLE as exc:
+        raise PipelineError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
 
 
 def _member(path: Path, archive: np.lib.npyio.NpzFile, key: str) -> np.ndarray:

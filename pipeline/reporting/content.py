@@ -67,9 +67,9 @@ def data_uri(path: Path) -> str:
 
 def load_records(root: Path) -> dict[str, Any]:
     """Every stage output the report reads, by name (paths as ``dvc.yaml`` declares them)."""
-    from pipeline.modeling.checkpoints import load_checkpoint  # torch: only the model's own record needs it
+    from pipeline.modeling.package import load_package  # torch: only the model's own record needs it
 
-    model, extra = load_checkpoint(root / paths.MODEL)
+    package = load_package(root / paths.MODEL)
     lock = root / paths.DVC_LOCK
     return {
         "data": read_json(root / paths.DATA_SUMMARY),
@@ -82,7 +82,8 @@ def load_records(root: Path) -> dict[str, Any]:
         "failures": read_json(root / paths.EVAL_DIR / paths.FAILURES),
         "explain": read_json(root / paths.EXPLAIN_DIR / paths.SAMPLES),
         "explain_metrics": read_json(root / paths.EXPLAIN_DIR / paths.METRICS),
-        "model_config": dict(vars(model.config)),
+        "model_config": dict(vars(package.network.config)),
+        "package": package.state(),
         "model_sha256": file_digest(root / paths.MODEL),
         "dvc_lock": yaml.safe_load(lock.read_text()) if lock.is_file() else None,
     }
@@ -136,7 +137,8 @@ def channels_text(data: dict[str, Any]) -> str:
 def dicom_text(data: dict[str, Any]) -> str | None:
     if not data.get("dicom"):
         return None
-    center, width = data.get("preprocessing", {}).get("dicom_window", [None, None])
+    dicom = data.get("preprocessing", {}).get("dicom", {})
+    center, width = dicom.get("window_center"), dicom.get("window_width")
     voi = (f"the window given in data.dicom (center {center}, width {width})" if center is not None and width is not None
            else "each file's own VOI LUT or window (else its min..max)")
     return (f"DICOM ({', '.join(data['dicom'])}): modality LUT (rescale), then {voi}, mapped to 0..255; "
@@ -209,7 +211,11 @@ def model_rows(params: Params, records: dict[str, Any]) -> list[list[Any]]:
             ["epochs run / selected", f"{train['epochs_run']} / {train['best_epoch']}"],
             ["seed", params.seed],
             ["determinism", determinism_text(cfg, records["train_timing"])],
-            ["model sha256", records["model_sha256"]]]
+            ["model package sha256", f"{records['model_sha256']} (models/model.pt: network, preprocessing, "
+                                     "temperature and threshold, as pipeline.predict and the MLflow model use it)"],
+            ["network sha256", records["package"]["provenance"]["network_sha256"]],
+            ["prepared data sha256", records["package"]["provenance"]["data_sha256"]],
+            ["out-of-distribution flag", records["package"]["intensity"]["rule"]]]
 
 
 def decision_text(test: dict[str, Any]) -> str:
@@ -387,4 +393,5 @@ def card_context(params: Params, records: dict[str, Any]) -> dict[str, Any]:
                             for s, d in ((s, data["splits"][s]) for s in SPLITS)),
         "license": f"License: {known['license']}." if known else "License of the data: not known to the pipeline.",
         "stopping": f"early stopping after {params.train.patience} epochs without a better validation ROC AUC",
+        "ood": records["package"]["intensity"]["rule"],
     }

@@ -1,4 +1,4 @@
-"""The only module that imports MLflow.
+"""The only module that imports MLflow: runs, the logged and registered model, the champion alias.
 
 Store: ``$MLFLOW_TRACKING_URI`` when set (a team's server, say), else SQLite at
 ``<repository root>/mlflow.db`` with artifacts in ``<root>/mlartifacts``. The root is
@@ -8,10 +8,18 @@ copy of the repository, log into the same store as ``dvc repro``.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
+import json
 import logging
 import os
+import re
+import shutil
+import tempfile
 import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +34,47 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repository_root() / 'mlflow.db'}"
 
 
+CHAMPION = "champion"
+# One dotted segment of a metric name: what MLflow accepts on every platform, less its separator.
+_SAFE_SEGMENT = re.compile(r"[\w\- ]+")
+# What the logged model needs to score images: the packages its loader module imports.
+MODEL_REQUIREMENTS = ("torch", "numpy", "scipy", "pandas", "pyyaml")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The model package to log as an MLflow Model and register as a new version of ``registered_name``."""
+
+    package: Path
+    input_shape: tuple[int, int, int]  # H, W, C
+    class_names: list[str]
+    registered_name: str = ""
+    version_tags: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def metric_key(segments: tuple[str, ...]) -> str:
+    """A valid, stable, collision-free MLflow metric name for a path of keys.
+
+    Keys written by the project are kept. A key that comes from the data (a class name, a
+    subgroup) and holds a character MLflow refuses in names, or a dot (the separator), is
+    replaced by its allowed characters plus the first 8 hex digits of its sha256: stable
+    across runs, and two names never collide. ``viral (pneumonia)`` becomes
+    ``viral _pneumonia_-3f1c2a9b``; letters of any script are kept (``正常``).
+    """
+    return ".".join(segment if _SAFE_SEGMENT.fullmatch(segment) else
+                    re.sub(r"[^\w\- ]", "_", segment) + "-" + hashlib.sha256(segment.encode()).hexdigest()[:8]
+                    for segment in segments)
+
+
 def log_run(experiment: str, run_name: str | None, params: Mapping[str, Any], metrics: Mapping[str, float],
             step_metrics: Iterable[tuple[int, Mapping[str, float]]], tags: Mapping[str, str],
-            artifacts: Iterable[tuple[Path, str]], texts: Mapping[str, str] | None = None) -> dict[str, str]:
+            artifacts: Iterable[tuple[Path, str]], texts: Mapping[str, str] | None = None,
+            model: ModelSpec | None = None) -> dict[str, str]:
     """Create one run holding everything; returns its ids and the store it went to.
 
     ``artifacts`` are (local path, artifact folder) pairs; folders are logged recursively.
     ``texts`` are logged as files named by their keys (copies edited before they leave).
+    ``model``, when given, is logged as a pyfunc MLflow Model of the run and registered.
     """
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -62,7 +104,92 @@ def log_run(experiment: str, run_name: str | None, params: Mapping[str, Any], me
                 mlflow.log_artifact(str(path), artifact_path=folder or None)
         for name, text in (texts or {}).items():
             mlflow.log_text(text, name)
-        return {"run_id": run.info.run_id, "experiment_id": experiment_id, "tracking_uri": redact_uri(uri)}
+        record = {"run_id": run.info.run_id, "experiment_id": experiment_id, "tracking_uri": redact_uri(uri)}
+        if model is not None:
+            record.update(log_model(model))
+        return record
+
+
+@contextlib.contextmanager
+def _pyfunc_arguments(spec: ModelSpec) -> Iterator[dict[str, Any]]:
+    """What ``mlflow.pyfunc.log_model``/``save_model`` need for the package: the loader module and a
+    clean copy of the code that scores it, a signature, an input example, pinned requirements."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema, TensorSpec
+
+    from pipeline.modeling.pyfunc import output_columns
+
+    columns, k = output_columns(spec.class_names), len(spec.class_names)
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *spec.input_shape))]),
+                               outputs=Schema([ColSpec("double", c) for c in columns[:k]]
+                                              + [ColSpec("string", c) for c in columns[k:]]))
+    with tempfile.TemporaryDirectory() as tmp:
+        code = Path(tmp) / "pipeline"
+        shutil.copytree(Path(__file__).resolve().parents[1], code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        # A mid-grey image, not a patient's scan, shows the input format.
+        yield {"loader_module": "pipeline.modeling.pyfunc", "data_path": str(spec.package), "code_paths": [str(code)],
+               "signature": signature, "input_example": np.full((1, *spec.input_shape), 128, dtype=np.uint8),
+               "pip_requirements": [_pinned(p) for p in MODEL_REQUIREMENTS]}
+
+
+def log_model(spec: ModelSpec) -> dict[str, str]:
+    """Log the package as a pyfunc model of the active run and register it as a new version,
+    tagged (including its class list and input shape, which promote compares)."""
+    import mlflow
+
+    with _pyfunc_arguments(spec) as arguments:
+        info = mlflow.pyfunc.log_model(name="model", registered_model_name=spec.registered_name, **arguments)
+    version = str(info.registered_model_version)
+    client = mlflow.tracking.MlflowClient()
+    tags = {**spec.version_tags, "classes": json.dumps(spec.class_names),
+            "input_shape": "x".join(map(str, spec.input_shape))}
+    for key, value in tags.items():
+        client.set_model_version_tag(spec.registered_name, version, key, value)
+    return {"model_id": info.model_id, "model_uri": info.model_uri, "registered_model": spec.registered_name,
+            "model_version": version}
+
+
+def save_model(spec: ModelSpec, destination: Path) -> Path:
+    """The same MLflow Model as a local folder, servable with ``mlflow models serve -m <folder>``."""
+    import mlflow
+
+    with _pyfunc_arguments(spec) as arguments:
+        mlflow.pyfunc.save_model(str(destination), **arguments)
+    return destination
+
+
+def _pinned(package: str) -> str:
+    try:
+        return f"{package}=={metadata.version(package)}"
+    except metadata.PackageNotFoundError:
+        return package
+
+
+def model_versions(name: str) -> list[dict[str, Any]]:
+    """Every registered version of ``name``, newest first: number, tags, aliases and its run's test metrics."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.tracking.MlflowClient(tracking_uri())
+    try:
+        aliases = client.get_registered_model(name).aliases  # {alias: version}; search results leave them out
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return []
+    found = []
+    for v in sorted(versions, key=lambda v: int(v.version), reverse=True):
+        metrics = client.get_run(v.run_id).data.metrics if v.run_id else {}
+        found.append({"version": str(v.version), "tags": dict(v.tags), "run_id": v.run_id,
+                      "aliases": [alias for alias, number in aliases.items() if str(number) == str(v.version)],
+                      "metrics": {k: m for k, m in metrics.items() if k.startswith("test.")}})
+    return found
+
+
+def set_champion(name: str, version: str) -> None:
+    import mlflow
+
+    mlflow.tracking.MlflowClient(tracking_uri()).set_registered_model_alias(name, CHAMPION, version)
 
 
 def _param(value: Any) -> str:
