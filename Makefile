@@ -1,4 +1,4 @@
-# medcnn: `make run` (whole pipeline), `make test`, `make ui`. Everything runs inside .venv,
+# medcnn: `make run` (whole pipeline), `make test`, `make ui`, `make mlflow-server`. Everything runs inside .venv,
 # created and filled from requirements.lock by `make setup` (idempotent; instant when the
 # lock and pyproject.toml are unchanged).
 
@@ -11,7 +11,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup run test test-fast ui lock clean
+.PHONY: setup run test test-fast ui mlflow-server mlflow-server-stop lock clean
 
 setup: $(STAMP)
 
@@ -32,7 +32,16 @@ test-fast: setup
 	python -m pytest -m "not slow"
 
 ui: setup
+	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (model training, not GenAI)"
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
+
+# A team's tracking server: PostgreSQL + `mlflow server` with proxied artifacts, on 127.0.0.1
+# ($MLFLOW_PORT, default 5000), state in .mlflow-server/. Then: export MLFLOW_TRACKING_URI=http://127.0.0.1:5000
+mlflow-server: setup
+	scripts/mlflow-server.sh start
+
+mlflow-server-stop:
+	scripts/mlflow-server.sh stop
 
 # Re-pin after changing dependencies in pyproject.toml (run in a fresh venv with torch==2.13.0).
 lock:

@@ -22,8 +22,8 @@ from pipeline import explain
 from pipeline.core.config import load_params
 from pipeline.core.dataset import load_split
 from pipeline.core.runtime import configure_torch
-from pipeline.modeling.package import load_package
 from pipeline.modeling.networks import images_to_tensor
+from pipeline.modeling.package import load_package
 from pipeline.xai import attributions
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,32 +15,16 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from pipeline.core.config import parse_overrides, write_params
+from common import copy_project
 
-REPO = Path(__file__).resolve().parents[1]
+from pipeline.core.config import parse_overrides
+
 CHECKED = ("models/model.pt", "reports/eval/metrics.json", "reports/train/history.csv")
-
-
-def copy_project(dest: Path, overrides: list[str]) -> None:
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        if (REPO / name).is_file() and name != "dvc.lock":
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, dest / name)
-    values = parse_overrides(overrides)
-    for key, value in values.items():
-        if key.endswith(".path") and value:  # a path is relative to the repository, not to the temporary copy
-            values[key] = str((REPO / str(value)).resolve())
-    write_params(dest / "params.yaml", values, dest / "params.yaml")
 
 
 def digests(root: Path) -> dict[str, str]:
@@ -52,14 +36,9 @@ def main() -> None:
     parser.add_argument("-S", dest="overrides", action="append", default=[], help="params override key=value")
     parser.add_argument("--no-rerun", action="store_true", help="skip the forced determinism rerun")
     args = parser.parse_args()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@local",
-           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@local"}
     with tempfile.TemporaryDirectory(prefix="medcnn-bench-") as tmp:
         root = Path(tmp)
-        copy_project(root, args.overrides)
-        for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
-            subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
+        env = copy_project(root, parse_overrides(args.overrides))
         start = time.perf_counter()
         subprocess.run(["dvc", "repro"], cwd=root, env=env, check=True, capture_output=True)
         wall = time.perf_counter() - start

@@ -35,8 +35,15 @@ from pipeline.core.files import SECONDS_DECIMALS, file_digest, rounded, write_cs
 from pipeline.core.runtime import configure_torch, stage_main
 from pipeline.evaluation import baselines as classical
 from pipeline.evaluation import calibration
-from pipeline.evaluation.metrics import (HEADLINE, bootstrap_ci, choose_threshold, classification_metrics,
-                                         confusion_matrix, normalised, per_class_auc)
+from pipeline.evaluation.metrics import (
+    HEADLINE,
+    bootstrap_ci,
+    choose_threshold,
+    classification_metrics,
+    confusion_matrix,
+    normalised,
+    per_class_auc,
+)
 from pipeline.modeling.checkpoints import load_checkpoint
 from pipeline.modeling.networks import predict_proba
 from pipeline.modeling.package import ModelPackage, intensity_reference, save_package

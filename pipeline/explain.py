@@ -31,8 +31,8 @@ from pipeline.core.config import Params
 from pipeline.core.dataset import load_meta, load_split
 from pipeline.core.files import SECONDS_DECIMALS, read_json, rounded, save_npy, staged_dir, write_json
 from pipeline.core.runtime import configure_torch, stage_main
-from pipeline.modeling.package import load_package
 from pipeline.modeling.networks import images_to_tensor
+from pipeline.modeling.package import load_package
 from pipeline.reporting.plots import plot_attributions, plot_class_images, plot_faithfulness, plot_feature_maps
 from pipeline.xai import attributions, trust
 

@@ -27,7 +27,7 @@ def main() -> None:
     if "model_version" in run:
         print(f"           model '{run['registered_model']}' version {run['model_version']} "
               "(make it the champion: python -m pipeline.promote)")
-    print("           browse with `make ui` (mlflow ui --backend-store-uri sqlite:///mlflow.db)")
+    print("           browse with `make ui`: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning")
     print(f"  predict: medcnn-predict <images> -o predictions.csv (uses {paths.MODEL})")
 
 

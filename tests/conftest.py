@@ -8,8 +8,14 @@ there), and the session fails if any of those repository paths changed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import glob
 import os
+import shutil
+import socket
+import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -175,3 +181,57 @@ def make_npz(path: Path, n: tuple[int, int, int] = (40, 12, 16), classes: int = 
     arrays.update(replace)
     np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def need_service(available: bool, what: str) -> None:
+    """Skip a test whose service is not installed here; in CI (``MEDCNN_REQUIRE_SERVICES=1``,
+    set by .ci/run after installing them) fail instead, so a missing install never hides."""
+    if not available:
+        if os.environ.get("MEDCNN_REQUIRE_SERVICES") == "1":
+            pytest.fail(f"{what} is required in CI but not installed")
+        pytest.skip(f"{what} not installed (.ci/run installs it)")
+
+
+@dataclasses.dataclass
+class TrackingServer:
+    """A PostgreSQL-backed MLflow server started by scripts/mlflow-server.sh, as `make mlflow-server` does."""
+
+    uri: str
+    env: dict[str, str]
+
+    def script(self, action: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(REPO / "scripts/mlflow-server.sh"), action], env=self.env, capture_output=True,
+                              text=True, timeout=300)
+
+
+@contextlib.contextmanager
+def tracking_server() -> Iterator[TrackingServer]:
+    need_service(bool(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl")), "PostgreSQL (Debian package postgresql)")
+    # Not under pytest's 0700 temp root: Debian's postgres user, which runs the cluster when the
+    # tests run as root, must reach the folder.
+    folder = Path(tempfile.mkdtemp(prefix="medcnn-mlflow-server-"))
+    folder.chmod(0o755)
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_DIR": str(folder), "MLFLOW_PORT": str(port),
+           "MLFLOW_PG_PORT": str(free_port()), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    server = TrackingServer(f"http://127.0.0.1:{port}", env)
+    started = server.script("start")
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield server
+    finally:
+        server.script("stop")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server() -> Iterator[TrackingServer]:
+    """One tracking server for the session (about 20 s to start on a new database)."""
+    with tracking_server() as server:
+        yield server

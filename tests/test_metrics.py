@@ -7,8 +7,17 @@ from sklearn import metrics as skm
 
 from pipeline.core.config import parse_threshold
 from pipeline.core.errors import PipelineError
-from pipeline.evaluation.metrics import (HEADLINE, average_precision, binary_auc, bootstrap_ci, choose_threshold,
-                                         classification_metrics, confusion_matrix, normalised, roc_auc)
+from pipeline.evaluation.metrics import (
+    HEADLINE,
+    average_precision,
+    binary_auc,
+    bootstrap_ci,
+    choose_threshold,
+    classification_metrics,
+    confusion_matrix,
+    normalised,
+    roc_auc,
+)
 
 
 def probs_for(preds, k=2):

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINY, write_params
+from tests.conftest import REPO, TINY, free_port, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -29,10 +31,8 @@ def sh(args: list[str], cwd: Path, env: dict[str, str]) -> str:
     return result.stdout + result.stderr
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    """The project's files (as git sees them) in a fresh git repository, tiny params committed."""
-    root = tmp_path_factory.mktemp("project")
+def new_project(root: Path) -> tuple[Path, dict[str, str]]:
+    """The project's files (as git sees them) in a fresh git repository at ``root``, tiny params committed."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout.split()
     for name in files:
@@ -45,12 +45,17 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t", "PYTHONPATH": str(root)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("DVC_ROOT", None)
+    for variable in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME"):
+        env.pop(variable, None)
     sh(["git", "init", "-q", "-b", "main"], root, env)
     sh(["git", "add", "-A"], root, env)
     sh(["git", "commit", "-qm", "tiny"], root, env)
     return root, env
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    return new_project(tmp_path_factory.mktemp("project"))
 
 
 def runs(root: Path):
@@ -109,3 +114,63 @@ def test_repro_then_experiment(project):
     assert "test" in sh(["dvc", "metrics", "diff", "--json"], root, env)
     sh(["dvc", "plots", "show", "-o", str(root / "dvc_plots")], root, env)
     assert (root / "dvc_plots" / "index.html").is_file()
+
+
+def ran_stages(log: str) -> list[str]:
+    return [s for s in STAGES if f"Running stage '{s}'" in log]
+
+
+def test_dead_server_keeps_every_output_and_dvc_reruns_only_the_logging(tmp_path_factory, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    root, env = new_project(tmp_path_factory.mktemp("faults"))
+    dead = {**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
+    result = subprocess.run(["dvc", "repro"], cwd=root, env=dead, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and "is unreachable" in result.stderr + result.stdout
+    assert ran_stages(result.stdout + result.stderr) == STAGES
+    for out in ("models/model.pt", "reports/report.html", "reports/eval/metrics.json"):
+        assert (root / out).is_file(), out
+    assert not (root / "reports/mlflow_run.json").exists()
+    log = sh(["dvc", "repro"], root, {**env, "MLFLOW_TRACKING_URI": mlflow_server.uri})
+    assert ran_stages(log) == ["prepare", "track"]  # prepare always runs; nothing else is redone
+    record = json.loads((root / "reports/mlflow_run.json").read_text())
+    client = MlflowClient(mlflow_server.uri)
+    execution = client.get_run(record["run_id"]).data.tags["medcnn.execution"]
+    found = client.search_runs([record["experiment_id"]], f"tags.`medcnn.execution` = '{execution}'")
+    assert [r.info.status for r in found] == ["FINISHED"]
+
+
+def queue_four(root: Path, env: dict[str, str]) -> list[str]:
+    """Queue four experiments, run them with two workers, wait; their names."""
+    names = []
+    for lr in (0.001, 0.002, 0.003, 0.004):
+        out = sh(["dvc", "exp", "run", "--queue", "-S", f"train.lr={lr}"], root, env)
+        names.append(re.search(r"Queued experiment '([^']+)'", out).group(1))
+    sh(["dvc", "queue", "start", "-j", "2"], root, env)
+    deadline = time.monotonic() + 900
+    while True:
+        status = sh(["dvc", "queue", "status"], root, env)
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(5)
+    failed = [name for name in names if not re.search(rf"{name}\s+\S+\s+\S+\s+Success", status)]
+    assert not failed, status + "\n".join(sh(["dvc", "queue", "logs", name], root, env) for name in failed)
+    return names
+
+
+@pytest.mark.parametrize("store", ["sqlite", "server"])
+def test_four_queued_experiments_on_two_workers_give_four_runs(tmp_path_factory, request, store):
+    from mlflow.tracking import MlflowClient
+
+    root, env = new_project(tmp_path_factory.mktemp(f"queue-{store}"))
+    uri = f"sqlite:///{root}/mlflow.db"
+    if store == "server":
+        uri = env["MLFLOW_TRACKING_URI"] = request.getfixturevalue("mlflow_server").uri
+    names = queue_four(root, env)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("medcnn")
+    found = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("dvc.exp_name") in names]
+    assert sorted(r.info.run_name for r in found) == sorted(names)  # none lost, none twice
+    assert {r.info.status for r in found} == {"FINISHED"}
+    assert len({r.data.tags["medcnn.execution"] for r in found}) == 4

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pipeline import promote, track
 from pipeline.core.dataset import load_split
 from pipeline.core.errors import PipelineError
 from pipeline.modeling.package import load_package
+from tests.conftest import free_port
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +72,6 @@ def test_promote_refuses_another_class_list_unless_forced(registry, capsys):
     with pytest.raises(PipelineError, match="has no version 9"):
         promote.promote("medcnn", "9")
     promote.promote("medcnn", "1", force=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_served_endpoint_answers_like_the_package(registry, tiny_run):

@@ -17,11 +17,14 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from pipeline.core.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -66,48 +69,170 @@ def metric_key(segments: tuple[str, ...]) -> str:
                     for segment in segments)
 
 
-def log_run(experiment: str, run_name: str | None, params: Mapping[str, Any], metrics: Mapping[str, float],
-            step_metrics: Iterable[tuple[int, Mapping[str, float]]], tags: Mapping[str, str],
-            artifacts: Iterable[tuple[Path, str]], texts: Mapping[str, str] | None = None,
-            model: ModelSpec | None = None) -> dict[str, str]:
-    """Create one run holding everything; returns its ids and the store it went to.
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """Everything one pipeline execution logs as one MLflow run."""
 
-    ``artifacts`` are (local path, artifact folder) pairs; folders are logged recursively.
-    ``texts`` are logged as files named by their keys (copies edited before they leave).
-    ``model``, when given, is logged as a pyfunc MLflow Model of the run and registered.
+    experiment: str
+    name: str
+    execution: str  # identifies the execution: one FINISHED run per value, ever
+    started: float | None  # when the execution began (epoch seconds); None: when logging begins
+    description: str  # the run's note, shown first in the MLflow UI (headline metrics)
+    params: Mapping[str, Any]
+    metrics: Mapping[str, float]
+    step_metrics: Iterable[tuple[int, Mapping[str, float]]]
+    tags: Mapping[str, str]
+    artifacts: Iterable[tuple[Path, str]]  # (local path, artifact folder); folders logged recursively
+    texts: Mapping[str, str]  # logged as files named by their keys (copies edited before they leave)
+    model: ModelSpec | None = None
+
+
+EXECUTION_TAG = "medcnn.execution"
+# Marks the experiment as model training for MLflow UIs that pick its page by kind (3.17 goes by
+# a global GenAI / Model training toggle instead: links carry ?workflowType=machine_learning).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# Bounded HTTP: MLflow's defaults retry for minutes before a dead server is reported.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+HEALTH_ATTEMPTS, HEALTH_TIMEOUT = 3, 5.0
+
+
+def log_run(record: RunRecord) -> dict[str, str]:
+    """Log one execution as one FINISHED run; returns its ids and the store it went to.
+
+    - An unreachable server is one :class:`PipelineError` naming the URI (credentials removed)
+      within about ``HEALTH_ATTEMPTS × HEALTH_TIMEOUT`` seconds, before anything is written.
+    - Runs of the same execution left RUNNING by an attempt that died half-way (the server went
+      down during the upload) are marked FAILED first; a FINISHED run of the same execution is
+      returned as it is, so a rerun never logs an execution twice.
+    - A local SQLite store is written under an exclusive file lock: parallel queue workers
+      would otherwise race to create its schema or hit "database is locked".
     """
     import mlflow
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     uri = tracking_uri()
+    check_reachable(uri)
     default_store = "MLFLOW_TRACKING_URI" not in os.environ  # read before set_tracking_uri sets it
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
+    with _store_lock(uri):
+        try:
+            mlflow.set_tracking_uri(uri)
+            client = MlflowClient(uri)
+            experiment_id = _experiment(client, record.experiment, default_store)
+            done = _settle_earlier_attempts(client, experiment_id, record.execution)
+            if done is not None:
+                log.info("execution %s is already logged as run %s: not logging it twice", record.execution[:12],
+                         done.info.run_id)
+                return {"run_id": done.info.run_id, "experiment_id": experiment_id, "tracking_uri": redact_uri(uri),
+                        **_registered(client, done.info.run_id)}
+            run = client.create_run(experiment_id, run_name=record.name,
+                                    start_time=int(record.started * 1000) if record.started else None,
+                                    tags={EXECUTION_TAG: record.execution, "mlflow.note.content": record.description})
+            with mlflow.start_run(run_id=run.info.run_id):  # FINISHED on success, FAILED on an exception
+                _log_contents(record)
+                result = {"run_id": run.info.run_id, "experiment_id": experiment_id, "tracking_uri": redact_uri(uri)}
+                if record.model is not None:
+                    result.update(log_model(record.model))
+            return result
+        except (MlflowException, OSError) as exc:
+            raise PipelineError(f"MLflow store {redact_uri(uri)} failed while logging ({type(exc).__name__}: "
+                                f"{_first_line(exc)}). Every other output is kept; once the store answers, "
+                                "`dvc repro` reruns only the logging, and an incomplete run is marked FAILED."
+                                ) from None
+
+
+def check_reachable(uri: str) -> None:
+    """For an HTTP server: its /health answers, or one clear error within a bounded time."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    health = uri.rstrip("/") + "/health"
+    for attempt in range(HEALTH_ATTEMPTS):
+        try:
+            with urllib.request.urlopen(health, timeout=HEALTH_TIMEOUT):
+                return
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            if attempt + 1 < HEALTH_ATTEMPTS:
+                time.sleep(1.0)
+    raise PipelineError(f"MLflow server {redact_uri(uri)} is unreachable ({reason}). Start it (`make mlflow-server`) "
+                        "or point MLFLOW_TRACKING_URI at a running one; every other output of the pipeline is kept, "
+                        "and `dvc repro` logs this execution once the server answers.")
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """An exclusive lock beside a SQLite store's file, for the whole logging; nothing for a server."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    database = Path(urllib.parse.urlsplit(uri).path)
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _experiment(client: Any, name: str, default_store: bool) -> str:
+    found = client.get_experiment_by_name(name)
     if found is None:
         # Only the default local store needs an absolute artifact folder: MLflow's default is
         # relative to the working directory, which under `dvc exp run --temp` is thrown away.
         location = (repository_root() / "mlartifacts").as_uri() if default_store else None
-        experiment_id = client.create_experiment(experiment, artifact_location=location)
-    else:
-        experiment_id = found.experiment_id
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
-        mlflow.log_params({k: _param(v) for k, v in params.items()})
-        mlflow.log_metrics(dict(metrics))
-        for step, values in step_metrics:
-            mlflow.log_metrics(dict(values), step=step)
-        mlflow.set_tags(dict(tags))
-        for path, folder in artifacts:
-            if path.is_dir():
-                mlflow.log_artifacts(str(path), artifact_path=folder)
-            elif path.is_file():
-                mlflow.log_artifact(str(path), artifact_path=folder or None)
-        for name, text in (texts or {}).items():
-            mlflow.log_text(text, name)
-        record = {"run_id": run.info.run_id, "experiment_id": experiment_id, "tracking_uri": redact_uri(uri)}
-        if model is not None:
-            record.update(log_model(model))
-        return record
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+    for key, value in EXPERIMENT_KIND.items():
+        if found.tags.get(key) != value:
+            client.set_experiment_tag(found.experiment_id, key, value)
+    return found.experiment_id
+
+
+def _settle_earlier_attempts(client: Any, experiment_id: str, execution: str) -> Any:
+    """Mark this execution's unfinished runs FAILED; return its FINISHED run if there is one."""
+    runs = client.search_runs([experiment_id], f"tags.`{EXECUTION_TAG}` = '{execution}'")
+    for run in runs:
+        if run.info.status in ("RUNNING", "SCHEDULED"):
+            log.warning("run %s of this execution was left %s by an interrupted attempt: marking it FAILED",
+                        run.info.run_id, run.info.status)
+            client.set_terminated(run.info.run_id, "FAILED")
+    return next((run for run in runs if run.info.status == "FINISHED"), None)
+
+
+def _log_contents(record: RunRecord) -> None:
+    import mlflow
+
+    mlflow.log_params({k: _param(v) for k, v in record.params.items()})
+    mlflow.log_metrics(dict(record.metrics))
+    for step, values in record.step_metrics:
+        mlflow.log_metrics(dict(values), step=step)
+    mlflow.set_tags(dict(record.tags))
+    for path, folder in record.artifacts:
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path=folder)
+        elif path.is_file():
+            mlflow.log_artifact(str(path), artifact_path=folder or None)
+    for name, text in record.texts.items():
+        mlflow.log_text(text, name)
+
+
+def _registered(client: Any, run_id: str) -> dict[str, str]:
+    """The registered model version a run produced, if any."""
+    for version in client.search_model_versions(f"run_id = '{run_id}'"):
+        return {"registered_model": version.name, "model_version": str(version.version)}
+    return {}
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:300]
 
 
 @contextlib.contextmanager

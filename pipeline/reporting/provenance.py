@@ -1,4 +1,4 @@
-"""Where a run came from: git commit and dirty flag, DVC experiment, software and hardware.
+"""Where a run came from: git commit and dirty flag, DVC experiment and its start, software and hardware.
 
 Shared by the report (for reviewers) and the track stage (as MLflow tags). Nothing here
 reads data, so no patient information can leak through it.
@@ -33,6 +33,32 @@ def git_state(root: str | Path = ".") -> dict[str, str | bool | None]:
 def dvc_experiment() -> dict[str, str | None]:
     """Set by DVC for ``dvc exp run`` (also under ``--temp``/``--queue``); absent for ``dvc repro``."""
     return {key.lower(): os.environ.get(key) for key in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV")}
+
+
+def execution_started() -> float | None:
+    """When the DVC command running this stage began (epoch seconds), or None outside DVC.
+
+    The MLflow run stands for the whole pipeline execution, not for the logging call: its
+    start is that of the nearest ``dvc`` ancestor process (``dvc repro``, ``dvc exp run``, or the
+    per-experiment process of a queue worker), read from /proc (Linux; None elsewhere).
+    """
+    try:
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        ticks = os.sysconf("SC_CLK_TCK")
+        pid = os.getppid()
+        for _ in range(12):
+            if pid <= 1:
+                return None
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+            words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if any(Path(w.decode(errors="replace")).name == "dvc" for w in words[:3]) or b"dvc.cli" in b" ".join(words):
+                return boot + int(fields[19]) / ticks  # field 22 of /proc/<pid>/stat: start time in clock ticks
+            pid = int(fields[1])  # the parent
+    except (OSError, ValueError, StopIteration, IndexError):
+        return None
+    return None
 
 
 def versions() -> dict[str, str]:
