@@ -132,10 +132,13 @@ def log_run(record: RunRecord) -> dict[str, str]:
                                     start_time=int(record.started * 1000) if record.started else None,
                                     tags={EXECUTION_TAG: record.execution, "mlflow.note.content": record.description})
             with mlflow.start_run(run_id=run.info.run_id):  # FINISHED on success, FAILED on an exception
-                _log_contents(record)
                 result = {"run_id": run.info.run_id, "experiment_id": experiment_id, "tracking_uri": redact_uri(uri)}
+                mlflow.log_params({k: _param(v) for k, v in record.params.items()})
+                # The model first, then the metrics linked to it in one batch: a model logged after
+                # 400 metrics reads each one's history back to link it (a request per metric).
                 if record.model is not None:
                     result.update(log_model(record.model))
+                _log_contents(record, result.get("model_id"))
             return result
         except (MlflowException, OSError) as exc:
             raise PipelineError(f"MLflow store {redact_uri(uri)} failed while logging ({type(exc).__name__}: "
@@ -207,11 +210,10 @@ def _settle_earlier_attempts(client: Any, experiment_id: str, execution: str) ->
     return next((run for run in runs if run.info.status == "FINISHED"), None)
 
 
-def _log_contents(record: RunRecord) -> None:
+def _log_contents(record: RunRecord, model_id: str | None) -> None:
     import mlflow
 
-    mlflow.log_params({k: _param(v) for k, v in record.params.items()})
-    mlflow.log_metrics(dict(record.metrics))
+    mlflow.log_metrics(dict(record.metrics), model_id=model_id)
     for step, values in record.step_metrics:
         mlflow.log_metrics(dict(values), step=step)
     mlflow.set_tags(dict(record.tags))
