@@ -6,8 +6,8 @@ empty, how many experiments DVC reports as succeeded, and how many FINISHED MLfl
 their names (exactly one each: nothing lost, nothing twice). The store is the copy's own SQLite
 file unless ``--server URI`` points at a tracking server (`make mlflow-server`).
 
-    python bench/queue.py                      # -j 1 and -j 2, 3 repetitions each
-    python bench/queue.py --repeats 5 --server http://127.0.0.1:5000
+    python bench/dvc_queue.py                      # -j 1 and -j 2, 3 repetitions each
+    python bench/dvc_queue.py --repeats 5 --server http://127.0.0.1:5000
 """
 
 from __future__ import annotations
