@@ -34,7 +34,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.files import SECONDS_DECIMALS, file_digest, rounded, write_csv, write_json
 from pipeline.core.runtime import configure_torch, stage_main
 from pipeline.evaluation import baselines as classical
-from pipeline.evaluation import calibration
+from pipeline.evaluation import calibration, membership
 from pipeline.evaluation.metrics import (
     HEADLINE,
     bootstrap_ci,
@@ -44,6 +44,7 @@ from pipeline.evaluation.metrics import (
     normalised,
     per_class_auc,
 )
+from pipeline.modeling import dp_sgd
 from pipeline.modeling.checkpoints import load_checkpoint
 from pipeline.modeling.networks import predict_proba
 from pipeline.modeling.package import ModelPackage, intensity_reference, save_package
@@ -114,7 +115,7 @@ def freeze(params: Params, network_path: Path, prepared: Path, meta: dict[str, A
            val: dict[str, np.ndarray]) -> ModelPackage:
     """The model package: the trained network with every choice made on validation, frozen before the test."""
     cfg = params.evaluate
-    network, _ = load_checkpoint(network_path)
+    network, trained = load_checkpoint(network_path)
     raw = predict_proba(network, val["images"], cfg.batch_size)
     temperature = calibration.CALIBRATIONS[cfg.calibrate](val["labels"], raw)
     threshold = choose_threshold(cfg.threshold, val["labels"], calibration.apply_temperature(raw, temperature),
@@ -125,8 +126,25 @@ def freeze(params: Params, network_path: Path, prepared: Path, meta: dict[str, A
         network=network, class_names=meta["class_names"], positive_class=cfg.positive_class, temperature=temperature,
         threshold=threshold, threshold_rule=cfg.threshold if threshold is not None else "argmax",
         preprocessing={**meta["preprocessing"], "input_size": [height, width], "input_channels": meta["channels"]},
-        intensity=intensity_reference(load_split(prepared, "train", mmap=True)["images"]),
-        provenance={"data_sha256": meta["arrays_sha256"], "network_sha256": file_digest(network_path)})
+        intensity=intensity_reference(load_split(prepared, "train")["images"]),
+        provenance={"data_sha256": meta["arrays_sha256"], "network_sha256": file_digest(network_path),
+                    "privacy": trained.get("privacy")})
+
+
+def privacy_audit(params: Params, prepared: Path, package: ModelPackage, non_members: tuple[np.ndarray, np.ndarray],
+                  reference: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+    """The membership audit (:mod:`pipeline.evaluation.membership`) on a seeded sample of the
+    training split as large as the test split, with the δ of the training's guarantee."""
+    train = load_split(prepared, "train")
+    n_train = len(train["labels"])
+    rng = np.random.default_rng([params.seed, 31])
+    pick = np.sort(rng.choice(n_train, min(n_train, len(non_members[1])), replace=False))
+    members = package.score(train["images"][pick], params.evaluate.batch_size).uncalibrated
+    result = membership.audit((members, train["labels"][pick]), non_members, reference,
+                              dp_sgd.delta_for(params, n_train), params.evaluate.bootstrap, params.seed)
+    log.info("membership audit: attack ROC AUC %s (loss), %s (calibrated)", result["attacks"]["loss"]["roc_auc"],
+             result["attacks"]["calibrated"]["roc_auc"])
+    return result
 
 
 def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.BALANCED,
@@ -145,7 +163,8 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
     # 1. Choices on validation only, frozen into the model package before the test split is scored.
     package = freeze(params, network_path, prepared, meta, val)
     temperature, threshold = package.temperature, package.threshold
-    val_probs = package.score(val["images"], cfg.batch_size).probabilities
+    scored_val = package.score(val["images"], cfg.batch_size)
+    val_probs = scored_val.probabilities
 
     # 2. Test, scored once, exactly as pipeline.predict scores an image.
     patients = test.get("patients")
@@ -165,29 +184,34 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
         overall = classification_metrics(y_test, p, positive, threshold)
         calib[when] = {**calibration.summarise(y_test, p, positive), "brier": overall["brier"], "log_loss": overall["log_loss"]}
     result: dict[str, Any] = {"test": test_metrics, "calibration": calib, "val": {
-        "roc_auc": classification_metrics(y_val, val_probs, positive, threshold)["roc_auc"], "n": int(len(y_val))},
+        "roc_auc": classification_metrics(y_val, val_probs, positive, threshold)["roc_auc"], "n": len(y_val)},
         "out_of_distribution": {"test_flagged": int(scored.out_of_distribution.sum())}}
 
-    # 3. Subgroups (e.g. scanner site) with their own intervals.
+    # 3. Membership inference audit: training members against the test split's non-members.
+    result["privacy_audit"] = privacy_audit(params, prepared, package, (scored.uncalibrated, y_test),
+                                            (scored_val.uncalibrated, y_val))
+
+    # 4. Subgroups (e.g. scanner site) with their own intervals.
     if "groups" in test:
         result["subgroups"] = {meta.get("group_name") or "group": {
             str(g): score(y_test[test["groups"] == g], probs["test"][test["groups"] == g], threshold, cfg,
                           params.seed, None if patients is None else patients[test["groups"] == g])
             for g in np.unique(test["groups"])}}
 
-    # 4. Classical baselines on the same training set, choices on validation the same way.
+    # 5. Classical baselines on the same training set, choices on validation the same way.
     timing: dict[str, float] = {}
     baseline_probs = {}
     if cfg.baselines:
-        images, labels, weights = load_training_set(prepared, balanced)
+        training = load_training_set(prepared, balanced)
         result["baselines"] = {}
         for name in cfg.baselines:
-            if name == "svm" and len(labels) > cfg.svm_max_train:
-                log.info("skipping svm: %d training images > evaluate.svm_max_train=%d", len(labels), cfg.svm_max_train)
+            if name == "svm" and len(training) > cfg.svm_max_train:
+                log.info("skipping svm: %d training images > evaluate.svm_max_train=%d", len(training),
+                         cfg.svm_max_train)
                 continue
             out, timing[f"baseline_{name}_seconds"] = classical.fit_predict(
-                name, images, labels, np.asarray(weights)[labels], val["images"], y_val, test["images"],
-                params.seed, params.train.threads)
+                name, training, training.labels, np.asarray(training.weights)[training.labels], val["images"], y_val,
+                test["images"], params.seed, params.train.threads, cfg.baseline_max_train)
             t = choose_threshold(cfg.threshold, y_val, out["val"], positive)
             result["baselines"][name] = {**score(y_test, out["test"], t, cfg, params.seed, patients), "threshold": t}
             baseline_probs[name] = out["test"]

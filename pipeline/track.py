@@ -86,6 +86,8 @@ def collect_tags(root: Path) -> dict[str, str]:
         "data.source": data["input"]["source"],
         "data.sha256": data["input"].get("sha256", "generated"),
         "model.sha256": file_digest(root / paths.MODEL),
+        # train.privacy.* metrics hold the guarantee; this says at a glance in the run list whether there is one.
+        "privacy.dp_sgd": str("privacy" in read_json(root / paths.TRAIN_DIR / paths.METRICS)["train"]).lower(),
     }
     tags.update({f"version.{k}": v for k, v in versions().items()})
     return tags

@@ -1,19 +1,28 @@
 """Stage 3, train: fit the configured CNN, keep the checkpoint with the best validation AUC.
 
 Writes ``models/network.pt`` (state_dict + network config, loadable with
-``torch.load(weights_only=True)``; evaluate wraps it into the model package ``models/model.pt``), ``reports/train/history.csv`` (per-epoch train/val loss,
-accuracy and AUC), ``reports/train/metrics.json``, ``reports/train/curves.png`` and
+``torch.load(weights_only=True)``; evaluate wraps it into the model package
+``models/model.pt``), ``reports/train/history.csv`` (per-epoch train/val loss, accuracy and
+AUC), ``reports/train/metrics.json``, ``reports/train/curves.png`` and
 ``reports/train/timing.json`` (wall time lives apart from metrics so metrics stay
 byte-identical between runs).
 
-Determinism: one seeded ``torch.Generator`` drives shuffling, sampling and augmentation, thread
-count comes from params, deterministic kernels are requested: same params + seed ⇒ same bytes
-on CPU. Resumable: every epoch's full state goes to ``models/checkpoints/last.pt`` (not a DVC
-output, so DVC never deletes it); rerunning after an interruption continues from there.
+Data are streamed: batches are read from the prepared ``.npy`` files by the balance stage's
+indices (:mod:`pipeline.modeling.loader`, ``train.workers`` processes reading ahead), so
+memory holds a few batches, never the training set. ``train.processes: N`` trains on N
+data-parallel workers (PyTorch DDP under ``torch.distributed.run``; see
+:mod:`pipeline.modeling.distributed` for how a batch is shared).
+
+Determinism: one seeded ``torch.Generator`` drives shuffling, sampling and augmentation, in
+the training process (every worker draws the same), thread count comes from params,
+deterministic kernels are requested: same params + seed ⇒ same bytes on CPU, whatever
+``train.workers``. Resumable: every epoch's full state goes to ``models/checkpoints/last.pt``
+(not a DVC output, so DVC never deletes it); rerunning after an interruption continues there.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import json
@@ -29,13 +38,15 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.core import paths
-from pipeline.core.config import Params, TrainParams, as_dict
-from pipeline.core.dataset import load_meta, load_split, load_training_set
+from pipeline.core.config import Params, TrainParams, as_dict, load_params
+from pipeline.core.dataset import BALANCED_FILES, TrainingSet, load_meta, load_split, load_training_set
 from pipeline.core.errors import PipelineError
-from pipeline.core.files import SECONDS_DECIMALS, rounded, write_csv, write_json
-from pipeline.core.runtime import configure_torch, select_device, stage_main
+from pipeline.core.files import SECONDS_DECIMALS, file_digest, rounded, write_csv, write_json
+from pipeline.core.runtime import configure_logging, configure_torch, run_command, seed_everything, select_device
 from pipeline.evaluation.metrics import roc_auc
+from pipeline.modeling import distributed, dp_sgd, loader
 from pipeline.modeling.checkpoints import load_progress, save_checkpoint, save_progress
+from pipeline.modeling.distributed import World
 from pipeline.modeling.networks import Classifier, ModelConfig, build_model, count_parameters, predict_proba
 from pipeline.modeling.recipe import WeightAverage, augment, epoch_order, lr_factor, make_loss, make_optimizer
 from pipeline.reporting.plots import plot_history
@@ -45,42 +56,60 @@ log = logging.getLogger(__name__)
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_accuracy", "train_roc_auc", "val_loss", "val_accuracy", "val_roc_auc")
 
 
-def train_epoch(model: Classifier, images: torch.Tensor, labels: torch.Tensor, loss_fn: nn.Module,
-                optimizer: torch.optim.Optimizer, cfg: TrainParams, generator: torch.Generator,
-                device: torch.device, epoch: int, average: WeightAverage | None = None) -> dict[str, float | None]:
+def train_epoch(model: nn.Module, data: TrainingSet, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
+                cfg: TrainParams, generator: torch.Generator, device: torch.device, epoch: int,
+                average: WeightAverage | None = None, world: World = distributed.ALONE,
+                private: dp_sgd.PrivateTraining | None = None) -> dict[str, float | None]:
     """One pass over the training set in a seeded order (permutation or class-balanced draw), with
     seeded augmentation and the per-step learning rate; loss/accuracy/AUC as seen in training.
-    ``average``, when given, is updated after every optimiser step."""
+    ``average``, when given, is updated after every optimiser step. With several workers,
+    each trains on its share of every batch (see :mod:`pipeline.modeling.distributed`). With
+    ``private``, batches are DP-SGD's Poisson samples (an empty draw is skipped: nothing is
+    released for it) and the loss is the batch's weighted mean, which Opacus clips per image."""
     model.train()
-    order = epoch_order(labels, cfg.sampler, generator)
-    total_loss, probs = 0.0, []
-    batches = range(0, len(order), cfg.batch_size)
-    steps_per_epoch = len(batches)
-    for b, start in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=None)):
-        idx = order[start:start + cfg.batch_size]
-        x = augment(images[idx].float().div_(255.0), cfg, generator).to(device)
-        y = labels[idx].to(device)
+    labels = torch.from_numpy(data.labels)
+    if private is not None:
+        chunks = [chunk for chunk in private.batches() if len(chunk)]
+    else:
+        order = epoch_order(labels, cfg.sampler, generator).numpy()
+        chunks = [order[start:start + cfg.batch_size] for start in range(0, len(order), cfg.batch_size)]
+    if world.size > 1 and len(chunks[-1]) < world.size:
+        chunks.pop()  # nobody could take an empty share
+    shares = [world.share(chunk) for chunk in chunks]
+    weight = loss_fn.weight
+    total_loss, probs, positions = 0.0, [], []
+    stream = loader.batches(data, [share for share, _ in shares], cfg.workers)
+    for b, (chunk, (share, rows), (images, y)) in enumerate(tqdm(zip(chunks, shares, stream), total=len(chunks),
+                                                                 desc=f"epoch {epoch}", leave=False, disable=None)):
+        x = augment(images.float().div_(255.0), cfg, generator, rows, len(chunk)).to(device)
+        y = y.to(device)
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(cfg, (epoch - 1) * steps_per_epoch + b, cfg.epochs * steps_per_epoch)
+            group["lr"] = cfg.lr * lr_factor(cfg, (epoch - 1) * len(chunks) + b, cfg.epochs * len(chunks))
         # Mixed precision (bfloat16) on a GPU only; the CPU path stays float32 and deterministic.
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(x)
-            loss = loss_fn(logits.float(), y)
+            # The batch's weighted mean loss, shared out: this worker's weighted sum over the
+            # weight of the whole batch (known to all from the labels), times the number of
+            # workers, whose gradients DDP averages.
+            batch_weight = float(weight[labels[chunk]].sum())
+            summed = loss_fn(logits.float(), y).sum()
+            loss = summed / len(chunk) if private else summed * (world.size / batch_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         if average is not None:
-            average.update(model)
-        total_loss += loss.item() * len(idx)  # .item() syncs with the device; once per batch is fine
-        probs.append(torch.softmax(logits.detach(), dim=1).double().cpu())
-    seen = labels[order].numpy()
-    probs_np = torch.cat(probs).numpy()
+            average.update(average.source)
+        total_loss += summed.item() * len(chunk) / batch_weight  # .item() syncs with the device; once per batch
+        probs.append(torch.softmax(logits.detach(), dim=1).double().cpu().numpy())
+        positions.append(share)
+    seen_probs = world.gather(np.concatenate(probs))
+    seen = data.labels[world.gather(np.concatenate(positions))]
     return {
-        "loss": total_loss / len(order),
-        "accuracy": float((probs_np.argmax(1) == seen).mean()),
-        "roc_auc": roc_auc(seen, probs_np),
+        "loss": world.total(total_loss) / sum(len(chunk) for chunk in chunks),
+        "accuracy": float((seen_probs.argmax(1) == seen).mean()),
+        "roc_auc": roc_auc(seen, seen_probs),
     }
 
 
@@ -92,64 +121,85 @@ def evaluate_split(model: Classifier, images: np.ndarray, labels: np.ndarray, lo
     return {"loss": float(loss), "accuracy": float((probs.argmax(1) == labels).mean()), "roc_auc": roc_auc(labels, probs)}
 
 
-def fingerprint(params: Params, images: np.ndarray, labels: np.ndarray, val: dict[str, np.ndarray]) -> str:
-    """What a checkpoint must match to be resumed: training params, seed and the exact data."""
-    digest = hashlib.sha256(json.dumps([as_dict(params.train), params.seed]).encode())
-    for array in (images, labels, val["images"], val["labels"]):
-        digest.update(np.ascontiguousarray(array).tobytes())
+def fingerprint(params: Params, prepared: Path, balanced: Path) -> str:
+    """What a checkpoint must match to be resumed: training params, seed and the exact data (the
+    prepared arrays' digest that prepare records, and the balance stage's files)."""
+    digest = hashlib.sha256(json.dumps([as_dict(params.train), params.seed, load_meta(prepared)["arrays_sha256"],
+                                        [file_digest(balanced / name) for name in BALANCED_FILES]]).encode())
     return digest.hexdigest()
 
 
-def fit(params: Params, images: np.ndarray, labels: np.ndarray, weights: list[float], val: dict[str, np.ndarray],
-        meta: dict[str, Any], checkpoint: Path | None = None) -> tuple[Classifier, list[dict[str, Any]], int]:
-    """Train with early stopping on validation AUC; returns the best model, history, best epoch.
+def standardisation(data: TrainingSet, chunk: int = 64) -> tuple[float, float]:
+    """Mean and standard deviation of the training images' pixels on [0, 1], from a histogram of
+    the uint8 values (exact integer sums). Read ``chunk`` images at a time: bincount widens its
+    input to int64, eight times the chunk's bytes."""
+    counts = np.zeros(256, dtype=np.int64)
+    for start in range(0, len(data), chunk):
+        counts += np.bincount(data[start:start + chunk].ravel(), minlength=256)
+    values = np.arange(256, dtype=np.float64) / 255.0
+    total = int(counts.sum())
+    mean = float(counts @ values) / total
+    return mean, math.sqrt(max(float(counts @ values**2) / total - mean**2, 0.0))
+
+
+def fit(params: Params, data: TrainingSet, val: dict[str, Any], meta: dict[str, Any], key: str,
+        checkpoint: Path | None = None, world: World = distributed.ALONE
+        ) -> tuple[Classifier, list[dict[str, Any]], int, dict[str, Any] | None]:
+    """Train with early stopping on validation AUC; returns the best model, history, best epoch
+    and, with ``train.privacy.enabled``, the DP-SGD guarantee spent (None otherwise).
 
     After every epoch the whole training state (weights, optimiser, random generator, history,
-    best weights) is saved to ``checkpoint``; a run interrupted (Ctrl-C, kill) and started again
-    with the same params and data resumes there and ends with the same bytes as an
-    uninterrupted run.
+    best weights) is saved to ``checkpoint`` (by the first worker); a run interrupted (Ctrl-C,
+    kill) and started again with the same params and data (``key``) resumes there and ends with
+    the same bytes as an uninterrupted run.
     """
     cfg = params.train
-    configure_torch(cfg.threads)
+    dp_sgd.check(params)
+    configure_torch(max(1, cfg.threads // world.size))
     device = select_device(cfg.device)
+    if device.type == "cuda" and world.size > 1:
+        device = torch.device("cuda", world.rank % torch.cuda.device_count())
     height, width = meta["image_size"]
     if cfg.model == "seed_cnn" and height != width:
         raise PipelineError(f"train.model=seed_cnn needs square images, got {height}x{width}")
     generator = torch.Generator().manual_seed(params.seed)
-    scaled = images.astype(np.float64) / 255.0
+    mean, std = standardisation(data)
     config = ModelConfig(name=cfg.model, in_channels=meta["channels"], num_classes=meta["num_classes"],
-                         image_size=height, width=cfg.width, mean=rounded(float(scaled.mean())),
-                         std=rounded(float(scaled.std()) or 1.0))
+                         image_size=height, width=cfg.width, mean=rounded(mean), std=rounded(std) or 1.0,
+                         norm=cfg.norm)
     torch.manual_seed(params.seed)  # weight initialisation draws from the global generator
-    model = build_model(config).to(device)
+    network = build_model(config).to(device)
+    model = network if world.size == 1 else nn.parallel.DistributedDataParallel(network)
     optimizer = make_optimizer(model, cfg)
+    private = None
+    if cfg.privacy.enabled:
+        private = dp_sgd.make_private(params, network, optimizer, len(data), generator)
+        model, optimizer = private.model, private.optimizer
     # Validation loss: weighted cross-entropy over log-probabilities.
-    weight = torch.tensor(weights, dtype=torch.float32, device=device)
+    weight = torch.tensor(data.weights, dtype=torch.float32, device=device)
     train_loss = make_loss(cfg, weight)
     val_loss = nn.NLLLoss(weight=weight)
-    # Kept as N×C×H×W uint8 (4× smaller than float); each batch is scaled to [0, 1] on the fly.
-    x_train = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-    y_train = torch.from_numpy(labels)
     history: list[dict[str, Any]] = []
     best_auc, best_epoch, best_state = -math.inf, 0, None
     # With train.ema the weight average is what gets validated, kept and saved.
-    average = WeightAverage(model, cfg.ema) if cfg.ema else None
-    evaluated = average.model if average else model
-    key = fingerprint(params, images, labels, val)
+    average = WeightAverage(network, cfg.ema) if cfg.ema else None
+    evaluated = average.model if average else network
     state = load_progress(checkpoint, key) if checkpoint else None
     if state:
-        model.load_state_dict(state["model"])
+        network.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if average:
             average.load_state_dict(state["average"])
         generator.set_state(state["generator"])
+        if private:
+            private.load_state_dict(state["privacy"])
         history, best_auc, best_epoch = json.loads(state["history"]), state["best_auc"], state["best_epoch"]
         best_state = state["best_model"]
         log.info("resuming from the checkpoint of epoch %d (%s)", len(history), checkpoint)
     epoch = len(history)
     while epoch < cfg.epochs and not (history and epoch - best_epoch >= cfg.patience):
         epoch += 1
-        tr = train_epoch(model, x_train, y_train, train_loss, optimizer, cfg, generator, device, epoch, average)
+        tr = train_epoch(model, data, train_loss, optimizer, cfg, generator, device, epoch, average, world, private)
         va = evaluate_split(evaluated, val["images"], val["labels"], val_loss, device)
         history.append({"epoch": epoch, **{f"train_{k}": v for k, v in tr.items()}, **{f"val_{k}": v for k, v in va.items()}})
         auc = va["roc_auc"] if va["roc_auc"] is not None else -va["loss"]
@@ -158,27 +208,36 @@ def fit(params: Params, images: np.ndarray, labels: np.ndarray, weights: list[fl
             best_auc, best_epoch, best_state = auc, epoch, copy.deepcopy(evaluated.state_dict())
         log.info("epoch %d/%d  train loss %.4f auc %s | val loss %.4f acc %.4f auc %s%s", epoch, cfg.epochs,
                  tr["loss"], _fmt(tr["roc_auc"]), va["loss"], va["accuracy"], _fmt(va["roc_auc"]), "  *best" if improved else "")
-        if checkpoint:
-            save_progress(checkpoint, {"fingerprint": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                       "generator": generator.get_state(), "history": json.dumps(history),
-                                       "best_auc": best_auc, "best_epoch": best_epoch, "best_model": best_state,
-                                       **({"average": average.state_dict()} if average else {})})
+        if checkpoint and world.is_main:
+            save_progress(checkpoint, {"fingerprint": key, "model": network.state_dict(),
+                                       "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                                       "history": json.dumps(history), "best_auc": best_auc, "best_epoch": best_epoch,
+                                       "best_model": best_state, **({"average": average.state_dict()} if average else {}),
+                                       **({"privacy": private.state_dict()} if private else {})})
     if epoch < cfg.epochs:
         log.info("early stopping: no validation AUC gain for %d epochs", cfg.patience)
-    model.load_state_dict(best_state)
-    return model.cpu(), history, best_epoch
+    guarantee = None
+    if private:
+        guarantee = private.guarantee()
+        private.release()
+        log.info("DP-SGD spent ε = %.3f at δ = %.2e over %d steps", guarantee["epsilon"], guarantee["delta"],
+                 guarantee["steps"])
+    network.load_state_dict(best_state)
+    return network.cpu(), history, best_epoch, guarantee
 
 
 def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.BALANCED,
         model_path: Path = paths.NETWORK, out_dir: Path = paths.TRAIN_DIR,
-        checkpoint: Path | None = paths.CHECKPOINT) -> dict[str, Any]:
+        checkpoint: Path | None = paths.CHECKPOINT, world: World = distributed.ALONE) -> dict[str, Any]:
     meta = load_meta(prepared)
-    images, labels, weights = load_training_set(prepared, balanced)
+    data = load_training_set(prepared, balanced)
     val = load_split(prepared, "val")
-    log.info("training %s on %d images (%s), validating on %d", params.train.model, len(labels),
-             np.bincount(labels).tolist(), len(val["labels"]))
+    log.info("training %s on %d images (%s), validating on %d%s", params.train.model, len(data),
+             np.bincount(data.labels).tolist(), len(val["labels"]),
+             f", worker {world.rank + 1} of {world.size}" if world.size > 1 else "")
     start = time.perf_counter()
-    model, history, best_epoch = fit(params, images, labels, weights, val, meta, checkpoint)
+    model, history, best_epoch, guarantee = fit(params, data, val, meta, fingerprint(params, prepared, balanced),
+                                                checkpoint, world)
     seconds = time.perf_counter() - start
     best = history[best_epoch - 1]
     metrics = {"train": {
@@ -189,12 +248,19 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
         "val_accuracy": rounded(best["val_accuracy"]),
         "val_loss": rounded(best["val_loss"]),
     }}
-    save_checkpoint(model_path, model, {"class_names": meta["class_names"], "best_epoch": best_epoch})
+    if guarantee is not None:
+        metrics["train"]["privacy"] = guarantee
+    if not world.is_main:
+        return metrics
+    save_checkpoint(model_path, model, {"class_names": meta["class_names"], "best_epoch": best_epoch,
+                                        **({"privacy": guarantee} if guarantee else {})})
     write_csv(out_dir / paths.HISTORY, HISTORY_COLUMNS, [[rounded(row[c]) for c in HISTORY_COLUMNS] for row in history])
     write_json(out_dir / paths.METRICS, metrics)
     write_json(out_dir / paths.TIMING, {"seconds": rounded(seconds, SECONDS_DECIMALS),
                                         "device": str(select_device(params.train.device)),
-                                        "images_per_second": rounded(len(labels) * len(history) / seconds, SECONDS_DECIMALS)})
+                                        "processes": world.size, "workers": params.train.workers,
+                                        "images_per_second": rounded(len(data) * len(history) / seconds,
+                                                                     SECONDS_DECIMALS)})
     plot_history(history, out_dir / paths.CURVES)
     if checkpoint and checkpoint.exists():
         checkpoint.unlink()  # finished: the next run starts fresh
@@ -208,7 +274,28 @@ def _fmt(value: float | None) -> str:
 
 
 def main() -> None:
-    stage_main(__doc__.splitlines()[0], run)
+    """``python -m pipeline.train``: one process, or N under torchrun when ``train.processes`` is N."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", type=Path, help="params file (default: params.yaml)")
+    args = parser.parse_args()
+    configure_logging()
+
+    def work() -> int:
+        params = load_params(args.params)
+        world = distributed.join(params.train.device)
+        if params.train.processes > 1 and world.size == 1:
+            log.info("starting %d data-parallel workers with torch.distributed.run", params.train.processes)
+            return distributed.launch(params.train.processes, "pipeline.train", args.params)
+        if world.size != params.train.processes:
+            raise PipelineError(f"started as {world.size} workers but train.processes is {params.train.processes}")
+        seed_everything(params.seed)
+        try:
+            run(params, world=world)
+        finally:
+            distributed.leave(world)
+        return 0
+
+    run_command(work)
 
 
 if __name__ == "__main__":

@@ -132,9 +132,26 @@ def test_random_forest_baseline_probabilities_repeat_exactly():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (300, 8, 8, 1), dtype=np.uint8)
     labels = (images.mean(axis=(1, 2, 3)) > 127).astype(np.int64)
-    runs = [fit_predict("random_forest", images, labels, np.ones(300), images[:50], labels[:50], images[50:], 0, 2)[0]
-            for _ in range(3)]
+    runs = [fit_predict("random_forest", images, labels, np.ones(300), images[:50], labels[:50], images[50:], 0, 2,
+                        10_000)[0] for _ in range(3)]
     assert all(np.array_equal(runs[0]["test"], r["test"]) for r in runs[1:])
+
+
+@pytest.mark.parametrize("name", ["logistic_regression", "svm", "decision_tree"])
+def test_baselines_score_in_chunks_and_fit_a_stratified_subsample(name):
+    from pipeline.evaluation.baselines import fit_predict, subsample
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (200, 6, 6, 1), dtype=np.uint8)
+    labels = (images.mean(axis=(1, 2, 3)) > 127).astype(np.int64)
+    whole = fit_predict(name, images, labels, np.ones(200), images[:60], labels[:60], images[60:], 0, 1, 10_000)[0]
+    chunked = fit_predict(name, images, labels, np.ones(200), images[:60], labels[:60], images[60:], 0, 1, 10_000,
+                          chunk=7)[0]
+    np.testing.assert_allclose(chunked["test"], whole["test"], atol=1e-6)  # float32 BLAS blocks by batch shape
+    picked = subsample(labels, 50, seed=3)
+    assert len(picked) == 50 and np.all(np.diff(picked) > 0)
+    assert abs(labels[picked].mean() - labels.mean()) < 0.03
+    assert np.array_equal(picked, subsample(labels, 50, seed=3)) and len(subsample(labels, 500, 3)) == 200
 
 
 def test_five_class_rgb_data_run_through_evaluate_explain_and_report(rgb_run):

@@ -102,6 +102,14 @@ def test_loading_params_imports_neither_torch_nor_sklearn():
     assert out.strip() == "[]"
 
 
+def test_the_train_stage_starts_without_scipy_sklearn_or_matplotlib():
+    """Its peak memory is what training needs: scipy.stats (64 MB) and matplotlib (30 MB) load later
+    or never."""
+    out = run_python("import sys, pipeline.train; "
+                     "print(sorted(m for m in ('scipy', 'sklearn', 'matplotlib') if m in sys.modules))")
+    assert out.strip() == "[]"
+
+
 def test_importing_the_package_has_no_side_effects():
     """No module picks a matplotlib backend, imports pyplot, seeds a global generator or writes a file on import."""
     modules = sorted(f"pipeline.{p.relative_to(PACKAGE).with_suffix('').as_posix().replace('/', '.')}"

@@ -171,3 +171,16 @@ def test_bootstrap_resamples_patients_together():
     seen.clear()
     bootstrap_ci(labels, probs, spy, 200, 0, groups=np.array(["a", "a", "a", "a", "b", "c"]))
     assert len(set(seen)) > 1  # an unbalanced patient makes the resample size vary
+
+
+def test_average_ranks_are_scipys_rankdata():
+    from scipy.stats import rankdata
+
+    from pipeline.evaluation.metrics import average_ranks
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        values = rng.integers(0, 5, rng.integers(1, 40)).astype(float)  # many ties
+        assert np.array_equal(average_ranks(values), rankdata(values))
+    values = rng.random(500)
+    assert np.array_equal(average_ranks(values), rankdata(values))

@@ -174,3 +174,25 @@ def test_four_queued_experiments_on_two_workers_give_four_runs(tmp_path_factory,
     assert sorted(r.info.run_name for r in found) == sorted(names)  # none lost, none twice
     assert {r.info.status for r in found} == {"FINISHED"}
     assert len({r.data.tags["medcnn.execution"] for r in found}) == 4
+
+
+def test_a_colleague_pulls_from_a_dvc_remote_and_retrains_nothing(tmp_path_factory):
+    """dvc push to a shared-folder remote; a fresh clone's dvc pull gives the same bytes, and its
+    dvc repro redoes only what must run again: prepare's check and track, logging to its own store."""
+    root, env = new_project(tmp_path_factory.mktemp("remote-origin"))
+    remote = tmp_path_factory.mktemp("remote-storage")
+    sh(["dvc", "remote", "add", "-d", "shared", str(remote)], root, env)
+    sh(["dvc", "repro"], root, env)
+    sh(["git", "add", "dvc.lock", ".dvc/config"], root, env)
+    sh(["git", "commit", "-qm", "results"], root, env)
+    sh(["dvc", "push"], root, env)
+    clone = tmp_path_factory.mktemp("colleague") / "medcnn"
+    sh(["git", "clone", "-q", str(root), str(clone)], clone.parent, env)
+    cloned_env = {**env, "PYTHONPATH": str(clone)}
+    sh(["dvc", "pull"], clone, cloned_env)
+    for name in ("models/model.pt", "models/network.pt", "data/prepared/train/images.npy", "data/balanced/indices.npy",
+                 "reports/eval/metrics.json", "reports/explain/attributions.npy", "reports/report.html"):
+        assert (clone / name).read_bytes() == (root / name).read_bytes(), name
+    log = sh(["dvc", "repro"], clone, cloned_env)
+    assert ran_stages(log) == ["prepare", "track"]
+    assert (clone / "mlflow.db").is_file() and json.loads((clone / "reports/mlflow_run.json").read_text())["run_id"]

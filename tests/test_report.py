@@ -1,6 +1,7 @@
 """report: CLAIM sections in order, self-contained, every number equal to the metrics files; model card."""
 
 import copy
+import json
 import dataclasses
 import re
 
@@ -13,7 +14,7 @@ from pipeline.evaluation.metrics import HEADLINE
 from pipeline.reporting import content
 from pipeline.reporting.content import augmentation_text, fmt, fmt_ci
 
-SECTIONS = ["summary", "data", "preprocessing", "model", "results", "failures", "explanations",
+SECTIONS = ["summary", "data", "preprocessing", "model", "results", "failures", "explanations", "privacy",
             "reproducibility", "limitations"]
 CARD_SECTIONS = ["Model Details", "Intended Use", "Factors", "Metrics", "Evaluation Data", "Training Data",
                  "Quantitative Analyses", "Ethical Considerations", "Caveats and Recommendations"]
@@ -183,3 +184,19 @@ def test_rendered_report_follows_a_changed_param(tiny_run, tmp_path):
     page = (tmp_path / "report.html").read_text()
     assert "<li>Training augmentation: seeded: horizontal flips" in page
     assert "rotation ±" not in page
+
+
+def test_privacy_section_states_the_runs_guarantee_and_audit(tiny_run):
+    root, _ = tiny_run
+    page = (root / "reports/report.html").read_text()
+    section = page[page.index('<section id="privacy">'):page.index('<section id="reproducibility">')]
+    assert "Trained without differential privacy" in section and "DP-SGD" not in section
+    audit = json.loads((root / "reports/eval/metrics.json").read_text())["privacy_audit"]
+    assert f"{audit['members']} training images" in section
+    for attack in audit["attacks"].values():
+        assert f"<td>{content.fmt(attack['roc_auc'])}</td>" in section
+    spent = {"epsilon": 2.5, "delta": 1e-5, "accountant": "prv", "steps": 120, "sample_rate": 0.05, "max_grad_norm": 1.0,
+             "noise_multiplier": 1.1, "secure_mode": False}
+    text = " ".join(content.privacy_guarantee_text({"privacy": spent}))
+    assert "(2.5, 1e-05)-differential privacy per training image" in text and "PRV accountant over 120 steps" in text
+    assert "seeded generator" in text and "validation split" in text

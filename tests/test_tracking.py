@@ -41,6 +41,9 @@ def test_track_logs_one_complete_run(tiny_run, mlflow_store, monkeypatch):
     assert [m.step for m in history] == [1, 2]
     assert run.data.tags["dvc.exp_name"] == "tiny-exp" and run.info.run_name == "tiny-exp"
     assert run.data.tags["data.source"] == "phantom" and len(run.data.tags["model.sha256"]) == 64
+    audit = json.loads((root / "reports/eval/metrics.json").read_text())["privacy_audit"]["attacks"]["loss"]
+    assert run.data.metrics["privacy_audit.attacks.loss.roc_auc"] == pytest.approx(audit["roc_auc"])
+    assert run.data.tags["privacy.dp_sgd"] == "false"  # tiny_run trains without DP-SGD
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"report.html", "params.yaml", "dvc.lock", "eval", "explain", "train"} <= top
     # The model package is the run's logged MLflow Model, registered (a version per execution).

@@ -13,7 +13,7 @@ from tests.conftest import run_train, tiny_params
 
 def test_same_params_and_seed_give_identical_bytes(balanced):
     run_train(balanced, "a")
-    run_train(balanced, "b")
+    run_train(balanced, "b", **{"train.workers": 2})  # batches read by two DataLoader processes
     for name in ("model.pt", "metrics.json", "history.csv"):
         assert (balanced / "a" / name).read_bytes() == (balanced / "b" / name).read_bytes(), name
     run_train(balanced, "c", seed=7)
@@ -50,9 +50,15 @@ def test_models_and_optimizers_train(balanced, model, optimizer):
     assert metrics["train"]["epochs_run"] == 1 and metrics["train"]["parameters"] > 0
 
 
-def test_interrupted_run_resumes_to_the_same_bytes(balanced, monkeypatch):
+# The weight average, and with DP-SGD the accountant and the noise generator, are part of the
+# state that must resume.
+PRIVATE = {"train.privacy.enabled": True, "train.norm": "group"}
+
+
+@pytest.mark.parametrize("private", [False, True], ids=["sgd", "dp-sgd"])
+def test_interrupted_run_resumes_to_the_same_bytes(balanced, monkeypatch, private):
     changes = {"train.epochs": 4, "train.patience": 4, "train.aug_rotate": 5.0, "train.schedule": "cosine",
-               "train.ema": 0.9}  # the weight average is part of the state that must resume
+               "train.ema": 0.9, **(PRIVATE if private else {})}
     params = tiny_params(balanced, **changes)
     args = (balanced / "prepared", balanced / "balanced")
     train.run(params, *args, balanced / "full" / "model.pt", balanced / "full", balanced / "full" / "last.pt")

@@ -33,20 +33,40 @@ def test_focal_loss_reduces_to_cross_entropy_and_downweights_easy_examples():
     logits, target = torch.randn(64, 3), torch.randint(0, 3, (64,))
     weight = torch.tensor([1.0, 2.0, 0.5])
     ce = nn.functional.cross_entropy(logits, target, weight=weight)
-    torch.testing.assert_close(FocalLoss(0.0, weight)(logits, target), ce)
+    per_image = FocalLoss(0.0, weight)(logits, target)  # weighted, per image: sum / total weight is the mean
+    torch.testing.assert_close(per_image.sum() / weight[target].sum(), ce)
     easy = torch.tensor([[6.0, 0.0, 0.0]])
     hard = torch.tensor([[0.0, 0.5, 0.0]])
-    zero = torch.tensor([0])
-    ratio_easy = FocalLoss(2.0)(easy, zero) / nn.functional.cross_entropy(easy, zero)
-    ratio_hard = FocalLoss(2.0)(hard, zero) / nn.functional.cross_entropy(hard, zero)
+    zero, ones = torch.tensor([0]), torch.ones(3)
+    ratio_easy = FocalLoss(2.0, ones)(easy, zero)[0] / nn.functional.cross_entropy(easy, zero)
+    ratio_hard = FocalLoss(2.0, ones)(hard, zero)[0] / nn.functional.cross_entropy(hard, zero)
     assert ratio_easy < 0.01 < 0.3 < ratio_hard
+
+
+def test_a_batch_shared_between_workers_gives_the_one_process_loss(params):
+    """Each worker's weighted sum over the batch's total weight, times the workers, averaged (as DDP
+    averages gradients), is the weighted mean loss of the whole batch."""
+    from pipeline.modeling.distributed import World
+
+    torch.manual_seed(1)
+    logits, target = torch.randn(10, 2), torch.randint(0, 2, (10,))
+    weight = torch.tensor([0.6, 3.0])
+    loss_fn = make_loss(cfg(params, loss="cross_entropy", label_smoothing=0.1), weight)
+    whole = nn.functional.cross_entropy(logits, target, weight=weight, label_smoothing=0.1)
+    batch = np.arange(10)
+    shared = []
+    for rank in range(3):
+        _, rows = World(rank, 3).share(batch)
+        shared.append(loss_fn(logits[rows], target[rows]).sum() * 3 / weight[target].sum())
+    torch.testing.assert_close(sum(shared) / 3, whole)
+    assert [len(World(r, 3).share(batch)[0]) for r in range(3)] == [3, 4, 3]
 
 
 def test_make_loss_follows_params(params):
     weight = torch.tensor([1.0, 3.0])
     assert isinstance(make_loss(cfg(params, loss="focal"), weight), FocalLoss)
     loss = make_loss(cfg(params, loss="cross_entropy", label_smoothing=0.1), weight)
-    assert isinstance(loss, nn.CrossEntropyLoss) and loss.label_smoothing == 0.1
+    assert isinstance(loss, nn.CrossEntropyLoss) and loss.label_smoothing == 0.1 and loss.reduction == "none"
 
 
 def test_learning_rate_schedules(params):

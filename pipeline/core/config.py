@@ -40,6 +40,8 @@ Sampler = Literal["none", "weighted"]  # modeling.recipe.SAMPLERS
 Loss = Literal["cross_entropy", "focal"]  # modeling.recipe.LOSSES
 Schedule = Literal["none", "cosine", "onecycle"]  # modeling.recipe.SCHEDULES
 Device = Literal["auto", "cpu", "cuda"]
+Norm = Literal["batch", "group"]  # modeling.networks.NORMS
+Accountant = Literal["prv", "rdp", "gdp"]  # Opacus' accountants
 Calibration = Literal["temperature", "none"]  # evaluation.calibration.CALIBRATIONS
 Baseline = Literal["logistic_regression", "random_forest", "svm", "decision_tree"]  # evaluation.baselines.BASELINES
 ThresholdRule = Literal["youden", "sensitivity", "fixed"]  # evaluation.metrics.THRESHOLD_RULES
@@ -152,6 +154,23 @@ class BalanceParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class PrivacyParams:
+    """DP-SGD with Opacus (see :mod:`pipeline.modeling.dp_sgd`)."""
+
+    enabled: bool
+    target_epsilon: float
+    delta: Union[float, None]
+    max_grad_norm: float
+    accountant: Accountant
+    secure_mode: bool
+
+    def __post_init__(self) -> None:
+        _check(self.target_epsilon > 0, "train.privacy.target_epsilon", "must be positive")
+        _check(self.delta is None or 0 < self.delta < 1, "train.privacy.delta", "must be null (1/(10·n)) or in (0, 1)")
+        _check(self.max_grad_norm > 0, "train.privacy.max_grad_norm", "must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainParams:
     model: Model
     width: int
@@ -177,6 +196,10 @@ class TrainParams:
     aug_intensity: float
     threads: int
     device: Device
+    norm: Norm
+    workers: int
+    processes: int
+    privacy: PrivacyParams
 
     def __post_init__(self) -> None:
         _check(self.focal_gamma >= 0, "train.focal_gamma", "must be >= 0")
@@ -194,6 +217,10 @@ class TrainParams:
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
         _check(self.patience >= 1, "train.patience", "must be >= 1")
         _check(self.threads >= 1, "train.threads", "must be >= 1")
+        _check(self.workers >= 0, "train.workers", "must be >= 0 (0 reads batches in the training process)")
+        _check(self.processes >= 1, "train.processes", "must be >= 1")
+        _check(self.batch_size >= self.processes, "train.batch_size",
+               f"must be at least train.processes ({self.processes}): each process takes a share of every batch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +231,7 @@ class EvaluateParams:
     bootstrap: int
     baselines: tuple[Baseline, ...]
     svm_max_train: int
+    baseline_max_train: int
     failure_cases: int
     batch_size: int
 
@@ -212,6 +240,7 @@ class EvaluateParams:
         parse_threshold(self.threshold)
         _check(self.bootstrap >= 100, "evaluate.bootstrap", "must be >= 100 resamples (1000+ recommended)")
         _check(self.svm_max_train >= 0, "evaluate.svm_max_train", "must be >= 0")
+        _check(self.baseline_max_train >= 10, "evaluate.baseline_max_train", "must be >= 10")
         _check(self.failure_cases >= 0, "evaluate.failure_cases", "must be >= 0")
         _check(self.batch_size >= 1, "evaluate.batch_size", "must be >= 1")
 

@@ -97,8 +97,9 @@ SECONDS_DECIMALS = 2  # wall times (timing.json): noise beyond 10 ms
 
 
 def rounded(value: Any, digits: int = DECIMALS) -> Any:
-    """A float rounded for writing (``DECIMALS`` digits unless told); other values unchanged."""
-    return round(value, digits) if isinstance(value, float) else value
+    """A float rounded for writing (``DECIMALS`` digits unless told), always a plain Python float (a
+    numpy scalar would need pickle in a checkpoint); other values unchanged."""
+    return round(float(value), digits) if isinstance(value, float) else value
 
 
 def file_digest(path: str | Path, algorithm: str = "sha256") -> str:

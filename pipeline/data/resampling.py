@@ -40,7 +40,7 @@ def _smote(images: np.ndarray, labels: np.ndarray, seed: int, k_neighbors: int) 
     smallest = int(np.bincount(labels).min())
     if smallest < 2:
         raise PipelineError(f"balance.strategy=smote needs at least 2 images per class; the smallest class has {smallest}")
-    flat = images.reshape(len(images), -1).astype(np.float32)
+    flat = np.asarray(images).reshape(len(images), -1).astype(np.float32)  # SMOTE works on every training image
     sampler = SMOTE(random_state=seed, k_neighbors=min(k_neighbors, smallest - 1))
     new_flat, new_labels = sampler.fit_resample(flat, labels)
     # fit_resample returns the originals first, then the synthetic rows.

@@ -9,6 +9,7 @@ never in-place, which some Captum methods require.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -29,6 +30,16 @@ class ModelConfig:
     width: int
     mean: float
     std: float
+    norm: str = "batch"  # train.norm: batch | group
+
+
+# train.norm: batch normalisation, or group normalisation (Wu & He 2018: up to 8 groups that
+# divide the channels), which normalises each image on its own: the same in one process or
+# many (data-parallel ranks see different batch statistics), and what DP-SGD needs.
+NORMS: dict[str, Callable[[int], nn.Module]] = {
+    "batch": lambda channels: nn.BatchNorm2d(channels),
+    "group": lambda channels: nn.GroupNorm(math.gcd(channels, 8), channels),
+}
 
 
 class SeedCNN(nn.Module):
@@ -63,17 +74,17 @@ class SmallCNN(nn.Module):
     finding anywhere decides the class), average pooling keeps diffuse evidence.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, width: int) -> None:
+    def __init__(self, in_channels: int, num_classes: int, width: int, norm: str = "batch") -> None:
         super().__init__()
         blocks: list[nn.Module] = []
         channels = in_channels
         for out in (width, 2 * width, 4 * width):
             blocks += [
                 nn.Conv2d(channels, out, kernel_size=3, padding=1, bias=False),
-                nn.BatchNorm2d(out),
+                NORMS[norm](out),
                 nn.ReLU(inplace=False),
                 nn.Conv2d(out, out, kernel_size=3, padding=1, bias=False),
-                nn.BatchNorm2d(out),
+                NORMS[norm](out),
                 nn.ReLU(inplace=False),
                 nn.MaxPool2d(2),
             ]
@@ -94,16 +105,16 @@ class SmallCNN(nn.Module):
 class BasicBlock(nn.Module):
     """ResNet basic block: two 3×3 conv-BN layers and an identity (or 1×1 projection) shortcut."""
 
-    def __init__(self, channels_in: int, channels_out: int, stride: int) -> None:
+    def __init__(self, channels_in: int, channels_out: int, stride: int, norm: str = "batch") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(channels_in, channels_out, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels_out)
+        self.bn1 = NORMS[norm](channels_out)
         self.relu1 = nn.ReLU(inplace=False)
         self.conv2 = nn.Conv2d(channels_out, channels_out, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels_out)
+        self.bn2 = NORMS[norm](channels_out)
         self.relu2 = nn.ReLU(inplace=False)  # a separate module per use, for Captum's ReLU hooks
         self.shortcut = nn.Identity() if stride == 1 and channels_in == channels_out else nn.Sequential(
-            nn.Conv2d(channels_in, channels_out, 1, stride=stride, bias=False), nn.BatchNorm2d(channels_out))
+            nn.Conv2d(channels_in, channels_out, 1, stride=stride, bias=False), NORMS[norm](channels_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu1(self.bn1(self.conv1(x)))
@@ -119,19 +130,19 @@ class ResNet(nn.Module):
     """
 
     def __init__(self, in_channels: int, num_classes: int, width: int, image_size: int,
-                 blocks: tuple[int, ...] = (2, 2, 2, 2)) -> None:
+                 blocks: tuple[int, ...] = (2, 2, 2, 2), norm: str = "batch") -> None:
         super().__init__()
         if image_size <= 64:
-            stem = [nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=False)]
+            stem = [nn.Conv2d(in_channels, width, 3, padding=1, bias=False), NORMS[norm](width), nn.ReLU(inplace=False)]
         else:
-            stem = [nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(width),
+            stem = [nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False), NORMS[norm](width),
                     nn.ReLU(inplace=False), nn.MaxPool2d(3, stride=2, padding=1)]
         layers: list[nn.Module] = [nn.Sequential(*stem)]
         channels = width
         for stage, count in enumerate(blocks):
             out = width * 2**stage
             for b in range(count):
-                layers.append(BasicBlock(channels, out, 2 if b == 0 and stage > 0 else 1))
+                layers.append(BasicBlock(channels, out, 2 if b == 0 and stage > 0 else 1, norm))
                 channels = out
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(channels, num_classes)
@@ -165,8 +176,8 @@ class Classifier(nn.Module):
 
 NETWORKS: dict[str, Callable[[ModelConfig], nn.Module]] = {
     "seed_cnn": lambda c: SeedCNN(c.in_channels, c.num_classes, c.image_size),
-    "small_cnn": lambda c: SmallCNN(c.in_channels, c.num_classes, c.width),
-    "resnet18": lambda c: ResNet(c.in_channels, c.num_classes, c.width, c.image_size),
+    "small_cnn": lambda c: SmallCNN(c.in_channels, c.num_classes, c.width, c.norm),
+    "resnet18": lambda c: ResNet(c.in_channels, c.num_classes, c.width, c.image_size, norm=c.norm),
 }
 
 

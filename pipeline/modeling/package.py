@@ -12,7 +12,8 @@ scores an image the same way evaluate did:
 - the class names and the positive class; the temperature and the operating threshold
   fitted on validation, with the rule that chose it;
 - the training images' intensity statistics, for the out-of-distribution flag;
-- provenance: sha256 of the prepared data and of the trained network's file.
+- provenance: sha256 of the prepared data and of the trained network's file, and the DP-SGD
+  guarantee the training spent (ε, δ, accountant, clipping, noise; None without privacy).
 
 Plain values and tensors only: ``torch.load(weights_only=True)`` reads it, no pickled object.
 """
@@ -25,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.core.dataset import ImageRows
 from pipeline.core.errors import PipelineError
 from pipeline.core.files import rounded
 from pipeline.evaluation.calibration import apply_temperature
@@ -43,19 +45,21 @@ OOD_WARNING = "warning: out of distribution"
 
 
 def intensity_features(images: np.ndarray, reference: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Per image (N×H×W×C uint8): mean, standard deviation and, given the training mean
-    histogram, the L1 distance of its own normalised histogram from it."""
+    """Per image (N×H×W×C uint8): mean, standard deviation, its normalised ``HISTOGRAM_BINS``-bin
+    histogram and, given the training mean histogram, the L1 distance from it; all from each
+    image's 256-value histogram, so memory stays at the images' own size."""
     flat = images.reshape(len(images), -1)
-    features = {"mean": flat.mean(axis=1, dtype=np.float64), "std": flat.std(axis=1, dtype=np.float64)}
-    histograms = np.stack([np.bincount(row // (256 // HISTOGRAM_BINS), minlength=HISTOGRAM_BINS) for row in flat])
-    histograms = histograms / flat.shape[1]
+    counts = np.stack([np.bincount(row, minlength=256) for row in flat]).astype(np.float64) / flat.shape[1]
+    values = np.arange(256, dtype=np.float64)
+    mean = counts @ values
+    features = {"mean": mean, "std": np.sqrt(np.maximum(counts @ values**2 - mean**2, 0.0)),
+                "histogram": counts.reshape(len(flat), HISTOGRAM_BINS, -1).sum(axis=2)}
     if reference is not None:
-        features["histogram_distance"] = np.abs(histograms - reference).sum(axis=1)
-    features["histogram"] = histograms
+        features["histogram_distance"] = np.abs(features["histogram"] - reference).sum(axis=1)
     return features
 
 
-def intensity_reference(train_images: np.ndarray, batch: int = 4096) -> dict[str, Any]:
+def intensity_reference(train_images: np.ndarray | ImageRows, batch: int = 1024) -> dict[str, Any]:
     """The training images' statistics and the allowed range of each (see ``OOD_QUANTILES``)."""
     parts = [intensity_features(np.asarray(train_images[i:i + batch])) for i in range(0, len(train_images), batch)]
     histogram = np.concatenate([p["histogram"] for p in parts]).mean(axis=0)
@@ -100,20 +104,23 @@ class ModelPackage:
         height, width = self.preprocessing["input_size"]
         return height, width, self.preprocessing["input_channels"]
 
-    def score(self, images: np.ndarray, batch_size: int = 64) -> Scores:
-        """Calibrated probabilities, decisions and out-of-distribution flags for N×H×W×C uint8 images."""
-        if images.ndim != 4 or tuple(images.shape[1:]) != self.input_shape:
+    def score(self, images: np.ndarray | ImageRows, batch_size: int = 64) -> Scores:
+        """Calibrated probabilities, decisions and out-of-distribution flags for N×H×W×C uint8
+        images: an array, or rows read from disk batch by batch."""
+        if len(images.shape) != 4 or tuple(images.shape[1:]) != self.input_shape:
             raise PipelineError(f"images of shape {tuple(images.shape)}; the model takes N×"
                                 f"{'×'.join(map(str, self.input_shape))} uint8")
         raw = predict_proba(self.network, images, batch_size)
         probs = apply_temperature(raw, self.temperature)
         return Scores(probs, raw, decide(probs, self.threshold, self.positive_class), self.out_of_distribution(images))
 
-    def out_of_distribution(self, images: np.ndarray) -> np.ndarray:
-        features = intensity_features(images, np.asarray(self.intensity["histogram"]))
+    def out_of_distribution(self, images: np.ndarray | ImageRows, chunk: int = 1024) -> np.ndarray:
+        reference = np.asarray(self.intensity["histogram"])
         flagged = np.zeros(len(images), dtype=bool)
-        for key, (low, high) in self.intensity["ranges"].items():
-            flagged |= (features[key] < low) | (features[key] > high)
+        for start in range(0, len(images), chunk):
+            features = intensity_features(np.asarray(images[start:start + chunk]), reference)
+            for key, (low, high) in self.intensity["ranges"].items():
+                flagged[start:start + chunk] |= (features[key] < low) | (features[key] > high)
         return flagged
 
     def state(self) -> dict[str, Any]:

@@ -31,26 +31,26 @@ class FocalLoss(nn.Module):
     """Focal loss (Lin et al. 2017): cross-entropy scaled by (1 - p_true)^gamma, class-weighted.
 
     gamma = 0 is (weighted, label-smoothed) cross-entropy; larger gamma down-weights easy
-    examples, which helps when one class dominates.
+    examples, which helps when one class dominates. Per image, weighted, as the other losses.
     """
 
-    def __init__(self, gamma: float, weight: torch.Tensor | None = None, label_smoothing: float = 0.0) -> None:
+    def __init__(self, gamma: float, weight: torch.Tensor, label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.gamma, self.label_smoothing = gamma, label_smoothing
-        self.register_buffer("weight", weight if weight is not None else None)
+        self.register_buffer("weight", weight)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         ce = nn.functional.cross_entropy(logits, target, reduction="none", label_smoothing=self.label_smoothing)
         p_true = torch.softmax(logits, dim=1).gather(1, target[:, None])[:, 0]
-        loss = (1 - p_true).pow(self.gamma) * ce
-        if self.weight is None:
-            return loss.mean()
-        w = self.weight[target]
-        return (loss * w).sum() / w.sum()
+        return (1 - p_true).pow(self.gamma) * ce * self.weight[target]
 
 
+# Each gives the class-weighted loss of every image (reduction "none"): the training step divides
+# their sum by the batch's total weight, which is a weighted mean in one process and stays
+# exactly that when a batch is shared out over several (see pipeline.train).
 LOSSES: dict[str, Callable[[TrainParams, torch.Tensor], nn.Module]] = {
-    "cross_entropy": lambda cfg, weight: nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing),
+    "cross_entropy": lambda cfg, weight: nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing,
+                                                             reduction="none"),
     "focal": lambda cfg, weight: FocalLoss(cfg.focal_gamma, weight, cfg.label_smoothing),
 }
 
@@ -96,12 +96,16 @@ def lr_factor(cfg: TrainParams, step: int, total: int) -> float:
     return SCHEDULES[cfg.schedule](min(1.0, (step - warmup) / max(total - warmup, 1)))
 
 
-def augment(x: torch.Tensor, cfg: TrainParams, generator: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, cfg: TrainParams, generator: torch.Generator, rows: slice | None = None,
+            drawn: int | None = None) -> torch.Tensor:
     """Seeded random affine (rotation, translation, scale), optional flips, brightness/contrast jitter.
 
     Off when every strength is 0. Flips are off by default: chest images have laterality.
+    The random draws are made for ``drawn`` images (default: ``len(x)``) and ``x`` takes the
+    ``rows`` of them: a data-parallel worker augments its share of a batch exactly as one
+    process augments the whole batch, and every worker's generator stays in step.
     """
-    n = len(x)
+    n, rows = drawn or len(x), rows or slice(None)
     if cfg.aug_rotate or cfg.aug_translate or cfg.aug_scale:
         def uniform(limit: float) -> torch.Tensor:
             return (torch.rand(n, generator=generator) * 2 - 1) * limit
@@ -110,15 +114,15 @@ def augment(x: torch.Tensor, cfg: TrainParams, generator: torch.Generator) -> to
         scale = 1 + uniform(cfg.aug_scale)
         tx, ty = uniform(cfg.aug_translate) * 2, uniform(cfg.aug_translate) * 2  # grid units span [-1, 1]
         cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-        theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+        theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)[rows]
         grid = nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
         x = nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     if cfg.aug_flip:
-        flip = torch.rand(n, generator=generator) < 0.5
+        flip = (torch.rand(n, generator=generator) < 0.5)[rows]
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
     if cfg.aug_intensity:
-        gain = 1 + (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * cfg.aug_intensity
-        shift = (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * cfg.aug_intensity / 2
+        gain = (1 + (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * cfg.aug_intensity)[rows]
+        shift = ((torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * cfg.aug_intensity / 2)[rows]
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = ((x - mean) * gain + mean + shift).clamp(0, 1)
     return x
@@ -138,6 +142,7 @@ class WeightAverage:
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay, self.updates = decay, 0
+        self.source = model  # the network being trained, whose weights are averaged
         self.model = copy.deepcopy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)

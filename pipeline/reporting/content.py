@@ -10,6 +10,7 @@ strings, rows or mappings, so tests can flip one record and check that the sente
 from __future__ import annotations
 
 import base64
+import math
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +214,10 @@ def model_rows(params: Params, records: dict[str, Any]) -> list[list[Any]]:
             ["determinism", determinism_text(cfg, records["train_timing"])],
             ["model package sha256", f"{records['model_sha256']} (models/model.pt: network, preprocessing, "
                                      "temperature and threshold, as pipeline.predict and the MLflow model use it)"],
+            ["differential privacy", "none (train.privacy.enabled: false)" if "privacy" not in train else
+             f"DP-SGD, ε = {fmt(train['privacy']['epsilon'])} at δ = {fmt(train['privacy']['delta'])} "
+             f"({train['privacy']['accountant']} accountant, clipping {fmt(train['privacy']['max_grad_norm'])}, "
+             f"noise multiplier {fmt(train['privacy']['noise_multiplier'])}); see Privacy"],
             ["network sha256", records["package"]["provenance"]["network_sha256"]],
             ["prepared data sha256", records["package"]["provenance"]["data_sha256"]],
             ["out-of-distribution flag", records["package"]["intensity"]["rule"]]]
@@ -267,6 +272,11 @@ def limitations(records: dict[str, Any]) -> list[str]:
     if shift > PREVALENCE_SHIFT_LIMIT:
         found.append(f"Class prevalence differs between splits by up to {shift:.3f}; PPV and NPV do not transfer.")
     found += [w for w in records["explain_metrics"]["warnings"] if w.startswith("Shortcut")]
+    for name, attack in records["eval"]["privacy_audit"]["attacks"].items():
+        if (attack["roc_auc_ci_low"] or 0) > 0.5:
+            found.append(f"Membership leakage: the {ATTACKS[name].split(' (')[0]} attack tells training images from "
+                         f"unseen ones (ROC AUC {fmt(attack['roc_auc'])}, 95% CI from {fmt(attack['roc_auc_ci_low'])}).")
+            break
     if records["balance"]["synthetic_images"]:
         found.append(f"SMOTE added {records['balance']['synthetic_images']} synthetic (blended) training images.")
     found.append("No external test set: all splits come from one source, so performance at other sites is unknown.")
@@ -316,6 +326,7 @@ def context(params: Params, root: Path, records: dict[str, Any]) -> dict[str, An
                               for kind, items in records["failures"].items() for r in items],
                      "figure": data_uri(root / paths.EVAL_DIR / paths.FAILURES_PNG)},
         "explanations": explanations_context(root, records),
+        "privacy": privacy_context(records),
         "reproducibility": reproducibility_context(params, root, records),
         "card": card_context(params, records),
     }
@@ -378,6 +389,57 @@ def reproducibility_context(params: Params, root: Path, records: dict[str, Any])
         "lock": [[stage, o["path"], o.get("md5", "")] for stage, entry in lock.get("stages", {}).items()
                  for o in entry.get("outs", [])],
         "params": [[k, v] for k, v in public_params(flatten(as_dict(params))).items()],
+    }
+
+
+ATTACKS = {"loss": "loss threshold (Yeom et al. 2018)",
+           "calibrated": "per-class calibrated log-odds (difficulty-calibrated, as in LiRA's offline attack)"}
+
+
+def privacy_guarantee_text(train: dict[str, Any]) -> list[str]:
+    """What the training guarantees, in plain words, from the run's own train metrics."""
+    spent = train.get("privacy")
+    if spent is None:
+        return ["Trained without differential privacy (train.privacy.enabled: false): the model carries no formal "
+                "guarantee about its training images. The audit below measures what two attacks can tell."]
+    generator = ("a cryptographically secure generator (secure_mode)" if spent["secure_mode"] else
+                 "a seeded generator, so the run is reproducible; an attacker who knows the seed and every other "
+                 "input could remove the noise, so retrain with train.privacy.secure_mode for release")
+    return [
+        f"Trained with DP-SGD (Opacus): ({fmt(spent['epsilon'])}, {fmt(spent['delta'])})-differential privacy per "
+        f"training image, measured by the {spent['accountant'].upper()} accountant over {spent['steps']} steps of "
+        f"Poisson-sampled batches (sampling rate {fmt(spent['sample_rate'])}), each image's gradient clipped to norm "
+        f"{fmt(spent['max_grad_norm'])} and Gaussian noise of {fmt(spent['noise_multiplier'])} × that norm added.",
+        f"What it means: whether or not any one training image was used, every possible model is at most "
+        f"e^{fmt(spent['epsilon'])} = {fmt(math.exp(spent['epsilon']))} times as likely, except with probability "
+        f"{fmt(spent['delta'])}. The noise came from {generator}.",
+        "What it does not cover: a patient with several training images is protected as a group, with up to that "
+        "many times ε; the validation split (used for early stopping, the temperature and the threshold), the test "
+        "split and the example images shown in this report are not protected at all; nor is anything outside the "
+        "weights (class counts, the preprocessing).",
+    ]
+
+
+def privacy_context(records: dict[str, Any]) -> dict[str, Any]:
+    audit = records["eval"]["privacy_audit"]
+    rows = [[ATTACKS[name], a["roc_auc"], f"[{fmt(a['roc_auc_ci_low'])}, {fmt(a['roc_auc_ci_high'])}]",
+             a["tpr_at_1pct_fpr"], a["tpr_at_0.1pct_fpr"], a["empirical_epsilon"]]
+            for name, a in audit["attacks"].items()]
+    strongest = max(a["empirical_epsilon"] for a in audit["attacks"].values())
+    spent = records["train"].get("privacy")
+    bound = (f"The strongest attack proves ε ≥ {fmt(strongest)} (95% confidence, δ = {fmt(audit['delta'])})"
+             + (f", consistent with the guarantee ε = {fmt(spent['epsilon'])}." if spent and strongest <= spent["epsilon"]
+                else f"; the guarantee claims ε = {fmt(spent['epsilon'])}: an audit above it means the accounting "
+                     "or the implementation is wrong." if spent else "."))
+    return {
+        "guarantee": privacy_guarantee_text(records["train"]),
+        "audit": (f"Membership inference audit: {audit['members']} training images (members, a seeded sample) against "
+                  f"{audit['non_members']} test images (non-members, other patients); the attacker calibrates on "
+                  f"{audit['reference']} validation images. ROC AUC 0.5 means the attacks cannot tell members apart; "
+                  "n/a for a rate means too few non-members to measure it."),
+        "rows": rows,
+        "bound": bound + " An audit with the data's own images is weaker than a worst-case attack: a low audit is "
+                         "evidence, not proof, of privacy.",
     }
 
 

@@ -10,16 +10,24 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 
 from pipeline.core.files import write_bytes
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 
 def new_figure(rows: int = 1, cols: int = 1, figsize: tuple[float, float] = (4.2, 4), squeeze: bool = True):
-    """A figure and its axes (as ``plt.subplots`` returns them), without pyplot's global state."""
+    """A figure and its axes (as ``plt.subplots`` returns them), without pyplot's global state.
+
+    matplotlib (30 MB) is imported here, when a figure is drawn, not when a stage starts: the
+    train stage draws its curves after training, so they never add to its peak memory.
+    """
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=figsize)
     return fig, fig.subplots(rows, cols, squeeze=squeeze)
 
@@ -93,6 +101,8 @@ def plot_attributions(image: np.ndarray, maps: dict[str, np.ndarray], title: str
             ax.contour(mask, levels=[0.5], colors="lime", linewidths=0.8)
         if marker is not None:
             top, bottom, left, right = marker
+            from matplotlib.patches import Rectangle
+
             ax.add_patch(Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False,
                                        edgecolor="orange", linewidth=0.8))
         ax.axis("off")
