@@ -42,7 +42,14 @@ from pipeline.core.config import Params, TrainParams, as_dict, load_params
 from pipeline.core.dataset import BALANCED_FILES, TrainingSet, load_meta, load_split, load_training_set
 from pipeline.core.errors import PipelineError
 from pipeline.core.files import SECONDS_DECIMALS, file_digest, rounded, write_csv, write_json
-from pipeline.core.runtime import configure_logging, configure_torch, run_command, seed_everything, select_device
+from pipeline.core.runtime import (
+    configure_logging,
+    configure_torch,
+    release_free_memory,
+    run_command,
+    seed_everything,
+    select_device,
+)
 from pipeline.evaluation.metrics import roc_auc
 from pipeline.modeling import distributed, dp_sgd, loader
 from pipeline.modeling.checkpoints import load_progress, save_checkpoint, save_progress
@@ -53,6 +60,7 @@ from pipeline.reporting.plots import plot_history
 
 log = logging.getLogger(__name__)
 
+TRIM_EVERY = 50  # batches between returns of freed heap pages to the system (see core.runtime)
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_accuracy", "train_roc_auc", "val_loss", "val_accuracy", "val_roc_auc")
 
 
@@ -102,6 +110,8 @@ def train_epoch(model: nn.Module, data: TrainingSet, loss_fn: nn.Module, optimiz
         if average is not None:
             average.update(average.source)
         total_loss += summed.item() * len(chunk) / batch_weight  # .item() syncs with the device; once per batch
+        if b % TRIM_EVERY == TRIM_EVERY - 1:
+            release_free_memory()
         probs.append(torch.softmax(logits.detach(), dim=1).double().cpu().numpy())
         positions.append(share)
     seen_probs = world.gather(np.concatenate(probs))
