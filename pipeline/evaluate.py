@@ -7,15 +7,18 @@ model package ``models/model.pt`` (see :mod:`pipeline.modeling.package`) with th
 the preprocessing and the training images' intensity statistics, and the test split is
 scored through that package, exactly as ``pipeline.predict`` scores new images. Test metrics come with 95%
 bootstrap confidence intervals (patients resampled when patient ids exist). Classical
-scikit-learn baselines are fitted on the same training set and scored the same way.
+scikit-learn baselines are fitted on the same training set and scored the same way. Every
+model is also attacked for membership leakage (:mod:`pipeline.evaluation.membership`) and
+scored on corrupted test images (:mod:`pipeline.evaluation.corruptions`).
 
 Writes ``models/model.pt`` and ``reports/eval/``:
 - ``metrics.json`` (DVC metrics): ``test.<metric>`` with ``_ci_low``/``_ci_high``, the threshold,
-  confusion matrices, calibration before/after, baselines, subgroups;
+  confusion matrices, calibration before/after, baselines, subgroups, ``privacy_audit``,
+  ``robustness``;
 - ``predictions.csv``: id, true label, calibrated and uncalibrated probabilities, prediction:
   enough for a reviewer to recompute every number;
 - DVC plot data ``roc.csv``, ``pr.csv``, ``calibration.csv`` and PNGs of ROC, precision-recall,
-  confusion, calibration and failure cases; ``failures.json``; ``timing.json``.
+  confusion, calibration, failure cases and robustness; ``failures.json``; ``timing.json``.
 """
 
 from __future__ import annotations
@@ -29,12 +32,12 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 
 from pipeline.core import paths
 from pipeline.core.config import EvaluateParams, Params
-from pipeline.core.dataset import load_meta, load_split, load_training_set
+from pipeline.core.dataset import ImageRows, load_meta, load_split, load_training_set
 from pipeline.core.errors import PipelineError
 from pipeline.core.files import SECONDS_DECIMALS, file_digest, rounded, write_csv, write_json
 from pipeline.core.runtime import configure_torch, stage_main
 from pipeline.evaluation import baselines as classical
-from pipeline.evaluation import calibration, membership
+from pipeline.evaluation import calibration, corruptions, membership
 from pipeline.evaluation.metrics import (
     HEADLINE,
     bootstrap_ci,
@@ -48,7 +51,14 @@ from pipeline.modeling import dp_sgd
 from pipeline.modeling.checkpoints import load_checkpoint
 from pipeline.modeling.networks import predict_proba
 from pipeline.modeling.package import ModelPackage, intensity_reference, save_package
-from pipeline.reporting.plots import plot_calibration, plot_confusion, plot_failures, plot_pr, plot_roc
+from pipeline.reporting.plots import (
+    plot_calibration,
+    plot_confusion,
+    plot_failures,
+    plot_pr,
+    plot_robustness,
+    plot_roc,
+)
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +157,33 @@ def privacy_audit(params: Params, prepared: Path, package: ModelPackage, non_mem
     return result
 
 
+def robustness(cfg: EvaluateParams, seed: int, package: ModelPackage, images: ImageRows, labels: np.ndarray
+               ) -> dict[str, Any]:
+    """ROC AUC and accuracy (at the package's frozen threshold) of a seeded sample of at most
+    ``evaluate.robustness_images`` test images, clean and under every corruption and severity
+    (:mod:`pipeline.evaluation.corruptions`), and the mean drop from clean."""
+    rng = np.random.default_rng([seed, 37])
+    pick = np.sort(rng.choice(len(labels), min(len(labels), cfg.robustness_images), replace=False))
+    clean_images, y = np.asarray(images[pick]), labels[pick]
+
+    def measure(x: np.ndarray) -> dict[str, float | None]:
+        metrics = classification_metrics(y, package.score(x, cfg.batch_size).probabilities, cfg.positive_class,
+                                         package.threshold)
+        return {"roc_auc": metrics["roc_auc"], "accuracy": metrics["accuracy"]}
+
+    result: dict[str, Any] = {"images": len(y), "clean": measure(clean_images), "corruptions": {}}
+    for number, name in enumerate(cfg.corruptions):
+        result["corruptions"][name] = {
+            str(severity): measure(corruptions.corrupt(clean_images, name, severity,
+                                                       np.random.default_rng([seed, 41, number, severity])))
+            for severity in cfg.severities}
+    for key in ("roc_auc", "accuracy"):
+        drops = [result["clean"][key] - row[key] for levels in result["corruptions"].values()
+                 for row in levels.values() if row[key] is not None and result["clean"][key] is not None]
+        result[f"mean_{key}_drop"] = rounded(float(np.mean(drops))) if drops else None
+    return result
+
+
 def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.BALANCED,
         network_path: Path = paths.NETWORK, out_dir: Path = paths.EVAL_DIR,
         package_path: Path = paths.MODEL) -> dict[str, Any]:
@@ -191,14 +228,17 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
     result["privacy_audit"] = privacy_audit(params, prepared, package, (scored.uncalibrated, y_test),
                                             (scored_val.uncalibrated, y_val))
 
-    # 4. Subgroups (e.g. scanner site) with their own intervals.
+    # 4. Robustness: a sample of the test split under each corruption, at the frozen threshold.
+    result["robustness"] = robustness(cfg, params.seed, package, test["images"], y_test)
+
+    # 5. Subgroups (e.g. scanner site) with their own intervals.
     if "groups" in test:
         result["subgroups"] = {meta.get("group_name") or "group": {
             str(g): score(y_test[test["groups"] == g], probs["test"][test["groups"] == g], threshold, cfg,
                           params.seed, None if patients is None else patients[test["groups"] == g])
             for g in np.unique(test["groups"])}}
 
-    # 5. Classical baselines on the same training set, choices on validation the same way.
+    # 6. Classical baselines on the same training set, choices on validation the same way.
     timing: dict[str, float] = {}
     baseline_probs = {}
     if cfg.baselines:
@@ -255,6 +295,7 @@ def write_outputs(out_dir: Path, result: dict[str, Any], test: dict[str, np.ndar
     plot_confusion(result["test"]["confusion_matrix"], names, out_dir / paths.CONFUSION_PNG)
     plot_calibration(reliability, result["calibration"], out_dir / paths.CALIBRATION_PNG)
     plot_failures(test["images"], failures, out_dir / paths.FAILURES_PNG)
+    plot_robustness(result["robustness"], out_dir / paths.ROBUSTNESS_PNG)
 
 
 def main() -> None:

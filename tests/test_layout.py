@@ -148,7 +148,7 @@ def test_mlflow_is_imported_in_one_module_only():
 def registries():
     from pipeline.core import config
     from pipeline.data import catalog, resampling, sources
-    from pipeline.evaluation import baselines, calibration, metrics
+    from pipeline.evaluation import baselines, calibration, corruptions, metrics
     from pipeline.modeling import networks, recipe
     from pipeline.xai import attributions
 
@@ -158,7 +158,7 @@ def registries():
         (config.Optimizer, recipe.OPTIMIZERS), (config.Sampler, recipe.SAMPLERS), (config.Loss, recipe.LOSSES),
         (config.Schedule, recipe.SCHEDULES), (config.Calibration, calibration.CALIBRATIONS),
         (config.Baseline, baselines.BASELINES), (config.ThresholdRule, metrics.THRESHOLD_RULES),
-        (config.ExplainMethod, attributions.METHODS),
+        (config.ExplainMethod, attributions.METHODS), (config.Corruption, corruptions.CORRUPTIONS),
     ]
 
 

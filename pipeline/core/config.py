@@ -45,6 +45,8 @@ Accountant = Literal["prv", "rdp", "gdp"]  # Opacus' accountants
 Calibration = Literal["temperature", "none"]  # evaluation.calibration.CALIBRATIONS
 Baseline = Literal["logistic_regression", "random_forest", "svm", "decision_tree"]  # evaluation.baselines.BASELINES
 ThresholdRule = Literal["youden", "sensitivity", "fixed"]  # evaluation.metrics.THRESHOLD_RULES
+Corruption = Literal["gaussian_noise", "blur", "contrast", "brightness", "gamma", "jpeg",
+                     "pixelate"]  # evaluation.corruptions.CORRUPTIONS
 ExplainMethod = Literal["saliency", "integrated_gradients", "smoothgrad", "grad_cam", "guided_grad_cam", "occlusion",
                         "lime"]  # xai.attributions.METHODS
 
@@ -234,9 +236,14 @@ class EvaluateParams:
     baseline_max_train: int
     failure_cases: int
     batch_size: int
+    corruptions: tuple[Corruption, ...]
+    severities: tuple[int, ...]
+    robustness_images: int
 
     def __post_init__(self) -> None:
         _check(self.positive_class >= 0, "evaluate.positive_class", "must be >= 0")
+        _check(all(s in (1, 2, 3) for s in self.severities), "evaluate.severities", "must list severities 1, 2 or 3")
+        _check(self.robustness_images >= 10, "evaluate.robustness_images", "must be >= 10")
         parse_threshold(self.threshold)
         _check(self.bootstrap >= 100, "evaluate.bootstrap", "must be >= 100 resamples (1000+ recommended)")
         _check(self.svm_max_train >= 0, "evaluate.svm_max_train", "must be >= 0")

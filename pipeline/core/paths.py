@@ -32,6 +32,7 @@ EVAL_DIR = REPORTS / "eval"
 PREDICTIONS = "predictions.csv"
 FAILURES = "failures.json"
 ROC_CSV, PR_CSV, CALIBRATION_CSV = "roc.csv", "pr.csv", "calibration.csv"
+ROBUSTNESS_PNG = "robustness.png"
 ROC_PNG, PR_PNG, CONFUSION_PNG, CALIBRATION_PNG, FAILURES_PNG = (
     "roc.png", "pr.png", "confusion.png", "calibration.png", "failures.png")
 

@@ -27,6 +27,7 @@ from pipeline.reporting.provenance import git_state, hardware, versions
 
 CI_WIDTH_LIMIT = 0.1
 ECE_LIMIT = 0.1
+ROBUSTNESS_DROP_LIMIT = 0.05  # mean test ROC AUC drop under the corruptions
 PREVALENCE_SHIFT_LIMIT = 0.05
 
 # How each imbalance strategy (balance.strategy) changed the training split, in words.
@@ -272,6 +273,10 @@ def limitations(records: dict[str, Any]) -> list[str]:
     if shift > PREVALENCE_SHIFT_LIMIT:
         found.append(f"Class prevalence differs between splits by up to {shift:.3f}; PPV and NPV do not transfer.")
     found += [w for w in records["explain_metrics"]["warnings"] if w.startswith("Shortcut")]
+    drop = records["eval"]["robustness"]["mean_roc_auc_drop"]
+    if drop is not None and drop > ROBUSTNESS_DROP_LIMIT:
+        found.append(f"Fragile under image corruptions: test ROC AUC drops by {fmt(drop)} on average (> "
+                     f"{ROBUSTNESS_DROP_LIMIT}); scans from other scanners or settings may fare worse than the test split.")
     for name, attack in records["eval"]["privacy_audit"]["attacks"].items():
         if (attack["roc_auc_ci_low"] or 0) > 0.5:
             found.append(f"Membership leakage: the {ATTACKS[name].split(' (')[0]} attack tells training images from "
@@ -351,6 +356,27 @@ def results_context(root: Path, records: dict[str, Any]) -> dict[str, Any]:
             (paths.ROC_PNG, "ROC curves"), (paths.PR_PNG, "precision-recall curves"),
             (paths.CONFUSION_PNG, "confusion matrix"), (paths.CALIBRATION_PNG, "reliability diagram"))],
         "confusion": [[n, *row] for n, row in zip(records["data"]["class_names"], test["confusion_matrix_normalized"])],
+        "robustness": robustness_context(root, ev["robustness"]),
+    }
+
+
+def robustness_context(root: Path, robustness: dict[str, Any]) -> dict[str, Any]:
+    severities = list(next(iter(robustness["corruptions"].values()), {}))
+    clean = robustness["clean"]
+    if not robustness["corruptions"]:
+        return {"text": "The corruption benchmark was off (evaluate.corruptions: []).", "header": [], "rows": [],
+                "figure": data_uri(root / paths.EVAL_DIR / paths.ROBUSTNESS_PNG)}
+    return {
+        "text": (f"{robustness['images']} test images, clean: ROC AUC {fmt(clean['roc_auc'])}, accuracy "
+                 f"{fmt(clean['accuracy'])} at the frozen threshold. Under {len(robustness['corruptions'])} "
+                 f"corruption(s) at severities {', '.join(severities)}, ROC AUC drops by "
+                 f"{fmt(robustness['mean_roc_auc_drop'])} and accuracy by {fmt(robustness['mean_accuracy_drop'])} "
+                 "on average."),
+        "header": ["corruption", *[f"ROC AUC, severity {s}" for s in severities],
+                   *[f"accuracy, severity {s}" for s in severities]],
+        "rows": [[name, *[levels[s]["roc_auc"] for s in severities], *[levels[s]["accuracy"] for s in severities]]
+                 for name, levels in robustness["corruptions"].items()],
+        "figure": data_uri(root / paths.EVAL_DIR / paths.ROBUSTNESS_PNG),
     }
 
 

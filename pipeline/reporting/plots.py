@@ -189,3 +189,20 @@ def plot_failures(images: np.ndarray, failures: dict[str, list[dict]], path: str
         axes[r, 0].text(-0.1, 0.5, kind.replace("_", " "), transform=axes[r, 0].transAxes, rotation=90,
                         ha="right", va="center", fontsize=8)
     save_figure(fig, path)
+
+
+def plot_robustness(robustness: dict, path: str | Path) -> None:
+    """Test ROC AUC against corruption severity, one line per corruption, clean dashed."""
+    fig, ax = new_figure(figsize=(5.2, 3.6))
+    clean = robustness["clean"]["roc_auc"]
+    for name, levels in robustness["corruptions"].items():
+        severities = [0, *map(int, levels)]
+        values = [clean, *[row["roc_auc"] for row in levels.values()]]
+        ax.plot(severities, [np.nan if v is None else v for v in values], "-o", ms=3, label=name)
+    if clean is not None:
+        ax.axhline(clean, color="k", ls="--", lw=0.8)
+    ax.set_xlabel("severity (0 = clean)")
+    ax.set_ylabel("test ROC AUC")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    save_figure(fig, path)
