@@ -49,7 +49,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     "phantom": {"train.norm": "group", "train.optimizer": "sgd", "train.lr": 0.5, "train.momentum": 0.9,
                 "train.batch_size": 128, "train.epochs": 10, "train.patience": 10, "train.schedule": "cosine"},
 }
-COMMON = {"evaluate.baselines": [], "evaluate.bootstrap": 200, "balance.strategy": "class_weight"}
+# One training thread: on a 2-core machine the two datasets run side by side, one core each
+# (``python bench/privacy.py pneumoniamnist & python bench/privacy.py phantom``).
+COMMON = {"evaluate.baselines": [], "evaluate.bootstrap": 200, "evaluate.corruptions": [],
+          "balance.strategy": "class_weight", "train.threads": 1}
 TUNE_GRID = {"train.lr": [0.5, 1.0], "train.batch_size": [256, 512]}
 
 
