@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from pipeline.core import paths
 from pipeline.core.files import read_json
 from pipeline.evaluation.metrics import COMPARISON
 
 
+def audit_auc(evaluation: dict[str, Any]) -> str:
+    """The stronger membership attack's ROC AUC."""
+    attacks = evaluation["privacy_audit"]["attacks"]
+    return f"{max(a['roc_auc'] for a in attacks.values()):.3f} (0.5: no leakage)"
+
+
 def main() -> None:
     try:
-        test = read_json(paths.EVAL_DIR / paths.METRICS)["test"]
+        evaluation = read_json(paths.EVAL_DIR / paths.METRICS)
+        test = evaluation["test"]
         train = read_json(paths.TRAIN_DIR / paths.METRICS)["train"]
         run = read_json(paths.MLFLOW_RUN)
     except FileNotFoundError as exc:
@@ -22,6 +30,9 @@ def main() -> None:
     for key in COMPARISON:
         value = test[key]
         print(f"  test {key:<18} {'n/a' if value is None else f'{value:.4f}'}")
+    spent = train.get("privacy")
+    guarantee = f"DP-SGD, ε = {spent['epsilon']:.3g} at δ = {spent['delta']:.2g}" if spent else "no DP-SGD"
+    print(f"  privacy: {guarantee}; membership attack ROC AUC {audit_auc(evaluation)}")
     print(f"  report:  {paths.REPORT_HTML.resolve()}")
     print(f"  MLflow:  run {run['run_id']} in {run['tracking_uri']}")
     if "model_version" in run:
