@@ -15,7 +15,8 @@ def test_settings_that_void_the_guarantee_are_refused_by_name(tmp_path):
                                       "train.sampler": "weighted", "train.grad_clip": 1.0})
     with pytest.raises(PipelineError) as error:
         dp_sgd.check(params)
-    for named in ("balance.strategy=smote", "train.sampler=weighted", "train.grad_clip", "train.norm=batch"):
+    for named in ("balance.strategy=smote (repeated or blended", "train.sampler=weighted (the accounting",
+                  "train.grad_clip>0 (per-image", "train.norm=batch (batch statistics"):
         assert named in str(error.value)
     dp_sgd.check(tiny_params(tmp_path, **PRIVATE))  # the allowed combination passes
     dp_sgd.check(tiny_params(tmp_path, **{"balance.strategy": "smote"}))  # and nothing is checked without privacy

@@ -53,7 +53,8 @@ def refusals(params: Params) -> list[str]:
     cfg = params.train
     found = []
     if params.balance.strategy not in ("none", "class_weight"):
-        found.append(f"balance.strategy={params.balance.strategy} ")
+        found.append(f"balance.strategy={params.balance.strategy} (repeated or blended training images: one "
+                     "image's influence is no longer bounded by the clipping norm; use none or class_weight)")
     if cfg.sampler != "none":
         found.append(f"train.sampler={cfg.sampler} (the accounting assumes Poisson sampling)")
     if cfg.grad_clip:
@@ -72,7 +73,8 @@ def check(params: Params) -> None:
 
 
 def delta_for(params: Params, n_train: int) -> float:
-    """δ: the param, or 1/(10·n) when null (well below 1/n, the chance of naming one image at random)."""
+    """δ: the param, or 1/(10·n) when null (well below 1/n: a mechanism that published one
+    training image at random would satisfy any ε at δ = 1/n)."""
     delta = params.train.privacy.delta
     return delta if delta is not None else 1.0 / (10 * n_train)
 
