@@ -143,8 +143,10 @@ def freeze(params: Params, network_path: Path, prepared: Path, meta: dict[str, A
 
 def privacy_audit(params: Params, prepared: Path, package: ModelPackage, non_members: tuple[np.ndarray, np.ndarray],
                   reference: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
-    """The membership audit (:mod:`pipeline.evaluation.membership`) on a seeded sample of the
-    training split as large as the test split, with the δ of the training's guarantee."""
+    """The membership audit (:mod:`pipeline.evaluation.membership`): a seeded sample of the
+    training split as large as the validation split against the validation split (the same
+    population, never trained on), the test split as the attacker's reference, with the δ of
+    the training's guarantee."""
     train = load_split(prepared, "train")
     n_train = len(train["labels"])
     rng = np.random.default_rng([params.seed, 31])
@@ -225,8 +227,8 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
         "out_of_distribution": {"test_flagged": int(scored.out_of_distribution.sum())}}
 
     # 3. Membership inference audit: training members against the test split's non-members.
-    result["privacy_audit"] = privacy_audit(params, prepared, package, (scored.uncalibrated, y_test),
-                                            (scored_val.uncalibrated, y_val))
+    result["privacy_audit"] = privacy_audit(params, prepared, package, (scored_val.uncalibrated, y_val),
+                                            (scored.uncalibrated, y_test))
 
     # 4. Robustness: a sample of the test split under each corruption, at the frozen threshold.
     result["robustness"] = robustness(cfg, params.seed, package, test["images"], y_test)

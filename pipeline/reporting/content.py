@@ -460,9 +460,9 @@ def privacy_context(records: dict[str, Any]) -> dict[str, Any]:
     return {
         "guarantee": privacy_guarantee_text(records["train"]),
         "audit": (f"Membership inference audit: {audit['members']} training images (members, a seeded sample) against "
-                  f"{audit['non_members']} test images (non-members, other patients); the attacker calibrates on "
-                  f"{audit['reference']} validation images. ROC AUC 0.5 means the attacks cannot tell members apart; "
-                  "n/a for a rate means too few non-members to measure it."),
+                  f"{audit['non_members']} validation images (non-members from the same population, never trained "
+                  f"on); the attacker calibrates on {audit['reference']} test images. ROC AUC 0.5 means the attacks "
+                  "cannot tell members apart; n/a for a rate means too few non-members to measure it."),
         "rows": rows,
         "bound": bound + " An audit with the data's own images is weaker than a worst-case attack: a low audit is "
                          "evidence, not proof, of privacy.",
