@@ -45,7 +45,6 @@ from pipeline.core.files import SECONDS_DECIMALS, file_digest, rounded, write_cs
 from pipeline.core.runtime import (
     configure_logging,
     configure_torch,
-    release_free_memory,
     run_command,
     seed_everything,
     select_device,
@@ -60,7 +59,6 @@ from pipeline.reporting.plots import plot_history
 
 log = logging.getLogger(__name__)
 
-TRIM_EVERY = 50  # batches between returns of freed heap pages to the system (see core.runtime)
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_accuracy", "train_roc_auc", "val_loss", "val_accuracy", "val_roc_auc")
 
 
@@ -110,8 +108,6 @@ def train_epoch(model: nn.Module, data: TrainingSet, loss_fn: nn.Module, optimiz
         if average is not None:
             average.update(average.source)
         total_loss += summed.item() * len(chunk) / batch_weight  # .item() syncs with the device; once per batch
-        if b % TRIM_EVERY == TRIM_EVERY - 1:
-            release_free_memory()
         probs.append(torch.softmax(logits.detach(), dim=1).double().cpu().numpy())
         positions.append(share)
     seen_probs = world.gather(np.concatenate(probs))
