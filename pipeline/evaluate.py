@@ -122,8 +122,9 @@ def curves(labels: np.ndarray, probs: np.ndarray, names: list[str], positive: in
 
 
 def freeze(params: Params, network_path: Path, prepared: Path, meta: dict[str, Any],
-           val: dict[str, np.ndarray]) -> ModelPackage:
-    """The model package: the trained network with every choice made on validation, frozen before the test."""
+           val: dict[str, np.ndarray]) -> tuple[ModelPackage, np.ndarray]:
+    """The model package: the trained network with every choice made on validation, frozen before
+    the test; and the network's validation probabilities those choices were made on."""
     cfg = params.evaluate
     network, trained = load_checkpoint(network_path)
     raw = predict_proba(network, val["images"], cfg.batch_size)
@@ -132,13 +133,14 @@ def freeze(params: Params, network_path: Path, prepared: Path, meta: dict[str, A
                                  cfg.positive_class)
     log.info("validation choices: temperature %.4f, threshold %s (%s)", temperature, threshold, cfg.threshold)
     height, width = meta["image_size"]
-    return ModelPackage(
+    package = ModelPackage(
         network=network, class_names=meta["class_names"], positive_class=cfg.positive_class, temperature=temperature,
         threshold=threshold, threshold_rule=cfg.threshold if threshold is not None else "argmax",
         preprocessing={**meta["preprocessing"], "input_size": [height, width], "input_channels": meta["channels"]},
         intensity=intensity_reference(load_split(prepared, "train")["images"]),
         provenance={"data_sha256": meta["arrays_sha256"], "network_sha256": file_digest(network_path),
                     "privacy": trained.get("privacy")})
+    return package, raw
 
 
 def privacy_audit(params: Params, prepared: Path, package: ModelPackage, non_members: tuple[np.ndarray, np.ndarray],
@@ -151,7 +153,7 @@ def privacy_audit(params: Params, prepared: Path, package: ModelPackage, non_mem
     n_train = len(train["labels"])
     rng = np.random.default_rng([params.seed, 31])
     pick = np.sort(rng.choice(n_train, min(n_train, len(non_members[1])), replace=False))
-    members = package.score(train["images"][pick], params.evaluate.batch_size).uncalibrated
+    members = package.uncalibrated(train["images"][pick], params.evaluate.batch_size)
     result = membership.audit((members, train["labels"][pick]), non_members, reference,
                               dp_sgd.delta_for(params, n_train), params.evaluate.bootstrap, params.seed)
     log.info("membership audit: attack ROC AUC %s (loss), %s (calibrated)", result["attacks"]["loss"]["roc_auc"],
@@ -169,8 +171,8 @@ def robustness(cfg: EvaluateParams, seed: int, package: ModelPackage, images: Im
     clean_images, y = np.asarray(images[pick]), labels[pick]
 
     def measure(x: np.ndarray) -> dict[str, float | None]:
-        metrics = classification_metrics(y, package.score(x, cfg.batch_size).probabilities, cfg.positive_class,
-                                         package.threshold)
+        probs = calibration.apply_temperature(package.uncalibrated(x, cfg.batch_size), package.temperature)
+        metrics = classification_metrics(y, probs, cfg.positive_class, package.threshold)
         return {"roc_auc": metrics["roc_auc"], "accuracy": metrics["accuracy"]}
 
     result: dict[str, Any] = {"images": len(y), "clean": measure(clean_images), "corruptions": {}}
@@ -200,10 +202,9 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
     y_val, y_test = val["labels"], test["labels"]
 
     # 1. Choices on validation only, frozen into the model package before the test split is scored.
-    package = freeze(params, network_path, prepared, meta, val)
+    package, val_raw = freeze(params, network_path, prepared, meta, val)
     temperature, threshold = package.temperature, package.threshold
-    scored_val = package.score(val["images"], cfg.batch_size)
-    val_probs = scored_val.probabilities
+    val_probs = calibration.apply_temperature(val_raw, temperature)
 
     # 2. Test, scored once, exactly as pipeline.predict scores an image.
     patients = test.get("patients")
@@ -227,8 +228,7 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
         "out_of_distribution": {"test_flagged": int(scored.out_of_distribution.sum())}}
 
     # 3. Membership inference audit: training members against the test split's non-members.
-    result["privacy_audit"] = privacy_audit(params, prepared, package, (scored_val.uncalibrated, y_val),
-                                            (scored.uncalibrated, y_test))
+    result["privacy_audit"] = privacy_audit(params, prepared, package, (val_raw, y_val), (scored.uncalibrated, y_test))
 
     # 4. Robustness: a sample of the test split under each corruption, at the frozen threshold.
     result["robustness"] = robustness(cfg, params.seed, package, test["images"], y_test)

@@ -107,12 +107,16 @@ class ModelPackage:
     def score(self, images: np.ndarray | ImageRows, batch_size: int = 64) -> Scores:
         """Calibrated probabilities, decisions and out-of-distribution flags for N×H×W×C uint8
         images: an array, or rows read from disk batch by batch."""
+        raw = self.uncalibrated(images, batch_size)
+        probs = apply_temperature(raw, self.temperature)
+        return Scores(probs, raw, decide(probs, self.threshold, self.positive_class), self.out_of_distribution(images))
+
+    def uncalibrated(self, images: np.ndarray | ImageRows, batch_size: int = 64) -> np.ndarray:
+        """The network's softmax alone (no temperature, no decision, no out-of-distribution check)."""
         if len(images.shape) != 4 or tuple(images.shape[1:]) != self.input_shape:
             raise PipelineError(f"images of shape {tuple(images.shape)}; the model takes N×"
                                 f"{'×'.join(map(str, self.input_shape))} uint8")
-        raw = predict_proba(self.network, images, batch_size)
-        probs = apply_temperature(raw, self.temperature)
-        return Scores(probs, raw, decide(probs, self.threshold, self.positive_class), self.out_of_distribution(images))
+        return predict_proba(self.network, images, batch_size)
 
     def out_of_distribution(self, images: np.ndarray | ImageRows, chunk: int = 1024) -> np.ndarray:
         reference = np.asarray(self.intensity["histogram"])
