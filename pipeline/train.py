@@ -165,14 +165,14 @@ def fit(params: Params, data: TrainingSet, val: dict[str, Any], meta: dict[str, 
     device = select_device(cfg.device)
     if device.type == "cuda" and world.size > 1:
         device = torch.device("cuda", world.rank % torch.cuda.device_count())
-    height, width = meta["image_size"]
-    if cfg.model == "seed_cnn" and height != width:
-        raise PipelineError(f"train.model=seed_cnn needs square images, got {height}x{width}")
+    size = meta["image_size"]  # [H, W], or [D, H, W] for volumes
+    if cfg.model == "seed_cnn" and len(set(size)) != 1:
+        raise PipelineError(f"train.model=seed_cnn needs square images (cubic volumes), got {'x'.join(map(str, size))}")
     generator = torch.Generator().manual_seed(params.seed)
     mean, std = standardisation(data)
     config = ModelConfig(name=cfg.model, in_channels=meta["channels"], num_classes=meta["num_classes"],
-                         image_size=height, width=cfg.width, mean=rounded(mean), std=rounded(std) or 1.0,
-                         norm=cfg.norm)
+                         image_size=size[0], width=cfg.width, mean=rounded(mean), std=rounded(std) or 1.0,
+                         norm=cfg.norm, ndim=len(size))
     torch.manual_seed(params.seed)  # weight initialisation draws from the global generator
     network = build_model(config).to(device)
     model = network if world.size == 1 else nn.parallel.DistributedDataParallel(network)

