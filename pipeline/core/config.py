@@ -33,6 +33,7 @@ DuplicatePolicy = Literal["error", "warn", "drop"]
 OnError = Literal["error", "skip"]
 DicomFrames = Literal["error", "first"]
 Channels = Literal[1, 3]
+Dimensions = Literal[2, 3]  # images or volumes
 BalanceStrategy = Literal["none", "class_weight", "oversample", "undersample", "smote"]  # data.resampling.STRATEGIES
 Model = Literal["seed_cnn", "small_cnn", "resnet18"]  # modeling.networks.NETWORKS
 Optimizer = Literal["sgd", "adamw"]  # modeling.recipe.OPTIMIZERS
@@ -72,7 +73,8 @@ def parse_threshold(rule: str) -> tuple[str, float | None]:
 class PhantomParams:
     """Settings of the built-in simulated scans (see :mod:`pipeline.data.phantom`)."""
 
-    image_size: int
+    ndim: Dimensions
+    image_size: Union[int, None]
     n_train: int
     n_val: int
     n_test: int
@@ -85,7 +87,7 @@ class PhantomParams:
     shortcut: Union[float, None]
 
     def __post_init__(self) -> None:
-        _check(self.image_size >= 16, "data.phantom.image_size", "must be at least 16")
+        _check(self.image_size is None or self.image_size >= 16, "data.phantom.image_size", "must be null or at least 16")
         for key in ("n_train", "n_val", "n_test"):
             _check(getattr(self, key) >= 4, f"data.phantom.{key}", "must be at least 4")
         _check(0.0 < self.prevalence < 1.0, "data.phantom.prevalence", "must lie in (0, 1)")
@@ -114,6 +116,7 @@ class DicomParams:
     window_center: Union[float, None]
     window_width: Union[float, None]
     frames: DicomFrames
+    series: bool
 
     def __post_init__(self) -> None:
         _check(self.window_width is None or self.window_width > 0, "data.dicom.window_width", "must be positive")
@@ -128,6 +131,7 @@ class DataParams:
     raw_dir: str
     class_names: tuple[str, ...]
     image_size: Union[int, None]
+    spacing: Union[float, None]
     channels: Union[Channels, None]
     split: SplitParams
     group_column: Union[str, None]
@@ -144,6 +148,7 @@ class DataParams:
             _check(self.name is not None, "data.name",
                    f"must name the dataset for data.source=medmnist, one of: {', '.join(typing.get_args(MedmnistName))}")
         _check(self.image_size is None or self.image_size >= 8, "data.image_size", "must be null or >= 8")
+        _check(self.spacing is None or self.spacing > 0, "data.spacing", "must be null or a positive spacing in mm")
 
 
 @dataclasses.dataclass(frozen=True)

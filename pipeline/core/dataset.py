@@ -37,6 +37,16 @@ def array_path(root: str | Path, split: str, name: str) -> Path:
     return Path(root) / split / f"{name}.npy"
 
 
+def marker_region(box: tuple[int, int, int, int], shape: tuple[int, ...]) -> np.ndarray:
+    """The voxels of meta's ``marker_box`` (top, bottom, left, right: the phantom's shortcut
+    marker) as a boolean array of the spatial ``shape``; in a volume the box spans ``top:bottom``
+    in depth as well, a cube."""
+    top, bottom, left, right = box
+    region = np.zeros(shape, dtype=bool)
+    region[(slice(top, bottom),) * (len(shape) - 1) + (slice(left, right),)] = True
+    return region
+
+
 class ImageRows:
     """The rows of an N×… ``.npy`` file, read from disk on demand, like a read-only array.
 

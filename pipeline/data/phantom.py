@@ -7,36 +7,53 @@ can be checked against ground truth. Both classes carry benign look-alikes, smal
 dots and thin vessel-like lines, as bright as the lesion at their peak, so brightness alone
 does not separate the classes: a model has to learn the lesion's size and shape.
 
+With ``ndim: 3`` the scans are volumes built from the same idea: a soft ellipsoid organ with
+smooth variation and textured noise, a near-spherical lesion with its 3-D mask, benign dots
+and curved vessel-like tubes, two scanner sites and the optional shortcut marker (a cube in
+the corner). Sizes are given at a reference side (64 px for images, 32 voxels for volumes)
+and scale with ``image_size``.
+
 Generation is deterministic: split ``k`` draws from ``numpy.random.default_rng([seed, k])``,
 so the same params and seed give the same bytes.
 """
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from scipy.ndimage import gaussian_filter
+from tqdm import tqdm
 
 from pipeline.core.config import PhantomParams
-from pipeline.core.dataset import SPLITS
+from pipeline.core.dataset import SPLITS, marker_region
 
 CLASS_NAMES = ("normal", "lesion")
+REFERENCE_SIZE = {2: 64, 3: 32}  # side at which lesion_radius is given, and the default image_size
+
+
+def side(params: PhantomParams) -> int:
+    return params.image_size or REFERENCE_SIZE[params.ndim]
 
 
 def generate_split(params: PhantomParams, seed: int, split: str) -> dict[str, np.ndarray]:
-    """Images (N×H×W×1 uint8), labels (N,), ids (N,), lesion masks (N×H×W uint8), sites (N,)."""
+    """Images (N×H×W×1 uint8; volumes N×D×H×W×1), labels (N,), ids (N,), lesion masks (N×H×W
+    or N×D×H×W uint8), sites (N,)."""
     n = {"train": params.n_train, "val": params.n_val, "test": params.n_test}[split]
     rng = np.random.default_rng([seed, SPLITS.index(split)])
     n_pos = max(1, round(params.prevalence * n))
     labels = np.zeros(n, dtype=np.int64)
     labels[:n_pos] = 1
     rng.shuffle(labels)
-    size = params.image_size
-    images = np.empty((n, size, size, 1), dtype=np.uint8)
-    masks = np.zeros((n, size, size), dtype=np.uint8)
+    size = side(params)
+    shape = (size,) * params.ndim
+    images = np.empty((n, *shape, 1), dtype=np.uint8)
+    masks = np.zeros((n, *shape), dtype=np.uint8)
     sites = rng.integers(0, len(params.site_noise), n)
-    for i, label in enumerate(labels):
-        image, mask = _scan(params, rng, bool(label), params.noise * params.site_noise[sites[i]])
-        images[i, :, :, 0] = np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
+    scan = _scan if params.ndim == 2 else _volume
+    for i, label in enumerate(tqdm(labels, desc=f"phantom {split}", leave=False, disable=None)):
+        image, mask = scan(params, rng, bool(label), params.noise * params.site_noise[sites[i]])
+        images[i, ..., 0] = np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
         masks[i] = mask
     ids = np.array([f"phantom-{split}-{i:05d}" for i in range(n)])
     groups = np.array([f"site-{chr(ord('A') + s)}" for s in sites])
@@ -47,9 +64,10 @@ def generate_split(params: PhantomParams, seed: int, split: str) -> dict[str, np
 
 
 def marker_box(image_size: int) -> tuple[int, int, int, int]:
-    """(top, bottom, left, right) of the shortcut marker: a small square in the top-left corner."""
-    side = max(2, round(4 * image_size / 64))
-    return 2, 2 + side, 2, 2 + side
+    """(top, bottom, left, right) of the shortcut marker: a small square in the top-left corner
+    (in a volume, a cube spanning ``top:bottom`` in depth as well)."""
+    edge = max(2, round(4 * image_size / 64))
+    return 2, 2 + edge, 2, 2 + edge
 
 
 def add_markers(images: np.ndarray, labels: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
@@ -62,13 +80,14 @@ def add_markers(images: np.ndarray, labels: np.ndarray, strength: float, rng: np
     follows = rng.uniform(size=len(labels)) < strength
     coin = rng.uniform(size=len(labels)) < 0.5
     markers = np.where(follows, labels == 1, coin).astype(np.uint8)
-    top, bottom, left, right = marker_box(images.shape[1])
-    images[markers == 1, top:bottom, left:right, :] = 230
+    region = marker_region(marker_box(images.shape[1]), images.shape[1:-1])
+    for i in np.flatnonzero(markers):
+        images[i][region] = 230
     return markers
 
 
 def _scan(params: PhantomParams, rng: np.random.Generator, lesion: bool, noise: float) -> tuple[np.ndarray, np.ndarray]:
-    size = params.image_size
+    size = side(params)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     organ = _organ(rng, yy, xx, size)
     image = 0.06 + organ * (0.42 + _low_frequency(rng, yy, xx, size))
@@ -137,3 +156,82 @@ def _point_inside(rng: np.random.Generator, organ: np.ndarray, margin: float = 0
         if organ[int(cy), int(cx)] > margin:
             return float(cy), float(cx)
     return size / 2, size / 2
+
+
+def _volume(params: PhantomParams, rng: np.random.Generator, lesion: bool, noise: float) -> tuple[np.ndarray, np.ndarray]:
+    """One 3-D scan and its lesion mask: :func:`_scan`'s recipe in a volume."""
+    size = side(params)
+    scale = size / REFERENCE_SIZE[3]
+    grid = _grid(size)
+    organ = _ellipsoid(rng, grid, size)
+    field = sum(np.cos(rng.uniform(0.5, 2.0) * 2 * np.pi / size * np.tensordot(_direction(rng), grid, 1)
+                       + rng.uniform(0, 2 * np.pi)) for _ in range(3))
+    volume = 0.06 + organ * (0.42 + 0.05 * field)
+    volume += organ * gaussian_filter(rng.standard_normal(grid.shape[1:]), sigma=1.2 * scale) * (noise * 2.5)
+    for _ in range(rng.poisson(params.lookalikes)):
+        centre = _voxel_inside(rng, organ)
+        sigma = rng.uniform(0.6, 1.1) * scale
+        volume += rng.uniform(0.2, 0.45) * np.exp(-_squared_distance(grid, centre) / (2 * sigma**2))
+    for _ in range(rng.poisson(params.lookalikes / 2)):
+        volume += organ * _tube(rng, size, scale)
+    mask = np.zeros(grid.shape[1:], dtype=np.uint8)
+    if lesion:
+        centre = _voxel_inside(rng, organ, margin=0.6)
+        radius = rng.uniform(*params.lesion_radius) * scale
+        contrast = params.lesion_contrast * rng.uniform(0.6, 1.3)
+        stretch = rng.uniform(0.8, 1.25, 3)  # slightly ellipsoidal
+        dist = np.sqrt(sum(((grid[a] - centre[a]) * stretch[a]) ** 2 for a in range(3)))
+        blob = 1.0 / (1.0 + np.exp((dist - radius) / (0.18 * radius)))
+        blob *= 1.0 + 0.25 * gaussian_filter(rng.standard_normal(grid.shape[1:]), sigma=1.0)
+        volume += contrast * blob
+        mask = (dist <= radius).astype(np.uint8)
+    volume += noise * rng.standard_normal(grid.shape[1:])
+    return np.clip(volume, 0.0, 1.0), mask
+
+
+@functools.cache
+def _grid(size: int) -> np.ndarray:
+    """3×D×H×W voxel coordinates (read-only, shared by every volume of this size)."""
+    grid = np.stack(np.mgrid[0:size, 0:size, 0:size].astype(np.float64))
+    grid.flags.writeable = False
+    return grid
+
+
+def _direction(rng: np.random.Generator) -> np.ndarray:
+    vector = rng.standard_normal(3)
+    return vector / np.linalg.norm(vector)
+
+
+def _squared_distance(grid: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    return sum((grid[a] - centre[a]) ** 2 for a in range(len(centre)))
+
+
+def _ellipsoid(rng: np.random.Generator, grid: np.ndarray, size: int) -> np.ndarray:
+    """A soft-edged ellipsoid near the centre, with random semi-axes and a random orientation."""
+    centre = size / 2 + rng.normal(0, 0.04 * size, 3)
+    axes = size * rng.uniform(0.30, 0.42, 3)
+    rotation, _ = np.linalg.qr(rng.standard_normal((3, 3)))
+    local = np.tensordot(rotation.T, grid - centre[:, None, None, None], 1)
+    dist = np.sqrt(sum((local[a] / axes[a]) ** 2 for a in range(3)))
+    return 1.0 / (1.0 + np.exp(-(1.0 - dist) * 12.0))
+
+
+def _tube(rng: np.random.Generator, size: int, scale: float) -> np.ndarray:
+    """A thin curved tube: a quadratic Bézier curve in 3-D drawn with a Gaussian profile."""
+    p0, p1, p2 = rng.uniform(0.15 * size, 0.85 * size, (3, 3))
+    t = np.linspace(0, 1, 4 * size)[:, None]
+    curve = np.clip(np.rint((1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2).astype(int), 0, size - 1)
+    canvas = np.zeros((size, size, size))
+    canvas[curve[:, 0], curve[:, 1], curve[:, 2]] = 1.0
+    tube = gaussian_filter(canvas, sigma=rng.uniform(0.5, 0.8) * scale)
+    return rng.uniform(0.15, 0.3) * tube / max(tube.max(), 1e-9)
+
+
+def _voxel_inside(rng: np.random.Generator, organ: np.ndarray, margin: float = 0.5) -> np.ndarray:
+    """A random point where the organ weight is above ``margin`` (rejection sampling)."""
+    size = organ.shape[0]
+    for _ in range(1000):
+        point = rng.uniform(0, size, 3)
+        if organ[tuple(point.astype(int))] > margin:
+            return point
+    return np.full(3, size / 2)
