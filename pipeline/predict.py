@@ -51,9 +51,9 @@ def header(package: ModelPackage) -> list[str]:
 
 def model_input(package: ModelPackage, item: Input) -> np.ndarray:
     """The item's pixels as the network takes them; ImageError with the reason otherwise."""
-    image, _ = item.load()
+    image, tags = item.load()
     pre = package.preprocessing
-    image = preprocess(image, pre["image_size"], pre["channels"])
+    image = preprocess(image, pre["image_size"], pre["channels"], tags.get("spacing"), pre.get("spacing"))
     if image.shape != package.input_shape:
         want = "×".join(map(str, package.input_shape))
         rules = (f"preprocessed with data.image_size {pre['image_size']} and data.channels {pre['channels']}"
@@ -122,19 +122,20 @@ def score_inputs(package: ModelPackage, inputs: list[Input], batch_size: int = 6
 
 def write_overlays(package: ModelPackage, images: np.ndarray, predictions: np.ndarray, ids: list[str], folder: Path,
                    cfg: ExplainParams, seed: int) -> None:
-    """A Grad-CAM and an Integrated Gradients map of the predicted class over each image."""
+    """A Grad-CAM and an Integrated Gradients map of the predicted class over each image (volume)."""
     import torch
 
-    from pipeline.modeling.networks import images_to_tensor
-    from pipeline.reporting.plots import plot_attributions
+    from pipeline.modeling.networks import channels_last, images_to_tensor
+    from pipeline.reporting.plots import plot_attributions, plot_volume_attributions
     from pipeline.xai.attributions import TITLES, attribute
 
     inputs = images_to_tensor(images)
     maps = attribute(package.network, inputs, torch.as_tensor(predictions), cfg, seed, EXPLAIN_METHODS)
+    plot = plot_volume_attributions if inputs.ndim == 5 else plot_attributions
     for row, sample_id in enumerate(ids):
         name = package.class_names[predictions[row]]
-        plot_attributions(inputs[row].permute(1, 2, 0).numpy(), {TITLES[m]: maps[m][row] for m in EXPLAIN_METHODS},
-                          f"{sample_id}: predicted {name}", folder / f"{sample_id}.png")
+        plot(channels_last(inputs[row]), {TITLES[m]: maps[m][row] for m in EXPLAIN_METHODS},
+             f"{sample_id}: predicted {name}", folder / f"{sample_id}.png")
 
 
 def run(input_path: Path, output: Path, model_path: Path = paths.MODEL, explain_dir: Path | None = None,
@@ -144,7 +145,7 @@ def run(input_path: Path, output: Path, model_path: Path = paths.MODEL, explain_
     package = load_package(model_path)
     dicom = package.preprocessing["dicom"]
     inputs = list_inputs(input_path, resolve_salt(""), (dicom["window_center"], dicom["window_width"]),
-                         dicom["frames"])
+                         dicom["frames"], series=len(package.input_shape) == 4)
     explain = None
     if explain_dir is not None:
         if not params_path.is_file():

@@ -1,9 +1,10 @@
 """Stage 1, prepare: what the user holds (or the built-in phantom) → validated ``.npy`` splits.
 
-Sources (``data.source``, see :mod:`pipeline.data.sources`): ``phantom``, ``npz`` (MedMNIST
-format), ``medmnist`` (official file by name and size, downloaded once and MD5-verified),
-``folder`` (one sub-folder per class) and ``csv`` (a manifest with optional patient ids and
-splits); PNG, JPEG, TIFF and DICOM.
+Sources (``data.source``, see :mod:`pipeline.data.sources`): ``phantom`` (images or volumes),
+``npz`` (MedMNIST format, 2-D or 3-D), ``medmnist`` (official file by name and size, downloaded
+once and MD5-verified), ``folder`` (one sub-folder per class) and ``csv`` (a manifest with
+optional patient ids and splits); PNG, JPEG, TIFF and DICOM images, and NIfTI files and DICOM
+series as volumes (:mod:`pipeline.data.volumes`).
 
 Every image goes through the same path: decode, preprocess (crop/resize, channels), hash,
 duplicate policy, then append to its split's array on disk (streamed, so a 50k-image folder
@@ -60,14 +61,20 @@ def write_splits(source: Source, data: DataParams, out: Path) -> dict[str, Any]:
                 skipped.append({"id": item.id, "reason": str(exc)})
                 continue
             before = image.shape
-            image = preprocess(image, data.image_size, data.channels)
+            try:
+                image = preprocess(image, data.image_size, data.channels, tags.get("spacing"), data.spacing)
+            except ImageError as exc:
+                unreadable.append(f"{item.where} ({exc})")
+                skipped.append({"id": item.id, "reason": str(exc)})
+                continue
             original_sizes[_dims(before)] += 1
-            resized += before[:2] != image.shape[:2]
-            converted += before[2] != image.shape[2]
+            resized += before[:-1] != image.shape[:-1]
+            converted += before[-1] != image.shape[-1]
             if shape is None:
                 shape, first_where = image.shape, item.where
             if image.shape != shape:
-                mismatched.append(f"{item.where} is {_dims(image.shape)}")
+                kind = "" if image.ndim == len(shape) else f", {'a volume among images' if image.ndim == 4 else 'a 2-D image among volumes'}"
+                mismatched.append(f"{item.where} is {_dims(image.shape)}{kind}")
                 continue
             digest = hashlib.sha256(image.tobytes()).hexdigest()
             if digest in seen:
@@ -103,10 +110,10 @@ def write_splits(source: Source, data: DataParams, out: Path) -> dict[str, Any]:
 
 def preprocessing_settings(data: DataParams) -> dict[str, Any]:
     """What every image went through before it was stored, as the model package carries it to predict."""
-    return {"image_size": data.image_size, "channels": data.channels,
+    return {"image_size": data.image_size, "spacing": data.spacing, "channels": data.channels,
             "resize": "centre-crop to a square, then bilinear" if data.image_size else "none: sizes must already match",
             "dicom": {"window_center": data.dicom.window_center, "window_width": data.dicom.window_width,
-                      "frames": data.dicom.frames}}
+                      "frames": data.dicom.frames, "series": data.dicom.series}}
 
 
 def _write_columns(out: Path, split: str, rows: list[Item], size: int | None, total: float, total_sq: float,
@@ -172,8 +179,8 @@ def run(params: Params, out_dir: Path = paths.PREPARED, summary_path: Path = pat
         names = check_classes(arrays, tuple(source.class_names), str(data.path or data.source))
         first = np.load(array_path(tmp, "train", "images"), mmap_mode="r")
         has = {name: array_path(tmp, "train", name).exists() for name in ("masks", "groups", "markers")}
-        meta = {"class_names": names, "num_classes": len(names), "image_size": list(first.shape[1:3]),
-                "channels": int(first.shape[3]), "has_masks": has["masks"],
+        meta = {"class_names": names, "num_classes": len(names), "image_size": list(first.shape[1:-1]),
+                "channels": int(first.shape[-1]), "has_masks": has["masks"],
                 "group_name": ("site" if data.source == "phantom" else data.group_column) if has["groups"] else None,
                 "marker_box": list(phantom.marker_box(int(first.shape[1]))) if has["markers"] else None,
                 "preprocessing": preprocessing_settings(data)}

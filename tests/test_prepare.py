@@ -57,7 +57,7 @@ BAD_NPZ = {
     "multi-label": ({"train_labels": np.zeros((40, 3), np.uint8)}, "multi-label is not supported"),
     "one class": ({"train_labels": np.zeros((40, 1), np.uint8), "val_labels": np.zeros((12, 1), np.uint8),
                    "test_labels": np.zeros((16, 1), np.uint8)}, "at least 2 are needed"),
-    "bad channels": ({"train_images": np.zeros((40, 8, 8, 2), np.uint8)}, "expected N×H×W or N×H×W×C"),
+    "bad channels": ({"train_images": np.zeros((40, 8, 8, 2), np.uint8)}, "expected N×H×W, N×H×W×C with C in"),
     "empty split": ({"test_images": np.zeros((0, 8, 8), np.uint8), "test_labels": np.zeros((0, 1), np.uint8)}, "split 'test' is empty"),
 }
 

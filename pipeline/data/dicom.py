@@ -73,7 +73,7 @@ def read_dicom(path: Path, window_center: float | None, window_width: float | No
         if frames != "first":
             raise ImageError(f"multi-frame DICOM ({n_frames} frames); set data.dicom.frames: first to use frame 1")
         pixels = pixels[0]
-    tags = {key: _plain(ds.get(key)) for key in WHITELIST if key in ds}
+    tags = {key: plain(ds.get(key)) for key in WHITELIST if key in ds}
     if int(ds.get("SamplesPerPixel", 1)) == 3:
         return np.asarray(pixels, dtype=np.uint8), tags
     try:
@@ -113,7 +113,8 @@ def to_uint8(ds: Any, pixels: np.ndarray, window_center: float | None, window_wi
     return np.rint(np.clip((values - low) / max(high - low, 1e-9), 0, 1) * 255).astype(np.uint8)
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """An attribute's value as JSON can hold it."""
     if isinstance(value, (int, float, str)):
         return value
     try:

@@ -1,7 +1,8 @@
 """Images to score: whatever ``pipeline.predict`` is given, as a list of unlabelled items.
 
-INPUT may be an image or DICOM file, a folder (searched at any depth for the formats prepare
-reads; hidden files ignored), a CSV manifest with a ``path`` column (paths relative to the
+INPUT may be an image, DICOM or NIfTI file, a folder (searched at any depth for the formats
+prepare reads; hidden files ignored; for a model of volumes, each folder of ``.dcm`` files is
+one DICOM series, and INPUT may be such a folder itself), a CSV manifest with a ``path`` column (paths relative to the
 manifest's folder, which they may not leave), or a MedMNIST-style ``.npz`` (its
 ``test_images``). Each item has a pseudonymous id made by prepare's rule (a salted hash of
 the file's path relative to INPUT, or the array's split and row), so neither a file name nor
@@ -22,7 +23,7 @@ import numpy as np
 
 from pipeline.core.errors import PipelineError
 from pipeline.data.dicom import ImageError
-from pipeline.data.images import SUPPORTED, read_file
+from pipeline.data.images import SUPPORTED, is_supported, read_file
 from pipeline.data.npz import read_images
 from pipeline.data.privacy import pseudonym
 
@@ -37,7 +38,7 @@ class Input:
 
 
 def list_inputs(path: Path, salt: str, window: tuple[float | None, float | None] = (None, None),
-                frames: str = "error") -> list[Input]:
+                frames: str = "error", series: bool = False) -> list[Input]:
     """Every image in ``path`` (file, folder, manifest or npz), in a stable order."""
     if not path.exists():
         raise PipelineError(f"{path}: not found")
@@ -46,7 +47,9 @@ def list_inputs(path: Path, salt: str, window: tuple[float | None, float | None]
         return Input(pseudonym(key, salt, "img-"), lambda: read_file(file, *window, frames), key)
 
     if path.is_dir():
-        keys = sorted(_image_files(path))
+        keys = sorted(_image_files(path, series))
+        if "." in keys:  # INPUT is one series
+            return [from_file(path, path.name)]
         if not keys:
             raise PipelineError(f"{path}: no image files ({', '.join(SUPPORTED)}) in this folder")
         return [from_file(path / key, key) for key in keys]
@@ -60,14 +63,18 @@ def list_inputs(path: Path, salt: str, window: tuple[float | None, float | None]
     return [from_file(path, path.name)]
 
 
-def _image_files(root: Path) -> Iterator[str]:
-    """Paths (relative, '/'-separated) of the supported files under ``root``, hidden ones skipped."""
+def _image_files(root: Path, series: bool) -> Iterator[str]:
+    """Paths (relative, '/'-separated) of the supported files under ``root``, hidden ones skipped;
+    with ``series``, a folder of ``.dcm`` files stands for them ("." for ``root`` itself)."""
     for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         relative = Path(folder).relative_to(root)
-        for name in files:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in SUPPORTED:
-                yield (relative / name).as_posix()
+        names = [n for n in files if not n.startswith(".") and is_supported(n)]
+        if series and any(n.lower().endswith(".dcm") for n in names):
+            yield relative.as_posix()
+            names = [n for n in names if not n.lower().endswith(".dcm")]
+        for name in names:
+            yield (relative / name).as_posix()
 
 
 def _manifest(path: Path) -> list[tuple[Path, str, str | None]]:

@@ -23,7 +23,9 @@ _UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 def read_npz(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
     """A MedMNIST-format ``.npz``: ``{split}_images`` and ``{split}_labels`` for each split.
 
-    Images may be N×H×W (grayscale) or N×H×W×C with C in {1, 3}; labels N or N×1 integers.
+    Images may be N×H×W (grayscale) or N×H×W×C with C in {1, 3}; volumes, as MedMNIST 3-D
+    stores them, N×D×H×W (a 4-D array whose last axis is 4 or longer) or N×D×H×W×C; labels N
+    or N×1 integers.
     """
     path = Path(path)
     with _open(path) as archive:
@@ -83,10 +85,11 @@ def _check_images(path: Path, key: str, images: np.ndarray) -> np.ndarray:
         raise PipelineError(f"{path}: {key} contains NaN values")
     if images.dtype != np.uint8:
         raise PipelineError(f"{path}: {key} has dtype {images.dtype}; expected uint8 pixel values 0..255")
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise PipelineError(f"{path}: {key} has shape {images.shape}; expected N×H×W or N×H×W×C with C in (1, 3)")
+    if images.ndim == 3 or images.ndim == 4 and images.shape[-1] >= 4:
+        images = images[..., None]  # grayscale images, or volumes (MedMNIST 3-D: N×28×28×28)
+    if images.ndim not in (4, 5) or images.shape[-1] not in (1, 3):
+        raise PipelineError(f"{path}: {key} has shape {images.shape}; expected N×H×W, N×H×W×C with C in (1, 3), "
+                            "or volumes N×D×H×W(×C)")
     return images
 
 

@@ -1,11 +1,13 @@
 """What a user holds, as a list of records: an image folder or a CSV manifest.
 
-- ``folder``: ``root/<class_name>/**/*.{png,jpg,jpeg,tif,tiff,dcm}``; classes are the
-  sub-folder names in sorted order (or ``data.class_names``, which must name the same
-  folders). Hidden files (``.DS_Store``) are ignored.
+- ``folder``: ``root/<class_name>/**/*.{png,jpg,jpeg,tif,tiff,dcm,nii,nii.gz}``; classes are
+  the sub-folder names in sorted order (or ``data.class_names``, which must name the same
+  folders). Hidden files (``.DS_Store``) are ignored. With ``data.dicom.series`` every folder
+  holding ``.dcm`` files is one record, a volume, rather than each file an image.
 - ``csv``: columns ``path`` and ``label``, optional ``patient_id``, ``split`` and the
   ``data.group_column``; paths are relative to the manifest's folder and may not leave it;
-  labels are class names or integer indices.
+  labels are class names or integer indices; with ``data.dicom.series`` a path may name a
+  series folder.
 
 Every problem is collected, and reported at once by :func:`fail` as one error naming the
 first 10 offending entries and their count.
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from pipeline.core.dataset import SPLITS
 from pipeline.core.errors import PipelineError
-from pipeline.data.images import SUPPORTED
+from pipeline.data.images import SUPPORTED, is_supported
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +40,8 @@ def fail(source: str | Path, problem: str, items: list[str]) -> None:
         raise PipelineError(f"{source}: {problem}: {len(items)} file(s): {shown}")
 
 
-def scan_folder(root: Path, class_names: tuple[str, ...], on_error: str) -> tuple[list[Record], list[str], list[str]]:
+def scan_folder(root: Path, class_names: tuple[str, ...], on_error: str,
+                series: bool = False) -> tuple[list[Record], list[str], list[str]]:
     """Records, class names, and the files skipped because their type is not supported."""
     if not root.is_dir():
         raise PipelineError(f"{root}: image folder not found")
@@ -52,8 +55,11 @@ def scan_folder(root: Path, class_names: tuple[str, ...], on_error: str) -> tupl
     for label, name in enumerate(names):
         files = sorted(p for p in (root / name).rglob("*")
                        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
-        kept = [p for p in files if p.suffix.lower() in SUPPORTED]
-        unsupported += [str(p.relative_to(root)) for p in files if p.suffix.lower() not in SUPPORTED]
+        if series:  # each folder of .dcm files is one item
+            files = sorted({p.parent for p in files if p.suffix.lower() == ".dcm"}
+                           | {p for p in files if p.suffix.lower() != ".dcm"})
+        kept = [p for p in files if p.is_dir() or is_supported(p.name)]
+        unsupported += [str(p.relative_to(root)) for p in files if not (p.is_dir() or is_supported(p.name))]
         if not kept:
             empty.append(name + "/")
         records += [Record(path=p, label=label) for p in kept]
@@ -63,7 +69,8 @@ def scan_folder(root: Path, class_names: tuple[str, ...], on_error: str) -> tupl
     return records, names, unsupported
 
 
-def read_manifest(path: Path, class_names: tuple[str, ...], group_column: str | None) -> tuple[list[Record], list[str]]:
+def read_manifest(path: Path, class_names: tuple[str, ...], group_column: str | None,
+                  series: bool = False) -> tuple[list[Record], list[str]]:
     """Records and class names from a CSV manifest; every path checked before any image is read."""
     if not path.is_file():
         raise PipelineError(f"{path}: manifest not found")
@@ -87,7 +94,7 @@ def read_manifest(path: Path, class_names: tuple[str, ...], group_column: str | 
         if not target.is_relative_to(base):
             escaping.append(where)
             continue
-        if not target.is_file():
+        if not (target.is_file() or series and target.is_dir()):
             absent.append(where)
             continue
         if target in seen:

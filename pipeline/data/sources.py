@@ -30,6 +30,7 @@ from pipeline.data.medmnist import fetch_medmnist
 from pipeline.data.npz import read_npz
 from pipeline.data.privacy import pseudonym, resolve_salt
 from pipeline.data.records import Record, read_manifest, scan_folder
+from pipeline.data.volumes import read_series_patient, series_files
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +100,10 @@ def load_files(data: DataParams, seed: int) -> Source:
     root = Path(data.path)
     salt = resolve_salt(data.pseudonym_salt)
     if data.source == "folder":
-        records, names, unsupported = scan_folder(root, data.class_names, data.on_error)
+        records, names, unsupported = scan_folder(root, data.class_names, data.on_error, data.dicom.series)
         base = root
     else:
-        records, names = read_manifest(root, data.class_names, data.group_column)
+        records, names = read_manifest(root, data.class_names, data.group_column, data.dicom.series)
         unsupported, base = [], root.parent.resolve()
     records = [_with_dicom_patient(r) for r in records]
     if any(r.patient for r in records) and not salt:
@@ -125,7 +126,7 @@ def load_files(data: DataParams, seed: int) -> Source:
         items[str(split)].append(Item(id=item_id, label=record.label, where=key, patient=patient, group=record.group,
                                       load=lambda p=record.path: read_file(p, data.dicom.window_center,
                                                                            data.dicom.window_width, data.dicom.frames)))
-    listing = "".join(f"{k}\t{file_digest(r.path)}\n" for k, r in sorted(zip(keys, records), key=lambda kr: kr[0]))
+    listing = "".join(f"{k}\t{_digest(r.path)}\n" for k, r in sorted(zip(keys, records), key=lambda kr: kr[0]))
     provenance = {"source": data.source, "path": root.name, "files": len(records),
                   "files_sha256": hashlib.sha256(listing.encode()).hexdigest()}
     skipped = [{"id": pseudonym(u, salt, "img-"), "reason": "not an image file"} for u in unsupported]
@@ -141,11 +142,19 @@ def load_source(data: DataParams, seed: int) -> Source:
     return SOURCES[data.source](data, seed)
 
 
+def _digest(path: Path) -> str:
+    """A file's SHA-256; a series folder's: of its slices' names and digests."""
+    if path.is_dir():
+        return hashlib.sha256("".join(f"{p.name}\t{file_digest(p)}\n" for p in series_files(path)).encode()).hexdigest()
+    return file_digest(path)
+
+
 def _with_dicom_patient(record: Record) -> Record:
-    if record.patient or record.path.suffix.lower() != ".dcm":
+    if record.patient or not (record.path.is_dir() or record.path.suffix.lower() == ".dcm"):
         return record
     try:
-        return dataclasses.replace(record, patient=read_patient_id(record.path))
+        found = read_series_patient(record.path) if record.path.is_dir() else read_patient_id(record.path)
+        return dataclasses.replace(record, patient=found)
     except ImageError:
         return record  # unreadable: reported when the pixels are read
 
