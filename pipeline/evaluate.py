@@ -132,11 +132,10 @@ def freeze(params: Params, network_path: Path, prepared: Path, meta: dict[str, A
     threshold = choose_threshold(cfg.threshold, val["labels"], calibration.apply_temperature(raw, temperature),
                                  cfg.positive_class)
     log.info("validation choices: temperature %.4f, threshold %s (%s)", temperature, threshold, cfg.threshold)
-    height, width = meta["image_size"]
     package = ModelPackage(
         network=network, class_names=meta["class_names"], positive_class=cfg.positive_class, temperature=temperature,
         threshold=threshold, threshold_rule=cfg.threshold if threshold is not None else "argmax",
-        preprocessing={**meta["preprocessing"], "input_size": [height, width], "input_channels": meta["channels"]},
+        preprocessing={**meta["preprocessing"], "input_size": list(meta["image_size"]), "input_channels": meta["channels"]},
         intensity=intensity_reference(load_split(prepared, "train")["images"]),
         provenance={"data_sha256": meta["arrays_sha256"], "network_sha256": file_digest(network_path),
                     "privacy": trained.get("privacy")})
@@ -246,6 +245,8 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
     if cfg.baselines:
         training = load_training_set(prepared, balanced)
         result["baselines"] = {}
+        if classical.pooling(training.shape) > 1:  # volumes: what the baselines saw, for the report
+            result["baseline_voxel_pooling"] = classical.pooling(training.shape)
         for name in cfg.baselines:
             if name == "svm" and len(training) > cfg.svm_max_train:
                 log.info("skipping svm: %d training images > evaluate.svm_max_train=%d", len(training),

@@ -9,8 +9,9 @@ model-randomisation sanity check, localisation against lesion masks, and attribu
 shortcut marker.
 
 Writes ``reports/explain/``: ``metrics.json`` (DVC metrics; per method, with ``sanity_pass``
-and warnings), ``samples.json``, ``attributions.npy`` (methods × samples × H × W),
-``timing.json`` and ``figures/``: one figure per sample, ``curves.png`` (deletion/insertion),
+and warnings), ``samples.json``, ``attributions.npy`` (methods × samples × H × W, or × D × H × W for volumes),
+``timing.json`` and ``figures/``: one figure per sample (for volumes, orthogonal slices through
+the attribution peak and the lesion centre, and a maximum-intensity projection), ``curves.png`` (deletion/insertion),
 ``feature_maps.png`` and ``class_images.png`` (the seed's activation and gradient-ascent
 visualisations).
 """
@@ -28,12 +29,18 @@ from tqdm import tqdm
 
 from pipeline.core import paths
 from pipeline.core.config import Params
-from pipeline.core.dataset import load_meta, load_split
+from pipeline.core.dataset import load_meta, load_split, marker_region
 from pipeline.core.files import SECONDS_DECIMALS, read_json, rounded, save_npy, staged_dir, write_json
 from pipeline.core.runtime import configure_torch, stage_main
-from pipeline.modeling.networks import images_to_tensor
+from pipeline.modeling.networks import channels_last, images_to_tensor
 from pipeline.modeling.package import load_package
-from pipeline.reporting.plots import plot_attributions, plot_class_images, plot_faithfulness, plot_feature_maps
+from pipeline.reporting.plots import (
+    plot_attributions,
+    plot_class_images,
+    plot_faithfulness,
+    plot_feature_maps,
+    plot_volume_attributions,
+)
 from pipeline.xai import attributions, trust
 
 log = logging.getLogger(__name__)
@@ -79,9 +86,7 @@ def measure(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     randomised = {stage: trust.randomised(model, fraction, params.seed) for stage, fraction in SANITY_STAGES.items()}
     region = None
     if marker is not None and has_marker is not None and has_marker.any():
-        top, bottom, left, right = marker
-        region = np.zeros(inputs.shape[2:], dtype=bool)
-        region[top:bottom, left:right] = True
+        region = marker_region(marker, tuple(inputs.shape[2:]))
     for method in tqdm(cfg.methods, desc="trust", leave=False, disable=None):
         fn = attributions.explainer(method, model, cfg, tuple(inputs.shape[1:]), params.seed)
         row: dict[str, Any] = {k: faith[method][k] for k in ("deletion_auc", "insertion_auc")}
@@ -155,9 +160,14 @@ def run(params: Params, prepared: Path = paths.PREPARED, model_path: Path = path
             sample_id = str(test["ids"][i])
             label, pred = int(test["labels"][i]), int(targets[row])
             title = f"{sample_id} ({why}): true {names[label]}, predicted {names[pred]} (p={float(probs[row, pred]):.3f})"
-            plot_attributions(inputs[row].permute(1, 2, 0).numpy(),
-                              {attributions.TITLES[m]: maps[m][row] for m in cfg.methods}, title, tmp / f"{sample_id}.png",
-                              None if masks is None else masks[row], marker if has_marker is not None and has_marker[row] else None)
+            shown = {attributions.TITLES[m]: maps[m][row] for m in cfg.methods}
+            mask = None if masks is None else masks[row]
+            marked = marker if has_marker is not None and has_marker[row] else None
+            if inputs.ndim == 5:
+                plot_volume_attributions(channels_last(inputs[row]), shown, title, tmp / f"{sample_id}.png", mask,
+                                         None if marked is None else marker_region(marked, tuple(inputs.shape[2:])))
+            else:
+                plot_attributions(channels_last(inputs[row]), shown, title, tmp / f"{sample_id}.png", mask, marked)
             samples.append({"id": sample_id, "why": why, "label": names[label], "predicted": names[pred],
                             "probability": rounded(float(probs[row, pred])), "figure": f"{sample_id}.png"})
         plot_faithfulness({attributions.TITLES.get(k, k): v for k, v in faith.items()}, tmp / paths.FAITHFULNESS_PNG)

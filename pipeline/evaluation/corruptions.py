@@ -6,6 +6,13 @@ severities (1 mild … 3 strong; 0 leaves the image as it is), applied to N×H×
 and returning uint8 of the same shape. Random corruptions draw from the generator they are
 given, so a seeded evaluation corrupts the same way every run. Sizes are relative to the
 image side, so a severity means the same on 28 px and 224 px images.
+
+Volumes (N×D×H×W×C) take the same corruptions: noise, contrast, brightness and gamma per
+voxel, blur in all three axes, pixelation slice by slice (axial slices, as a thick-slice
+protocol coarsens them), and JPEG on each volume's axial slices stacked into one tall image:
+one encode per volume rather than per slice, and, when the slice height is a multiple of
+JPEG's 8-pixel blocks, exactly the bytes of slice-by-slice compression (no block straddles
+two slices).
 """
 
 from __future__ import annotations
@@ -33,12 +40,13 @@ def blur(images: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarr
     from scipy.ndimage import gaussian_filter
 
     pixels = sigma * images.shape[1] / 64
-    return _clip(gaussian_filter(images.astype(np.float64), sigma=(0, pixels, pixels, 0), mode="nearest"))
+    spatial = (pixels,) * (images.ndim - 2)
+    return _clip(gaussian_filter(images.astype(np.float64), sigma=(0, *spatial, 0), mode="nearest"))
 
 
 def contrast(images: np.ndarray, factor: float, rng: np.random.Generator) -> np.ndarray:
     """Contrast scaled by ``factor`` around each image's mean (another window, another detector)."""
-    mean = images.mean(axis=(1, 2, 3), keepdims=True)
+    mean = images.mean(axis=tuple(range(1, images.ndim)), keepdims=True)
     return _clip(mean + (images - mean) * factor)
 
 
@@ -52,8 +60,23 @@ def gamma(images: np.ndarray, exponent: float, rng: np.random.Generator) -> np.n
     return _clip(255.0 * (images / 255.0) ** exponent)
 
 
+def by_slice(corruption: Corruption) -> Corruption:
+    """A corruption of 2-D images applied to every axial slice of volumes (unchanged for images)."""
+    def apply(images: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
+        if images.ndim == 4:
+            return corruption(images, level, rng)
+        slices = images.reshape(-1, *images.shape[2:])
+        return corruption(slices, level, rng).reshape(images.shape)
+    apply.__doc__ = corruption.__doc__
+    return apply
+
+
 def jpeg(images: np.ndarray, quality: float, rng: np.random.Generator) -> np.ndarray:
     """JPEG compression at ``quality`` (Pillow's 1–95 scale), as archives and PACS exports do."""
+    if images.ndim == 5:  # volumes: each one's axial slices as one tall image
+        n, depth, height = images.shape[:3]
+        stacked = images.reshape(n, depth * height, *images.shape[3:])
+        return jpeg(stacked, quality, rng).reshape(images.shape)
     out = np.empty_like(images)
     for i, image in enumerate(images):
         buffer = io.BytesIO()
@@ -64,6 +87,7 @@ def jpeg(images: np.ndarray, quality: float, rng: np.random.Generator) -> np.nda
     return out
 
 
+@by_slice
 def pixelate(images: np.ndarray, scale: float, rng: np.random.Generator) -> np.ndarray:
     """Down-sampled to ``scale`` × the side (box filter) and back (nearest): a coarser acquisition."""
     height, width = images.shape[1:3]

@@ -118,7 +118,7 @@ def split_text(data: dict[str, Any]) -> str:
 
 def resize_text(data: dict[str, Any]) -> str:
     pre = data.get("preprocessing", {})
-    size = f"{data['image_size'][0]}×{data['image_size'][1]}"
+    size = "×".join(map(str, data["image_size"]))
     originals = ", ".join(f"{k} ({v})" for k, v in pre.get("original_sizes", {}).items()) or "unknown"
     if pre.get("image_size") is None:
         return f"Size: images kept at their stored size ({size}); no resizing."
@@ -199,7 +199,9 @@ def model_rows(params: Params, records: dict[str, Any]) -> list[list[Any]]:
         f", momentum {cfg.momentum})" if cfg.optimizer == "sgd" else ")")
     config = records["model_config"]
     return [["architecture", config["name"] + (f" (width {config['width']})" if config["name"] != "seed_cnn" else "")],
-            ["input", f"{config['image_size']} px, {config['in_channels']} channel(s), {config['num_classes']} classes"],
+            ["input", (f"{config['image_size']} px" if config.get("ndim", 2) == 2 else
+                       f"{config['image_size']}³ voxels (volumes, 3-D layers)")
+             + f", {config['in_channels']} channel(s), {config['num_classes']} classes"],
             ["parameters", train["parameters"]],
             ["initialisation", "PyTorch defaults (Kaiming-uniform), drawn from the run's seed"],
             ["optimizer", optimizer],
@@ -347,6 +349,8 @@ def results_context(root: Path, records: dict[str, Any]) -> dict[str, Any]:
         "comparison_header": ["model", *COMPARISON],
         "comparison": [[name, *[f"{fmt(m[k])} ({fmt_ci(m, k)})" for k in COMPARISON]] for name, m in models.items()]
         if ev.get("baselines") else [],
+        "comparison_inputs": (f"same volumes, average-pooled in {ev['baseline_voxel_pooling']}³-voxel blocks for the "
+                              "baselines" if ev.get("baseline_voxel_pooling") else "same pixels"),
         "subgroups": {group: [[g, m["n"], m["roc_auc"], fmt_ci(m, "roc_auc"), m["sensitivity"], m["specificity"]]
                               for g, m in rows.items()] for group, rows in ev.get("subgroups", {}).items()},
         "calibration": [[when, calib[when]["ece"], calib[when]["slope"], calib[when]["intercept"], calib[when]["brier"],

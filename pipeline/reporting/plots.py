@@ -78,6 +78,71 @@ def plot_confusion(matrix: Sequence[Sequence[int]], class_names: Sequence[str], 
     save_figure(fig, path)
 
 
+def central(image: np.ndarray) -> np.ndarray:
+    """What a thumbnail shows: the image itself, or a volume's (D×H×W×C) middle axial slice."""
+    return image[len(image) // 2] if image.ndim == 4 else image
+
+
+VIEWS = ("axial", "coronal", "sagittal")
+
+
+def sections(volume: np.ndarray, point: tuple[int, ...]) -> list[np.ndarray]:
+    """The axial, coronal and sagittal slices of a D×H×W(…) volume through ``point`` (z, y, x)."""
+    z, y, x = point
+    return [volume[z], volume[:, y], volume[:, :, x]]
+
+
+def plot_volume_attributions(volume: np.ndarray, maps: dict[str, np.ndarray], title: str, path: str | Path,
+                             mask: np.ndarray | None = None, marker: np.ndarray | None = None) -> None:
+    """A volume and each method's map, as a reviewer reads a scan: three orthogonal slices.
+
+    Row 1: the volume's axial, coronal and sagittal slices through the lesion centre (the
+    mask's centre of mass; the volume centre without a lesion), lesion outline in green,
+    and its maximum-intensity projection. Then per method: the three slices through the map's
+    peak, the three through the lesion centre (only with a lesion), and the map's maximum
+    projection along the axial axis. ``volume`` is D×H×W×C in [0, 1]; maps are D×H×W, each
+    scaled to its own maximum |value|; ``marker`` the shortcut marker's voxels.
+    """
+    gray = volume.mean(axis=3)
+    lesion = mask is not None and mask.any()
+    centre = (tuple(int(round(c)) for c in np.argwhere(mask > 0).mean(axis=0)) if lesion
+              else tuple(n // 2 for n in gray.shape))
+    cols = 7 if lesion else 4
+    fig, axes = new_figure(1 + len(maps), cols, figsize=(1.5 * cols, 1.6 * (1 + len(maps))), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+
+    def outline(ax, index: int, point: tuple[int, ...]) -> None:
+        for region, colour in ((mask if lesion else None, "lime"), (marker, "orange")):
+            if region is not None and region.any():
+                plane = sections(region.astype(np.uint8), point)[index]
+                if plane.any():
+                    ax.contour(plane, levels=[0.5], colors=colour, linewidths=0.6)
+
+    for k, plane in enumerate(sections(gray, centre)):
+        axes[0, k].imshow(plane, cmap="gray", vmin=0, vmax=1)
+        axes[0, k].set_title(f"{VIEWS[k]} (lesion centre)" if lesion else VIEWS[k], fontsize=6)
+        outline(axes[0, k], k, centre)
+    axes[0, cols - 1].imshow(gray.max(axis=0), cmap="gray", vmin=0, vmax=1)
+    axes[0, cols - 1].set_title("image MIP (axial)", fontsize=6)
+    for r, (name, attribution) in enumerate(maps.items(), start=1):
+        scaled = attribution / (float(np.abs(attribution).max()) or 1.0)
+        peak = tuple(int(i) for i in np.unravel_index(np.argmax(attribution), attribution.shape))
+        for offset, point in ((0, peak), (3, centre)) if lesion else ((0, peak),):
+            for k, (plane, overlay) in enumerate(zip(sections(gray, point), sections(scaled, point))):
+                ax = axes[r, offset + k]
+                ax.imshow(plane, cmap="gray", vmin=0, vmax=1)
+                ax.imshow(overlay, cmap="bwr", vmin=-1, vmax=1, alpha=0.55)
+                ax.set_title(f"{VIEWS[k]}, {'peak' if offset == 0 else 'lesion'}", fontsize=6)
+                outline(ax, k, point)
+        axes[r, cols - 1].imshow(np.abs(scaled).max(axis=0), cmap="magma", vmin=0, vmax=1)
+        axes[r, cols - 1].set_title("|map| MIP (axial)", fontsize=6)
+        axes[r, 0].text(-0.12, 0.5, name, transform=axes[r, 0].transAxes, rotation=90, ha="right", va="center",
+                        fontsize=7)
+    fig.suptitle(title, fontsize=8)
+    save_figure(fig, path)
+
+
 def plot_attributions(image: np.ndarray, maps: dict[str, np.ndarray], title: str, path: str | Path,
                       mask: np.ndarray | None = None, marker: tuple[int, int, int, int] | None = None) -> None:
     """The image, then each method's map blended over it; lesion outline and marker box where known.
@@ -127,14 +192,14 @@ def plot_faithfulness(curves: dict[str, dict], path: str | Path) -> None:
 
 
 def plot_feature_maps(layers: list[tuple[str, np.ndarray]], path: str | Path, channels: int = 8) -> None:
-    """The first ``channels`` activation maps of each conv layer for one image."""
+    """The first ``channels`` activation maps of each conv layer for one image (volumes: the middle axial slice)."""
     fig, axes = new_figure(len(layers), channels, figsize=(1.3 * channels, 1.4 * len(layers)), squeeze=False)
     for r, (name, maps) in enumerate(layers):
         for c in range(channels):
             ax = axes[r, c]
             ax.axis("off")
             if c < len(maps):
-                ax.imshow(maps[c], cmap="viridis")
+                ax.imshow(maps[c][len(maps[c]) // 2] if maps[c].ndim == 3 else maps[c], cmap="viridis")
         axes[r, 0].set_title(name, fontsize=7, loc="left")
     save_figure(fig, path)
 
@@ -143,6 +208,7 @@ def plot_class_images(images: dict[str, np.ndarray], path: str | Path) -> None:
     """Gradient-ascent images, one per class."""
     fig, axes = new_figure(1, len(images), figsize=(2.2 * len(images), 2.4), squeeze=False)
     for ax, (name, image) in zip(axes[0], images.items()):
+        image = central(image)
         ax.imshow(image[..., 0] if image.shape[2] == 1 else image, cmap="gray", vmin=0, vmax=1)
         ax.set_title(name, fontsize=8)
         ax.axis("off")
@@ -183,7 +249,7 @@ def plot_failures(images: np.ndarray, failures: dict[str, list[dict]], path: str
         ax.axis("off")
     for r, kind in enumerate(kinds):
         for c, row in enumerate(failures[kind]):
-            image = images[row["index"]]
+            image = central(images[row["index"]])
             axes[r, c].imshow(image[..., 0] if image.shape[2] == 1 else image, cmap="gray", vmin=0, vmax=255)
             axes[r, c].set_title(f"{row['id']}\n{row['label']}→{row['predicted']} {row['score']:.2f}", fontsize=7)
         axes[r, 0].text(-0.1, 0.5, kind.replace("_", " "), transform=axes[r, 0].transAxes, rotation=90,

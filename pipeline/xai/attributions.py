@@ -1,14 +1,16 @@
 """Attribution maps: Captum's methods behind one batched call, plus the seed's two visualisations.
 
-Every method returns one H×W map per image (channels summed) explaining ``targets``:
+Every method returns one H×W map per image (channels summed) explaining ``targets``; for
+volumes one D×H×W map, with the same methods in 3-D (Grad-CAM interpolated trilinearly,
+occlusion with cubic patches, LIME on a grid of cubes):
 - ``saliency``: |∂logit/∂x| (Simonyan et al. 2014);
 - ``integrated_gradients``: black baseline, ``ig_steps`` steps, Captum's internal batching;
 - ``smoothgrad``: Saliency averaged over noisy copies (as Captum's ``NoiseTunnel``, with seeded noise);
 - ``grad_cam``: ``LayerGradCam`` on the last conv feature map, bilinearly upsampled;
 - ``guided_grad_cam``: Grad-CAM times guided backpropagation (Captum ``GuidedGradCam``);
 - ``occlusion``: drop in the target's logit when a square patch is blacked out (patches tile
-  the image without overlap);
-- ``lime``: Captum ``Lime`` on a grid of square superpixels.
+  the image without overlap; in volumes cubes, as many in all as squares in an image);
+- ``lime``: Captum ``Lime`` on a grid of square superpixels (in volumes, as many cubes).
 Feature maps (activations of each conv layer) and gradient-ascent class images are the seed's
 own visualisations.
 """
@@ -28,14 +30,33 @@ TITLES = {"saliency": "Saliency", "integrated_gradients": "Integrated Gradients"
           "grad_cam": "Grad-CAM", "guided_grad_cam": "Guided Grad-CAM", "occlusion": "Occlusion", "lime": "LIME"}
 
 
-def grid_mask(height: int, width: int, cells: int) -> torch.Tensor:
-    """LIME's features: an integer label per pixel for a ``cells``×``cells`` grid of squares."""
-    rows = np.minimum(np.arange(height) * cells // height, cells - 1)
-    cols = np.minimum(np.arange(width) * cells // width, cells - 1)
-    return torch.from_numpy(rows[:, None] * cells + cols[None, :]).long()
+def grid_mask(spatial: tuple[int, ...], cells: int) -> torch.Tensor:
+    """LIME's features: an integer label per pixel (voxel) for a grid of ``cells`` squares (cubes) per axis."""
+    index = np.zeros(spatial, dtype=np.int64)
+    for axis, length in enumerate(spatial):
+        position = np.minimum(np.arange(length) * cells // length, cells - 1)
+        index = index * cells + position.reshape([-1 if a == axis else 1 for a in range(len(spatial))])
+    return torch.from_numpy(index)
 
 
-Explainer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (inputs N×C×H×W, targets N) → N×C×H×W
+def lime_cells(grid: int, ndim: int) -> int:
+    """Cells per axis: ``explain.lime_grid`` for images; for volumes about as many superpixels in
+    all (8×8 = 64 squares → 4×4×4 = 64 cubes), so ``lime_samples`` still fits LIME's linear model."""
+    return grid if ndim == 2 else max(2, round(grid ** (2 / 3)))
+
+
+def patch_fraction(window: float, ndim: int) -> float:
+    """Occlusion's patch side as a fraction of the side: ``explain.occlusion_window`` for images;
+    for volumes as many patches in all (1/8 of the side: 64 squares → 1/4: 64 cubes), so a
+    volume costs about what an image does rather than eight times the forward passes."""
+    return window if ndim == 2 else window ** (2 / 3)
+
+
+def interpolation(ndim: int) -> str:
+    return "bilinear" if ndim == 2 else "trilinear"
+
+
+Explainer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (inputs N×C×…, targets N) → N×C×…
 
 
 def _saliency(model: nn.Module, cfg: ExplainParams, shape: tuple[int, int, int], seed: int) -> Explainer:
@@ -76,11 +97,11 @@ def _smoothgrad(model: nn.Module, cfg: ExplainParams, shape: tuple[int, int, int
 def _grad_cam(model: nn.Module, cfg: ExplainParams, shape: tuple[int, int, int], seed: int) -> Explainer:
     from captum.attr import LayerAttribution, LayerGradCam
 
-    channels, height, width = shape
+    channels, *spatial = shape
     cam = LayerGradCam(model, model.cam_layer)
     return lambda x, t: LayerAttribution.interpolate(
-        cam.attribute(x, target=t, relu_attributions=True), (height, width), interpolate_mode="bilinear"
-    ).expand(-1, channels, -1, -1) / channels
+        cam.attribute(x, target=t, relu_attributions=True), tuple(spatial), interpolate_mode=interpolation(len(spatial))
+    ).expand(-1, channels, *spatial) / channels
 
 
 def _guided_grad_cam(model: nn.Module, cfg: ExplainParams, shape: tuple[int, int, int], seed: int) -> Explainer:
@@ -91,18 +112,17 @@ def _guided_grad_cam(model: nn.Module, cfg: ExplainParams, shape: tuple[int, int
     def guided_cam(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with warnings.catch_warnings():  # Captum announces its temporary ReLU hooks on every call
             warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
-            return guided.attribute(x, target=t, interpolate_mode="bilinear")
+            return guided.attribute(x, target=t, interpolate_mode=interpolation(len(shape) - 1))
     return guided_cam
 
 
 def _occlusion(model: nn.Module, cfg: ExplainParams, shape: tuple[int, int, int], seed: int) -> Explainer:
     from captum.attr import Occlusion
 
-    channels, height, _ = shape
-    side = max(2, round(cfg.occlusion_window * height))
+    channels, height = shape[:2]
+    patch = (channels, *[max(2, round(patch_fraction(cfg.occlusion_window, len(shape) - 1) * height))] * (len(shape) - 1))
     occlusion = Occlusion(model)
-    return lambda x, t: occlusion.attribute(x, sliding_window_shapes=(channels, side, side),
-                                            strides=(channels, side, side),
+    return lambda x, t: occlusion.attribute(x, sliding_window_shapes=patch, strides=patch,
                                             baselines=0.0, target=t, perturbations_per_eval=64)
 
 
@@ -111,8 +131,8 @@ def _lime(model: nn.Module, cfg: ExplainParams, shape: tuple[int, int, int], see
     explicit generator that restarts from ``seed`` on every call, so maps are reproducible."""
     from captum.attr import Lime
 
-    channels, height, width = shape
-    features = grid_mask(height, width, cfg.lime_grid)
+    channels, *spatial = shape
+    features = grid_mask(tuple(spatial), lime_cells(cfg.lime_grid, len(spatial)))
     draws = {"generator": torch.Generator()}
 
     def perturb(original: torch.Tensor, **kwargs: object) -> torch.Tensor:
@@ -125,14 +145,14 @@ def _lime(model: nn.Module, cfg: ExplainParams, shape: tuple[int, int, int], see
     def explain_lime(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         draws["generator"].manual_seed(seed)
         return torch.cat([lime.attribute(x[i:i + 1], baselines=0.0, target=t[i:i + 1],
-                                         feature_mask=features.expand(1, channels, -1, -1),
+                                         feature_mask=features.expand(1, channels, *spatial),
                                          n_samples=cfg.lime_samples, perturbations_per_eval=64)
                           for i in range(len(x))])
     return explain_lime
 
 
 # ``explain.methods``: name → builder of an :data:`Explainer` for one model and input shape.
-METHODS: dict[str, Callable[[nn.Module, ExplainParams, tuple[int, int, int], int], Explainer]] = {
+METHODS: dict[str, Callable[[nn.Module, ExplainParams, tuple[int, ...], int], Explainer]] = {
     "saliency": _saliency,
     "integrated_gradients": _integrated_gradients,
     "smoothgrad": _smoothgrad,
@@ -143,14 +163,14 @@ METHODS: dict[str, Callable[[nn.Module, ExplainParams, tuple[int, int, int], int
 }
 
 
-def explainer(method: str, model: nn.Module, cfg: ExplainParams, shape: tuple[int, int, int], seed: int) -> Explainer:
-    """A function (inputs N×C×H×W, targets N) → attributions N×C×H×W for ``method``."""
+def explainer(method: str, model: nn.Module, cfg: ExplainParams, shape: tuple[int, ...], seed: int) -> Explainer:
+    """A function (inputs N×C×H×W, targets N) → attributions N×C×H×W for ``method`` (volumes: N×C×D×H×W)."""
     return METHODS[method](model, cfg, shape, seed)
 
 
 def attribute(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, cfg: ExplainParams,
               seed: int = 0, methods: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-    """One N×H×W float32 map per method, computed in batches of ``cfg.batch_size``."""
+    """One N×H×W (volumes N×D×H×W) float32 map per method, computed in batches of ``cfg.batch_size``."""
     model.eval()
     maps = {}
     for method in methods or cfg.methods:
@@ -164,10 +184,10 @@ def attribute(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, cfg
 
 
 def feature_maps(model: nn.Module, image: torch.Tensor) -> list[tuple[str, np.ndarray]]:
-    """Activations (C×H×W) after each convolution for one image: the seed's feature-map view."""
+    """Activations (C×H×W, volumes C×D×H×W) after each convolution for one image: the seed's feature-map view."""
     found: list[tuple[str, np.ndarray]] = []
     hooks = [module.register_forward_hook(lambda m, i, o, name=name: found.append((name, o[0].detach().numpy())))
-             for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+             for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Conv3d))]
     try:
         with torch.no_grad():
             model(image[None])
@@ -177,7 +197,7 @@ def feature_maps(model: nn.Module, image: torch.Tensor) -> list[tuple[str, np.nd
     return found
 
 
-def class_image(model: nn.Module, target: int, shape: tuple[int, int, int], steps: int, seed: int,
+def class_image(model: nn.Module, target: int, shape: tuple[int, ...], steps: int, seed: int,
                 lr: float = 0.05, l2: float = 0.01, blur_every: int = 10) -> np.ndarray:
     """Gradient ascent on the input to maximise one class's logit (the seed's class visualisation).
 
@@ -187,7 +207,9 @@ def class_image(model: nn.Module, target: int, shape: tuple[int, int, int], step
     generator = torch.Generator().manual_seed(seed + target)
     x = (0.5 + 0.01 * torch.randn((1, *shape), generator=generator)).requires_grad_(True)
     optimizer = torch.optim.Adam([x], lr=lr)
-    blur = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16
+    taps = torch.tensor([1.0, 2.0, 1.0]) / 4
+    blur = taps[:, None] * taps[None, :] if len(shape) == 3 else taps[:, None, None] * taps[None, :, None] * taps
+    convolve = nn.functional.conv2d if len(shape) == 3 else nn.functional.conv3d
     model.eval()
     for step in range(1, steps + 1):
         optimizer.zero_grad()
@@ -196,6 +218,6 @@ def class_image(model: nn.Module, target: int, shape: tuple[int, int, int], step
         optimizer.step()
         with torch.no_grad():
             if step % blur_every == 0:
-                x.copy_(nn.functional.conv2d(x, blur.expand(shape[0], 1, 3, 3), padding=1, groups=shape[0]))
+                x.copy_(convolve(x, blur.expand(shape[0], 1, *blur.shape), padding=1, groups=shape[0]))
             x.clamp_(0, 1)
-    return x.detach()[0].permute(1, 2, 0).numpy()
+    return x.detach()[0].movedim(0, -1).numpy()

@@ -49,14 +49,15 @@ def blurred(image: torch.Tensor) -> torch.Tensor:
 
 def perturbation_curves(model: nn.Module, image: torch.Tensor, target: int, order: np.ndarray,
                         steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """Deletion and insertion curves (steps + 1 probabilities each) for one image and pixel order."""
-    channels, height, width = image.shape
+    """Deletion and insertion curves (steps + 1 probabilities each) for one image (or volume) and pixel order."""
+    spatial = image.shape[1:]
+    pixels = math.prod(spatial)
     base = blurred(image)
-    counts = np.rint(np.linspace(0, height * width, steps + 1)).astype(int)
-    keep = np.zeros((steps + 1, height * width), dtype=bool)
+    counts = np.rint(np.linspace(0, pixels, steps + 1)).astype(int)
+    keep = np.zeros((steps + 1, pixels), dtype=bool)
     for k, n in enumerate(counts):
         keep[k, order[:n]] = True  # pixels removed (deletion) / inserted (insertion) by step k
-    keep_t = torch.from_numpy(keep.reshape(steps + 1, 1, height, width))
+    keep_t = torch.from_numpy(keep.reshape(steps + 1, 1, *spatial))
     deleted = torch.where(keep_t, base[None], image[None])
     inserted = torch.where(keep_t, image[None], base[None])
     return _probabilities(model, deleted, target), _probabilities(model, inserted, target)
@@ -72,7 +73,7 @@ def faithfulness(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
     """Per method (and 'random'): mean deletion/insertion areas and the mean curves."""
     rng = np.random.default_rng([seed, 6])
     orders = {name: [np.argsort(-m.ravel(), kind="stable") for m in method_maps] for name, method_maps in maps.items()}
-    orders["random"] = [rng.permutation(inputs.shape[2] * inputs.shape[3]) for _ in range(len(inputs))]
+    orders["random"] = [rng.permutation(math.prod(inputs.shape[2:])) for _ in range(len(inputs))]
     out = {}
     for name, per_image in orders.items():
         curves = [perturbation_curves(model, inputs[i], int(targets[i]), order, steps) for i, order in enumerate(per_image)]
@@ -110,7 +111,7 @@ def captum_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
 
     channels = inputs.shape[1]
     # Contiguous copies: Captum views attributions flat, which an expanded (stride-0) tensor cannot be.
-    attributions = (torch.from_numpy(maps)[:, None].expand(-1, channels, -1, -1) / channels).contiguous()
+    attributions = (torch.from_numpy(maps)[:, None].expand(-1, channels, *maps.shape[1:]) / channels).contiguous()
     inf = infidelity(model, perturb, inputs, attributions, target=targets, n_perturb_samples=n_perturb, normalize=True)
 
     def explain(x: torch.Tensor | tuple, target: torch.Tensor) -> torch.Tensor | tuple:
@@ -131,7 +132,7 @@ def randomised(model: nn.Module, fraction: float, seed: int) -> nn.Module:
     bias), drawn from a generator seeded with ``seed``.
     """
     copy_ = copy.deepcopy(model).eval()
-    layers = [m for m in copy_.modules() if isinstance(m, (nn.Conv2d, nn.Linear))][::-1]
+    layers = [m for m in copy_.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.Linear))][::-1]
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in layers[:max(1, round(fraction * len(layers)))]:
@@ -165,7 +166,7 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def similarity(original: np.ndarray, other: np.ndarray) -> dict[str, float]:
-    """Mean Spearman and SSIM between two stacks of maps (N×H×W)."""
+    """Mean Spearman and SSIM between two stacks of maps (N×H×W or N×D×H×W)."""
     return {"spearman": rounded(float(np.mean([rank_correlation(a, b) for a, b in zip(original, other)]))),
             "ssim": rounded(float(np.mean([ssim(a, b) for a, b in zip(original, other)])))}
 
