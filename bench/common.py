@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,3 +42,30 @@ def copy_project(dest: Path, overrides: dict[str, Any], source: Path = REPO) -> 
     for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
         subprocess.run(command, cwd=dest, env=env, check=True, capture_output=True)
     return env
+
+
+# Runs a stage and, at exit, records its own peak RSS (VmHWM): getrusage's ru_maxrss can carry
+# the parent's peak after fork + exec.
+_PEAK_RSS = """
+import atexit, runpy, sys
+out, stage = sys.argv[1], sys.argv[2]
+def record():
+    hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]
+    open(out, 'w').write(hwm)
+atexit.register(record)
+sys.argv = [stage]
+runpy.run_module(stage, run_name='__main__')
+"""
+
+
+def run_stage(work: Path, stage: str, code: Path = REPO) -> tuple[float, float] | None:
+    """Wall seconds and peak RSS (MB) of ``python -m pipeline.<stage>`` in ``work`` with ``code`` on
+    the path; None when the kernel killed it for memory (an older commit's in-memory loop)."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(work / "hwm"), f"pipeline.{stage}"], cwd=work,
+                          env={**os.environ, "PYTHONPATH": str(code), "MEDCNN_LOG_LEVEL": "WARNING"})
+    if done.returncode == -9:
+        return None
+    if done.returncode:
+        raise SystemExit(f"pipeline.{stage} failed with exit status {done.returncode}")
+    return time.perf_counter() - start, int((work / "hwm").read_text()) / 1024

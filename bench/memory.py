@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import yaml
-from common import REPO
+from common import REPO, run_stage
 from prepare_scale import SIZE, synthetic
 
 from pipeline.core.config import override
@@ -38,20 +36,6 @@ from pipeline.core.files import NpyWriter, save_npy, write_json
 
 HELD_OUT = 2000
 OVERRIDES = {"train.epochs": 1, "train.width": 4, "evaluate.baselines": [], "evaluate.bootstrap": 200}
-
-# Runs a stage and, at exit, records its own peak RSS (VmHWM): getrusage's ru_maxrss can carry
-# the parent's peak after fork + exec.
-CHILD = """
-import atexit, runpy, sys
-out, stage = sys.argv[1], sys.argv[2]
-def record():
-    hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]
-    open(out, 'w').write(hwm)
-atexit.register(record)
-sys.argv = [stage]
-runpy.run_module(stage, run_name='__main__')
-"""
-
 
 def write_prepared(root: Path, n_train: int) -> None:
     """Train/val/test splits and a balanced set that keeps every row, in the prepared format."""
@@ -87,19 +71,6 @@ def code_of(revision: str | None, into: Path) -> tuple[Path, dict]:
     return into, yaml.safe_load((into / "params.yaml").read_text())
 
 
-def run_stage(work: Path, code: Path, stage: str) -> tuple[float, float] | None:
-    """Wall seconds and peak RSS (MB) of ``python -m pipeline.<stage>`` in ``work``; None when the
-    kernel killed it for memory (the in-memory loop of older commits at 100k)."""
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", CHILD, str(work / "hwm"), f"pipeline.{stage}"], cwd=work,
-                          env={**os.environ, "PYTHONPATH": str(code), "MEDCNN_LOG_LEVEL": "WARNING"})
-    if done.returncode == -9:
-        return None
-    if done.returncode:
-        raise SystemExit(f"pipeline.{stage} failed with exit status {done.returncode}")
-    return time.perf_counter() - start, int((work / "hwm").read_text()) / 1024
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 100_000])
@@ -116,13 +87,13 @@ def main() -> None:
             array_mb = n * SIZE * SIZE / 2**20
             for name, (code, params) in versions.items():
                 (data / "params.yaml").write_text(yaml.safe_dump(override(params, OVERRIDES), sort_keys=False))
-                trained = run_stage(data, code, "train")
+                trained = run_stage(data, "train", code)
                 if trained is None:
                     rows.append((name, n, array_mb, None))
                     print(f"{name} {n}: train killed (out of memory)", file=sys.stderr, flush=True)
                     continue
                 speed = json.loads((data / "reports/train/timing.json").read_text())["images_per_second"]
-                evaluated = run_stage(data, code, "evaluate") or (float("nan"), float("nan"))
+                evaluated = run_stage(data, "evaluate", code) or (float("nan"), float("nan"))
                 rows.append((name, n, array_mb, (*trained, speed, *evaluated)))
                 print(f"{name} {n}: train {trained[1]:.0f} MB, evaluate {evaluated[1]:.0f} MB", file=sys.stderr,
                       flush=True)

@@ -11,18 +11,15 @@ Target: peak RSS well below 2× the output array.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import yaml
+from common import REPO, run_stage
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
 SIZE = 128
 
 
@@ -58,29 +55,12 @@ def write_npz(path: Path, n: int) -> None:
              val_labels=labels[cut1:cut2], test_images=images[cut2:], test_labels=labels[cut2:])
 
 
-# Runs the stage and, at exit, records its own peak RSS (VmHWM). getrusage's ru_maxrss is not
-# used: after fork + exec it can still carry the parent's peak.
-CHILD = """
-import atexit, runpy, sys
-out = sys.argv[1]
-def record():
-    hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]
-    open(out, 'w').write(hwm)
-atexit.register(record)
-sys.argv = ['pipeline.prepare']
-runpy.run_module('pipeline.prepare', run_name='__main__')
-"""
-
-
 def run_prepare(work: Path, data: dict) -> tuple[float, float]:
     """Wall seconds and peak RSS (MB) of the prepare stage run in ``work``."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"].update(data)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", CHILD, str(work / "hwm")], cwd=work, check=True,
-                   env={**os.environ, "PYTHONPATH": str(REPO), "MEDCNN_LOG_LEVEL": "WARNING"})
-    return time.perf_counter() - start, int((work / "hwm").read_text()) / 1024
+    return run_stage(work, "prepare")
 
 
 def main() -> None:

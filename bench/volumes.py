@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import copy_project
+from common import REPO, copy_project, run_stage
 
 STAGES = ("prepare", "balance", "train", "evaluate", "explain", "report", "track")
 RUNS = {"2-D default": {}, "3-D default": {"data.phantom.ndim": 3},
@@ -88,24 +87,11 @@ def pipeline(rounds: int, seed_network: bool) -> None:
                   f"{row.get('auprc_mask')} | {'pass' if row['sanity_pass'] else 'FAIL'} |")
 
 
-CHILD = """
-import atexit, runpy, sys
-out = sys.argv[1]
-def record():
-    hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]
-    open(out, 'w').write(hwm)
-atexit.register(record)
-sys.argv = ['pipeline.prepare']
-runpy.run_module('pipeline.prepare', run_name='__main__')
-"""
-
-
 def memory(count: int, side: int = 64) -> None:
     import nibabel
 
     from pipeline.core.config import write_params
 
-    repo = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory(prefix="medcnn-nifti-") as tmp:
         root = Path(tmp)
         rng = np.random.default_rng(0)
@@ -122,12 +108,8 @@ def memory(count: int, side: int = 64) -> None:
         print(f"wrote {count} volumes in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         write_params(root / "params.yaml", {"data.source": "folder", "data.path": str(root / "volumes"),
                                             "data.dicom.window_center": 40.0, "data.dicom.window_width": 400.0,
-                                            "data.duplicates": "warn"}, repo / "params.yaml")
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", CHILD, str(root / "hwm")], cwd=root, check=True,
-                       env={**os.environ, "PYTHONPATH": str(repo), "MEDCNN_LOG_LEVEL": "WARNING"})
-        wall = time.perf_counter() - start
-        peak = int((root / "hwm").read_text()) / 1024
+                                            "data.duplicates": "warn"}, REPO / "params.yaml")
+        wall, peak = run_stage(root, "prepare")
         array = count * side**3 / 2**20
     print("| volumes | side | prepared array MB | prepare s | prepare peak RSS MB | RSS / array |")
     print("|---|---|---|---|---|---|")

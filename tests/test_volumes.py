@@ -324,6 +324,15 @@ def test_3d_evaluate_explain_and_predict(volumes):
     write_nifti(flat, hu_volume(14, (1, 16, 16)))  # not a volume: that row fails, the others are scored
     counts = predict.run(incoming, root / "scores.csv", root / "models/model.pt")
     assert counts["error"] == 1 and counts["ok"] + counts["warning"] == 3, counts
+    # The served (MLflow pyfunc) model takes volumes as nested lists, as an HTTP request carries them.
+    from pipeline.modeling.package import load_package
+    from pipeline.modeling.pyfunc import PackagePredictor
+
+    package = load_package(root / "models/model.pt")
+    volumes_in = np.load(root / "data/prepared/test/images.npy")[:3]
+    served = PackagePredictor(package).predict(volumes_in.tolist())
+    np.testing.assert_allclose(served[["prob_normal", "prob_lesion"]].to_numpy(),
+                               package.score(volumes_in).probabilities, rtol=0, atol=1e-12)
     rows = (root / "scores.csv").read_text()
     assert "scan1" not in rows and "ct-series" not in rows  # pseudonymous ids only
 

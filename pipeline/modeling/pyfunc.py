@@ -2,7 +2,7 @@
 
 MLflow loads it through this module (the pyfunc ``loader_module``): ``_load_pyfunc`` reads
 ``models/model.pt`` with ``torch.load(weights_only=True)`` and returns an object whose
-``predict`` takes N×H×W×C uint8 images, as a numpy array or as the nested lists an HTTP
+``predict`` takes N×H×W×C uint8 images (N×D×H×W×C volumes for a model of volumes), as a numpy array or as the nested lists an HTTP
 request carries, and answers with :meth:`~pipeline.modeling.package.ModelPackage.score`'s
 numbers: the calibrated probability of each class, the predicted class at the frozen
 threshold and a status, one row per image, as ``pipeline.predict`` writes them. No class is

@@ -102,8 +102,11 @@ def augment(x: torch.Tensor, cfg: TrainParams, generator: torch.Generator, rows:
 
     Off when every strength is 0. Flips are off by default: chest images have laterality; when
     on, they mirror left-right only (the last axis), in volumes too: head-foot and front-back
-    mirrors make no anatomy. A volume is rotated about each of its three axes in turn, by up
-    to ``aug_rotate`` degrees each, and scaled and shifted in all three.
+    mirrors make no anatomy. A volume is moved in-plane, every axial slice by the same
+    rotation (about the head-foot axis), zoom and shift: the ways a patient's position on the
+    table and the field of view vary between CT and MR scans, while the slice spacing is the
+    protocol's. This runs the vectorised 2-D sampler on the slices, about six times faster on
+    this CPU than a 3-D ``grid_sample`` of the same voxels.
     The random draws are made for ``drawn`` images (default: ``len(x)``) and ``x`` takes the
     ``rows`` of them: a data-parallel worker augments its share of a batch exactly as one
     process augments the whole batch, and every worker's generator stays in step.
@@ -114,9 +117,15 @@ def augment(x: torch.Tensor, cfg: TrainParams, generator: torch.Generator, rows:
         def uniform(limit: float) -> torch.Tensor:
             return (torch.rand(n, generator=generator) * 2 - 1) * limit
 
-        theta = _affine_2d(uniform, cfg) if x.ndim == 4 else _affine_3d(uniform, cfg)
-        grid = nn.functional.affine_grid(theta[rows], list(x.shape), align_corners=False)
+        theta = _affine_2d(uniform, cfg)[rows]
+        volume = x.shape if x.ndim == 5 else None
+        if volume is not None:  # N×C×D×H×W → (N·D)×C×H×W slices, each moved as its volume
+            n_, c, d, h, w = volume
+            x, theta = x.transpose(1, 2).reshape(n_ * d, c, h, w), theta.repeat_interleave(d, dim=0)
+        grid = nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
         x = nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        if volume is not None:
+            x = x.reshape(n_, d, c, h, w).transpose(1, 2)
     if cfg.aug_flip:
         flip = (torch.rand(n, generator=generator) < 0.5)[rows]
         x = torch.where(flip.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
@@ -136,21 +145,6 @@ def _affine_2d(uniform: Callable[[float], torch.Tensor], cfg: TrainParams) -> to
     tx, ty = uniform(cfg.aug_translate) * 2, uniform(cfg.aug_translate) * 2  # grid units span [-1, 1]
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     return torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
-
-
-def _affine_3d(uniform: Callable[[float], torch.Tensor], cfg: TrainParams) -> torch.Tensor:
-    """N×3×4 matrices: rotations about the three axes (composed), isotropic zoom, shift."""
-    angles = [uniform(cfg.aug_rotate) * math.pi / 180 for _ in range(3)]
-    scale = 1 + uniform(cfg.aug_scale)
-    shift = torch.stack([uniform(cfg.aug_translate) * 2 for _ in range(3)], 1)
-    rotation = torch.eye(3).repeat(len(scale), 1, 1)
-    for axis, angle in enumerate(angles):
-        cos, sin = torch.cos(angle), torch.sin(angle)
-        turn = torch.eye(3).repeat(len(scale), 1, 1)
-        a, b = [i for i in range(3) if i != axis]
-        turn[:, a, a], turn[:, a, b], turn[:, b, a], turn[:, b, b] = cos, -sin, sin, cos
-        rotation = turn @ rotation
-    return torch.cat([rotation / scale[:, None, None], shift[:, :, None]], 2)
 
 
 class WeightAverage:
