@@ -170,7 +170,7 @@ def robustness(cfg: EvaluateParams, seed: int, package: ModelPackage, images: Im
     clean_images, y = np.asarray(images[pick]), labels[pick]
 
     def measure(x: np.ndarray) -> dict[str, float | None]:
-        probs = calibration.apply_temperature(package.uncalibrated(x, cfg.batch_size), package.temperature)
+        probs = package.calibrated(package.uncalibrated(x, cfg.batch_size))
         metrics = classification_metrics(y, probs, cfg.positive_class, package.threshold)
         return {"roc_auc": metrics["roc_auc"], "accuracy": metrics["accuracy"]}
 
@@ -203,7 +203,7 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
     # 1. Choices on validation only, frozen into the model package before the test split is scored.
     package, val_raw = freeze(params, network_path, prepared, meta, val)
     temperature, threshold = package.temperature, package.threshold
-    val_probs = calibration.apply_temperature(val_raw, temperature)
+    val_probs = package.calibrated(val_raw)
 
     # 2. Test, scored once, exactly as pipeline.predict scores an image.
     patients = test.get("patients")

@@ -77,16 +77,15 @@ def choose(test: dict[str, np.ndarray], params: Params, failures: dict[str, list
 
 
 def measure(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, maps: dict[str, np.ndarray],
-            params: Params, masks: np.ndarray | None, marker: tuple[int, int, int, int] | None,
+            params: Params, masks: np.ndarray | None, marker: np.ndarray | None,
             has_marker: np.ndarray | None) -> tuple[dict[str, Any], dict[str, dict]]:
-    """Every trust measurement per method, and the mean deletion/insertion curves."""
+    """Every trust measurement per method, and the mean deletion/insertion curves; ``marker`` is
+    the shortcut marker's pixels (:func:`pipeline.core.dataset.marker_region`)."""
     cfg = params.explain
     faith = trust.faithfulness(model, inputs, targets, maps, cfg.faithfulness_steps, params.seed)
     results: dict[str, Any] = {"random": {k: faith["random"][k] for k in ("deletion_auc", "insertion_auc")}}
     randomised = {stage: trust.randomised(model, fraction, params.seed) for stage, fraction in SANITY_STAGES.items()}
-    region = None
-    if marker is not None and has_marker is not None and has_marker.any():
-        region = marker_region(marker, tuple(inputs.shape[2:]))
+    region = marker if has_marker is not None and has_marker.any() else None
     for method in tqdm(cfg.methods, desc="trust", leave=False, disable=None):
         fn = attributions.explainer(method, model, cfg, tuple(inputs.shape[1:]), params.seed)
         row: dict[str, Any] = {k: faith[method][k] for k in ("deletion_auc", "insertion_auc")}
@@ -150,7 +149,8 @@ def run(params: Params, prepared: Path = paths.PREPARED, model_path: Path = path
     masks = test["masks"][index] if "masks" in test else None
     has_marker = test["markers"][index] if "markers" in test else None
     marker = tuple(meta["marker_box"]) if meta.get("marker_box") else None
-    results, faith = measure(model, inputs, targets, maps, params, masks, marker, has_marker)
+    region = None if marker is None else marker_region(marker, tuple(inputs.shape[2:]))
+    results, faith = measure(model, inputs, targets, maps, params, masks, region, has_marker)
     warnings = warnings_for(results, params)
     metrics = {"explain": {m: results[m] for m in cfg.methods},
                "random": results["random"], "warnings": warnings, "n_samples": len(index)}
@@ -162,12 +162,13 @@ def run(params: Params, prepared: Path = paths.PREPARED, model_path: Path = path
             title = f"{sample_id} ({why}): true {names[label]}, predicted {names[pred]} (p={float(probs[row, pred]):.3f})"
             shown = {attributions.TITLES[m]: maps[m][row] for m in cfg.methods}
             mask = None if masks is None else masks[row]
-            marked = marker if has_marker is not None and has_marker[row] else None
+            marked = has_marker is not None and has_marker[row]
             if inputs.ndim == 5:
                 plot_volume_attributions(channels_last(inputs[row]), shown, title, tmp / f"{sample_id}.png", mask,
-                                         None if marked is None else marker_region(marked, tuple(inputs.shape[2:])))
+                                         region if marked else None)
             else:
-                plot_attributions(channels_last(inputs[row]), shown, title, tmp / f"{sample_id}.png", mask, marked)
+                plot_attributions(channels_last(inputs[row]), shown, title, tmp / f"{sample_id}.png", mask,
+                                  marker if marked else None)
             samples.append({"id": sample_id, "why": why, "label": names[label], "predicted": names[pred],
                             "probability": rounded(float(probs[row, pred])), "figure": f"{sample_id}.png"})
         plot_faithfulness({attributions.TITLES.get(k, k): v for k, v in faith.items()}, tmp / paths.FAITHFULNESS_PNG)

@@ -56,12 +56,7 @@ def write_splits(source: Source, data: DataParams, out: Path) -> dict[str, Any]:
         for item in tqdm(source.splits[split], desc=f"prepare {split}", leave=False, disable=None):
             try:
                 image, tags = item.load()
-            except ImageError as exc:
-                unreadable.append(f"{item.where} ({exc})")
-                skipped.append({"id": item.id, "reason": str(exc)})
-                continue
-            before = image.shape
-            try:
+                before = image.shape
                 image = preprocess(image, data.image_size, data.channels, tags.get("spacing"), data.spacing)
             except ImageError as exc:
                 unreadable.append(f"{item.where} ({exc})")

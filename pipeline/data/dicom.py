@@ -28,6 +28,14 @@ _VOI_INPUTS = ("PhotometricInterpretation", "BitsStored", "PixelRepresentation",
 _FAR = 1e30  # beyond any stored value: the VOI maps it to the ends of its output range
 
 
+SUFFIX = ".dcm"
+
+
+def is_dicom(name: str | Path) -> bool:
+    """Whether a file is read as DICOM (by its ``.dcm`` suffix, any case)."""
+    return str(name).lower().endswith(SUFFIX)
+
+
 class ImageError(Exception):
     """A file that cannot become an image; the message says why (without the file name)."""
 

@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.dicom import ImageError, describe, read_dicom
+from pipeline.data.dicom import SUFFIX as DICOM_SUFFIX
+from pipeline.data.dicom import ImageError, describe, is_dicom, read_dicom
 from pipeline.data.volumes import NIFTI_SUFFIXES, is_nifti, preprocess_volume, read_nifti, read_series
 
 _FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF"}
 IMAGE_SUFFIXES = tuple(_FORMATS)
-DICOM_SUFFIXES = (".dcm",)
-SUPPORTED = IMAGE_SUFFIXES + DICOM_SUFFIXES + NIFTI_SUFFIXES
+SUPPORTED = (*IMAGE_SUFFIXES, DICOM_SUFFIX, *NIFTI_SUFFIXES)
 
 
 def is_supported(name: str | Path) -> bool:
@@ -41,7 +41,7 @@ def read_file(path: Path, window_center: float | None = None, window_width: floa
         raise ImageError(f"cannot open ({exc.strerror})") from None
     if size == 0:
         raise ImageError("empty file (0 bytes)")
-    if path.suffix.lower() in DICOM_SUFFIXES:
+    if is_dicom(path):
         return read_dicom(path, window_center, window_width, frames)
     if is_nifti(path):
         return read_nifti(path, window_center, window_width)

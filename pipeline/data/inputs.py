@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.errors import PipelineError
-from pipeline.data.dicom import ImageError
+from pipeline.data.dicom import ImageError, is_dicom
 from pipeline.data.images import SUPPORTED, is_supported, read_file
 from pipeline.data.npz import read_images
 from pipeline.data.privacy import pseudonym
@@ -70,9 +70,9 @@ def _image_files(root: Path, series: bool) -> Iterator[str]:
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         relative = Path(folder).relative_to(root)
         names = [n for n in files if not n.startswith(".") and is_supported(n)]
-        if series and any(n.lower().endswith(".dcm") for n in names):
+        if series and any(map(is_dicom, names)):
             yield relative.as_posix()
-            names = [n for n in names if not n.lower().endswith(".dcm")]
+            names = [n for n in names if not is_dicom(n)]
         for name in names:
             yield (relative / name).as_posix()
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pipeline.core.dataset import SPLITS
 from pipeline.core.errors import PipelineError
+from pipeline.data.dicom import is_dicom
 from pipeline.data.images import SUPPORTED, is_supported
 
 
@@ -56,10 +57,13 @@ def scan_folder(root: Path, class_names: tuple[str, ...], on_error: str,
         files = sorted(p for p in (root / name).rglob("*")
                        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
         if series:  # each folder of .dcm files is one item
-            files = sorted({p.parent for p in files if p.suffix.lower() == ".dcm"}
-                           | {p for p in files if p.suffix.lower() != ".dcm"})
-        kept = [p for p in files if p.is_dir() or is_supported(p.name)]
-        unsupported += [str(p.relative_to(root)) for p in files if not (p.is_dir() or is_supported(p.name))]
+            files = sorted({p.parent if is_dicom(p) else p for p in files})
+        kept = []
+        for p in files:  # series folders, and the files prepare reads
+            if p.is_dir() or is_supported(p.name):
+                kept.append(p)
+            else:
+                unsupported.append(str(p.relative_to(root)))
         if not kept:
             empty.append(name + "/")
         records += [Record(path=p, label=label) for p in kept]

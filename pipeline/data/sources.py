@@ -24,7 +24,7 @@ from pipeline.core.dataset import SPLITS
 from pipeline.core.errors import PipelineError
 from pipeline.core.files import file_digest
 from pipeline.data import patient_split, phantom
-from pipeline.data.dicom import ImageError, read_patient_id
+from pipeline.data.dicom import ImageError, is_dicom, read_patient_id
 from pipeline.data.images import read_file
 from pipeline.data.medmnist import fetch_medmnist
 from pipeline.data.npz import read_npz
@@ -150,7 +150,7 @@ def _digest(path: Path) -> str:
 
 
 def _with_dicom_patient(record: Record) -> Record:
-    if record.patient or not (record.path.is_dir() or record.path.suffix.lower() == ".dcm"):
+    if record.patient or not (record.path.is_dir() or is_dicom(record.path)):
         return record
     try:
         found = read_series_patient(record.path) if record.path.is_dir() else read_patient_id(record.path)

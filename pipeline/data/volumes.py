@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.dicom import WHITELIST, ImageError, describe, plain
+from pipeline.data.dicom import WHITELIST, ImageError, describe, is_dicom, plain
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 GAP_TOLERANCE = 1.5  # a step this many times the median step means a missing slice
@@ -73,7 +73,7 @@ def _stored_spacing(path: Path, header_type: type) -> list[float]:
 
 
 def series_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".dcm" and not p.name.startswith("."))
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_dicom(p) and not p.name.startswith("."))
 
 
 def read_series(folder: Path, window_center: float | None, window_width: float | None) -> tuple[np.ndarray, dict[str, Any]]:

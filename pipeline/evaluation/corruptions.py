@@ -77,14 +77,12 @@ def jpeg(images: np.ndarray, quality: float, rng: np.random.Generator) -> np.nda
         n, depth, height = images.shape[:3]
         stacked = images.reshape(n, depth * height, *images.shape[3:])
         return jpeg(stacked, quality, rng).reshape(images.shape)
-    out = np.empty_like(images)
-    for i, image in enumerate(images):
+
+    def compress(picture: Image.Image) -> Image.Image:
         buffer = io.BytesIO()
-        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="JPEG",
-                                                                                 quality=int(quality))
-        decoded = np.asarray(Image.open(buffer))
-        out[i] = decoded[..., None] if decoded.ndim == 2 else decoded
-    return out
+        picture.save(buffer, format="JPEG", quality=int(quality))
+        return Image.open(buffer)
+    return _each_picture(images, compress)
 
 
 @by_slice
@@ -92,12 +90,16 @@ def pixelate(images: np.ndarray, scale: float, rng: np.random.Generator) -> np.n
     """Down-sampled to ``scale`` × the side (box filter) and back (nearest): a coarser acquisition."""
     height, width = images.shape[1:3]
     small = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return _each_picture(images, lambda picture: picture.resize(small, Image.Resampling.BOX).resize(
+        (width, height), Image.Resampling.NEAREST))
+
+
+def _each_picture(images: np.ndarray, change: Callable[[Image.Image], Image.Image]) -> np.ndarray:
+    """N×H×W×C uint8 images, each passed through Pillow as a grayscale or RGB picture."""
     out = np.empty_like(images)
     for i, image in enumerate(images):
-        picture = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-        restored = np.asarray(picture.resize(small, Image.Resampling.BOX).resize((width, height),
-                                                                                  Image.Resampling.NEAREST))
-        out[i] = restored[..., None] if restored.ndim == 2 else restored
+        changed = np.asarray(change(Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)))
+        out[i] = changed[..., None] if changed.ndim == 2 else changed
     return out
 
 

@@ -107,7 +107,7 @@ class ModelPackage:
         """Calibrated probabilities, decisions and out-of-distribution flags for N×H×W×C uint8
         images: an array, or rows read from disk batch by batch."""
         raw = self.uncalibrated(images, batch_size)
-        probs = apply_temperature(raw, self.temperature)
+        probs = self.calibrated(raw)
         return Scores(probs, raw, decide(probs, self.threshold, self.positive_class), self.out_of_distribution(images))
 
     def uncalibrated(self, images: np.ndarray | ImageRows, batch_size: int = 64) -> np.ndarray:
@@ -116,6 +116,10 @@ class ModelPackage:
             raise PipelineError(f"images of shape {tuple(images.shape)}; the model takes N×"
                                 f"{'×'.join(map(str, self.input_shape))} uint8")
         return predict_proba(self.network, images, batch_size)
+
+    def calibrated(self, raw: np.ndarray) -> np.ndarray:
+        """The network's softmax (:meth:`uncalibrated`) after the validation-fitted temperature."""
+        return apply_temperature(raw, self.temperature)
 
     def out_of_distribution(self, images: np.ndarray | ImageRows, chunk: int = 1024) -> np.ndarray:
         reference = np.asarray(self.intensity["histogram"])

@@ -78,9 +78,11 @@ def plot_confusion(matrix: Sequence[Sequence[int]], class_names: Sequence[str], 
     save_figure(fig, path)
 
 
-def central(image: np.ndarray) -> np.ndarray:
-    """What a thumbnail shows: the image itself, or a volume's (D×H×W×C) middle axial slice."""
-    return image[len(image) // 2] if image.ndim == 4 else image
+def thumbnail(image: np.ndarray) -> np.ndarray:
+    """What ``imshow`` gets for an H×W×C image or a D×H×W×C volume (its middle axial slice):
+    H×W for grayscale, H×W×3 for RGB."""
+    image = image[len(image) // 2] if image.ndim == 4 else image
+    return image[..., 0] if image.shape[2] == 1 else image
 
 
 VIEWS = ("axial", "coronal", "sagittal")
@@ -208,8 +210,7 @@ def plot_class_images(images: dict[str, np.ndarray], path: str | Path) -> None:
     """Gradient-ascent images, one per class."""
     fig, axes = new_figure(1, len(images), figsize=(2.2 * len(images), 2.4), squeeze=False)
     for ax, (name, image) in zip(axes[0], images.items()):
-        image = central(image)
-        ax.imshow(image[..., 0] if image.shape[2] == 1 else image, cmap="gray", vmin=0, vmax=1)
+        ax.imshow(thumbnail(image), cmap="gray", vmin=0, vmax=1)
         ax.set_title(name, fontsize=8)
         ax.axis("off")
     save_figure(fig, path)
@@ -249,8 +250,7 @@ def plot_failures(images: np.ndarray, failures: dict[str, list[dict]], path: str
         ax.axis("off")
     for r, kind in enumerate(kinds):
         for c, row in enumerate(failures[kind]):
-            image = central(images[row["index"]])
-            axes[r, c].imshow(image[..., 0] if image.shape[2] == 1 else image, cmap="gray", vmin=0, vmax=255)
+            axes[r, c].imshow(thumbnail(images[row["index"]]), cmap="gray", vmin=0, vmax=255)
             axes[r, c].set_title(f"{row['id']}\n{row['label']}→{row['predicted']} {row['score']:.2f}", fontsize=7)
         axes[r, 0].text(-0.1, 0.5, kind.replace("_", " "), transform=axes[r, 0].transAxes, rotation=90,
                         ha="right", va="center", fontsize=8)

@@ -39,17 +39,16 @@ def grid_mask(spatial: tuple[int, ...], cells: int) -> torch.Tensor:
     return torch.from_numpy(index)
 
 
-def lime_cells(grid: int, ndim: int) -> int:
-    """Cells per axis: ``explain.lime_grid`` for images; for volumes about as many superpixels in
-    all (8×8 = 64 squares → 4×4×4 = 64 cubes), so ``lime_samples`` still fits LIME's linear model."""
-    return grid if ndim == 2 else max(2, round(grid ** (2 / 3)))
+def per_axis(image_setting: float, ndim: int) -> float:
+    """An image's per-axis setting carried to ``ndim`` axes with as many cells in all.
 
-
-def patch_fraction(window: float, ndim: int) -> float:
-    """Occlusion's patch side as a fraction of the side: ``explain.occlusion_window`` for images;
-    for volumes as many patches in all (1/8 of the side: 64 squares → 1/4: 64 cubes), so a
-    volume costs about what an image does rather than eight times the forward passes."""
-    return window if ndim == 2 else window ** (2 / 3)
+    ``explain.lime_grid`` and ``explain.occlusion_window`` are given per axis of an image (8
+    cells, or patches 1/8 of the side: 64 in all); a volume gets the per-axis value that keeps
+    64 in all (4 cubes per axis, patches 1/4 of the side), so LIME's ``lime_samples`` still
+    fit its linear model and occlusion costs a volume about what it costs an image, not eight
+    times the forward passes.
+    """
+    return image_setting ** (2 / ndim)
 
 
 def interpolation(ndim: int) -> str:
@@ -120,7 +119,7 @@ def _occlusion(model: nn.Module, cfg: ExplainParams, shape: tuple[int, int, int]
     from captum.attr import Occlusion
 
     channels, height = shape[:2]
-    patch = (channels, *[max(2, round(patch_fraction(cfg.occlusion_window, len(shape) - 1) * height))] * (len(shape) - 1))
+    patch = (channels, *[max(2, round(per_axis(cfg.occlusion_window, len(shape) - 1) * height))] * (len(shape) - 1))
     occlusion = Occlusion(model)
     return lambda x, t: occlusion.attribute(x, sliding_window_shapes=patch, strides=patch,
                                             baselines=0.0, target=t, perturbations_per_eval=64)
@@ -132,7 +131,7 @@ def _lime(model: nn.Module, cfg: ExplainParams, shape: tuple[int, int, int], see
     from captum.attr import Lime
 
     channels, *spatial = shape
-    features = grid_mask(tuple(spatial), lime_cells(cfg.lime_grid, len(spatial)))
+    features = grid_mask(tuple(spatial), max(2, round(per_axis(cfg.lime_grid, len(spatial)))))
     draws = {"generator": torch.Generator()}
 
     def perturb(original: torch.Tensor, **kwargs: object) -> torch.Tensor:
