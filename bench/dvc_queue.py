@@ -51,9 +51,12 @@ def one_round(jobs: int, uri: str | None) -> tuple[float, int, int]:
         names = [re.search(r"Queued experiment '([^']+)'", dvc(["exp", "run", "--queue", "-S", f"train.lr={lr}"],
                                                                  root, env)).group(1) for lr in LEARNING_RATES]
         start = time.perf_counter()
-        dvc(["queue", "start", "-j", str(jobs)], root, env)
+        # The workers outlive `dvc queue start` and inherit its stdout: never a pipe we read.
+        subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=root, env=env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while re.search(r"\b(Queued|Running)\b", status := dvc(["queue", "status"], root, env)):
             time.sleep(2)
+        dvc(["queue", "stop"], root, env)
         wall = time.perf_counter() - start
         succeeded = sum(bool(re.search(rf"{name}\s+\S+\s+\S+\s+Success", status)) for name in names)
         client = MlflowClient(uri or f"sqlite:///{root}/mlflow.db")

@@ -146,7 +146,13 @@ def queue_four(root: Path, env: dict[str, str]) -> list[str]:
     for lr in (0.001, 0.002, 0.003, 0.004):
         out = sh(["dvc", "exp", "run", "--queue", "-S", f"train.lr={lr}"], root, env)
         names.append(re.search(r"Queued experiment '([^']+)'", out).group(1))
-    sh(["dvc", "queue", "start", "-j", "2"], root, env)
+    # The workers outlive `dvc queue start` and inherit its stdout: with a pipe, as sh() captures
+    # output, reading it waits for the workers to exit, which DVC does not promise (it hung a run
+    # here once). Its output goes to a file instead.
+    with open(root / "queue-start.log", "w") as log:
+        started = subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=root, env=env, stdout=log,
+                                 stderr=subprocess.STDOUT, timeout=120)
+    assert started.returncode == 0, (root / "queue-start.log").read_text()
     deadline = time.monotonic() + 900
     while True:
         status = sh(["dvc", "queue", "status"], root, env)
@@ -154,6 +160,7 @@ def queue_four(root: Path, env: dict[str, str]) -> list[str]:
             break
         assert time.monotonic() < deadline, status
         time.sleep(5)
+    sh(["dvc", "queue", "stop"], root, env)  # no worker outlives the test
     failed = [name for name in names if not re.search(rf"{name}\s+\S+\s+\S+\s+Success", status)]
     assert not failed, status + "\n".join(sh(["dvc", "queue", "logs", name], root, env) for name in failed)
     return names
