@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from common import REPO, copy_project, run_stage
 
-STAGES = ("prepare", "balance", "train", "evaluate", "explain", "report", "track")
+STAGES = ("source", "prepare", "balance", "train", "evaluate", "explain", "report", "track")
 RUNS = {"2-D default": {}, "3-D default": {"data.phantom.ndim": 3},
         "3-D seed_cnn": {"data.phantom.ndim": 3, "train.model": "seed_cnn"}}
 

@@ -14,6 +14,7 @@ DVC_LOCK = Path("dvc.lock")
 METRICS = "metrics.json"
 TIMING = "timing.json"
 
+SOURCE = Path("data/source.json")  # the source stage's fingerprint of the input
 PREPARED = Path("data/prepared")
 BALANCED = Path("data/balanced")
 NETWORK = Path("models/network.pt")  # the trained network (train)
