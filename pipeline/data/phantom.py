@@ -14,12 +14,16 @@ the corner). Sizes are given at a reference side (64 px for images, 32 voxels fo
 and scale with ``image_size``.
 
 Generation is deterministic: split ``k`` draws from ``numpy.random.default_rng([seed, k])``,
-so the same params and seed give the same bytes.
+so the same params and seed give the same bytes. Volumes cost about 30 times an image, so each
+volume ``i`` draws from its own stream, ``default_rng([seed, k, i])``, and they are generated
+in parallel processes (one per core, at most 8): the bytes do not depend on how many.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
@@ -50,11 +54,18 @@ def generate_split(params: PhantomParams, seed: int, split: str) -> dict[str, np
     images = np.empty((n, *shape, 1), dtype=np.uint8)
     masks = np.zeros((n, *shape), dtype=np.uint8)
     sites = rng.integers(0, len(params.site_noise), n)
-    scan = _scan if params.ndim == 2 else _volume
-    for i, label in enumerate(tqdm(labels, desc=f"phantom {split}", leave=False, disable=None)):
-        image, mask = scan(params, rng, bool(label), params.noise * params.site_noise[sites[i]])
+    noise = params.noise * np.asarray(params.site_noise)[sites]
+    if params.ndim == 2:
+        scans = (_scan(params, rng, bool(label), noise[i]) for i, label in enumerate(labels))
+    else:
+        jobs = [(params, [seed, SPLITS.index(split), i], bool(label), noise[i]) for i, label in enumerate(labels)]
+        pool = ProcessPoolExecutor(min(len(os.sched_getaffinity(0)), 8)) if n >= 64 else None
+        scans = pool.map(_seeded_volume, jobs, chunksize=16) if pool else map(_seeded_volume, jobs)
+    for i, (image, mask) in enumerate(tqdm(scans, total=n, desc=f"phantom {split}", leave=False, disable=None)):
         images[i, ..., 0] = np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
         masks[i] = mask
+    if params.ndim == 3 and pool:
+        pool.shutdown()
     ids = np.array([f"phantom-{split}-{i:05d}" for i in range(n)])
     groups = np.array([f"site-{chr(ord('A') + s)}" for s in sites])
     out = {"images": images, "labels": labels, "ids": ids, "masks": masks, "groups": groups}
@@ -158,6 +169,11 @@ def _point_inside(rng: np.random.Generator, organ: np.ndarray, margin: float = 0
     return size / 2, size / 2
 
 
+def _seeded_volume(job: tuple[PhantomParams, list[int], bool, float]) -> tuple[np.ndarray, np.ndarray]:
+    params, stream, lesion, noise = job
+    return _volume(params, np.random.default_rng(stream), lesion, noise)
+
+
 def _volume(params: PhantomParams, rng: np.random.Generator, lesion: bool, noise: float) -> tuple[np.ndarray, np.ndarray]:
     """One 3-D scan and its lesion mask: :func:`_scan`'s recipe in a volume."""
     size = side(params)
@@ -224,9 +240,16 @@ def _tube(rng: np.random.Generator, size: int, scale: float) -> np.ndarray:
     p0, p1, p2 = rng.uniform(0.15 * size, 0.85 * size, (3, 3))
     t = np.linspace(0, 1, 4 * size)[:, None]
     curve = np.clip(np.rint((1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2).astype(int), 0, size - 1)
-    canvas = np.zeros((size, size, size))
-    canvas[curve[:, 0], curve[:, 1], curve[:, 2]] = 1.0
-    tube = gaussian_filter(canvas, sigma=rng.uniform(0.5, 0.8) * scale)
+    sigma = rng.uniform(0.5, 0.8) * scale
+    # Filter only the curve's bounding box, grown by the kernel's reach (scipy's default
+    # truncation, 4 sigma): the rest of the volume stays exactly zero, at a fraction of the cost.
+    reach = int(4 * sigma + 0.5) + 1
+    low, high = np.maximum(curve.min(0) - reach, 0), np.minimum(curve.max(0) + reach + 1, size)
+    box = tuple(slice(a, b) for a, b in zip(low, high))
+    canvas = np.zeros(tuple(high - low))
+    canvas[tuple((curve - low).T)] = 1.0
+    tube = np.zeros((size, size, size), dtype=np.float32)
+    tube[box] = gaussian_filter(canvas, sigma=sigma, mode="constant")
     return rng.uniform(0.15, 0.3) * tube / max(tube.max(), 1e-9)
 
 
