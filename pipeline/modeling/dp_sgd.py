@@ -41,6 +41,7 @@ from torch import nn
 
 from pipeline.core.config import Params
 from pipeline.core.errors import PipelineError
+from pipeline.modeling import networks
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,9 @@ def make_private(params: Params, network: nn.Module, optimizer: torch.optim.Opti
     from opacus.validators import ModuleValidator
 
     cfg, privacy = params.train, params.train.privacy
+    for module in network.modules():
+        if type(module) is networks.Conv3d:  # Opacus matches layer types exactly; its per-sample
+            module.__class__ = nn.Conv3d     # gradients need no layout trick (same parameters)
     problems = ModuleValidator.validate(network, strict=False)
     if problems:
         raise PipelineError("train.privacy: the network is not DP-compatible: " + "; ".join(map(str, problems)))

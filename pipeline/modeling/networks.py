@@ -41,9 +41,30 @@ NORMS: dict[str, Callable[[int, int], nn.Module]] = {
     "batch": lambda channels, ndim: (nn.BatchNorm2d if ndim == 2 else nn.BatchNorm3d)(channels),
     "group": lambda channels, ndim: nn.GroupNorm(math.gcd(channels, 8), channels),
 }
+
+
+class Conv3d(nn.Conv3d):
+    """``nn.Conv3d`` that trains on the CPU in the channels-last-3d layout.
+
+    oneDNN's Conv3d backward pass is slow on contiguous (N×C×D×H×W) tensors with few channels:
+    on the reference CPU, the default small CNN's 12→12 convolution at 16³ takes 85 ms of a
+    240 ms training step, against 30 ms in channels-last. Converting each convolution's input
+    to that layout and its output back (the norms and pools stay contiguous, where they are
+    faster) makes the whole step about 20% faster (138 vs 172 ms per batch of 64 volumes of
+    32³). Inference and input gradients (Captum) are faster contiguous, so only training
+    converts. Weights stay contiguous: checkpoints are unchanged, and the state_dict keys are
+    those of ``nn.Conv3d``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.device.type == "cpu":
+            return super().forward(x.contiguous(memory_format=torch.channels_last_3d)).contiguous()
+        return super().forward(x)
+
+
 # The layers that differ between images and volumes; every network is written once for both,
 # and the data's dimensionality (prepare's meta) picks them: no param switches 2-D and 3-D.
-CONV: dict[int, type[nn.Module]] = {2: nn.Conv2d, 3: nn.Conv3d}
+CONV: dict[int, type[nn.Module]] = {2: nn.Conv2d, 3: Conv3d}
 MAX_POOL: dict[int, type[nn.Module]] = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
 
 
