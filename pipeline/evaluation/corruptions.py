@@ -8,11 +8,15 @@ given, so a seeded evaluation corrupts the same way every run. Sizes are relativ
 image side, so a severity means the same on 28 px and 224 px images.
 
 Volumes (N×D×H×W×C) take the same corruptions: noise, contrast, brightness and gamma per
-voxel, blur in all three axes, pixelation slice by slice (axial slices, as a thick-slice
+voxel, blur in all three axes, pixelation in-plane (each axial slice, as a thick-slice
 protocol coarsens them), and JPEG on each volume's axial slices stacked into one tall image:
 one encode per volume rather than per slice, and, when the slice height is a multiple of
 JPEG's 8-pixel blocks, exactly the bytes of slice-by-slice compression (no block straddles
 two slices).
+
+Everything but JPEG is array arithmetic on the whole batch (float32; brightness and gamma as
+256-entry lookup tables), never a loop over pictures: a 3-D test split is 20 million voxels
+per corruption and severity.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ def _clip(x: np.ndarray) -> np.ndarray:
 
 def gaussian_noise(images: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
     """Additive Gaussian noise of standard deviation ``sigma`` grey levels (sensor noise, low dose)."""
-    return _clip(images + rng.normal(0.0, sigma, images.shape))
+    return _clip(images + sigma * rng.standard_normal(images.shape, dtype=np.float32))
 
 
 def blur(images: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
@@ -41,34 +45,23 @@ def blur(images: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarr
 
     pixels = sigma * images.shape[1] / 64
     spatial = (pixels,) * (images.ndim - 2)
-    return _clip(gaussian_filter(images.astype(np.float64), sigma=(0, *spatial, 0), mode="nearest"))
+    return _clip(gaussian_filter(images.astype(np.float32), sigma=(0, *spatial, 0), mode="nearest"))
 
 
 def contrast(images: np.ndarray, factor: float, rng: np.random.Generator) -> np.ndarray:
     """Contrast scaled by ``factor`` around each image's mean (another window, another detector)."""
-    mean = images.mean(axis=tuple(range(1, images.ndim)), keepdims=True)
-    return _clip(mean + (images - mean) * factor)
+    mean = images.mean(axis=tuple(range(1, images.ndim)), keepdims=True, dtype=np.float64).astype(np.float32)
+    return _clip(mean + (images - mean) * np.float32(factor))
 
 
 def brightness(images: np.ndarray, shift: float, rng: np.random.Generator) -> np.ndarray:
     """Every pixel brighter by ``shift`` grey levels (exposure, calibration)."""
-    return _clip(images.astype(np.float64) + shift)
+    return _clip(np.arange(256.0) + shift)[images]
 
 
 def gamma(images: np.ndarray, exponent: float, rng: np.random.Generator) -> np.ndarray:
     """Gamma ``exponent`` on [0, 1] intensities (another transfer curve)."""
-    return _clip(255.0 * (images / 255.0) ** exponent)
-
-
-def by_slice(corruption: Corruption) -> Corruption:
-    """A corruption of 2-D images applied to every axial slice of volumes (unchanged for images)."""
-    def apply(images: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
-        if images.ndim == 4:
-            return corruption(images, level, rng)
-        slices = images.reshape(-1, *images.shape[2:])
-        return corruption(slices, level, rng).reshape(images.shape)
-    apply.__doc__ = corruption.__doc__
-    return apply
+    return _clip(255.0 * (np.arange(256.0) / 255.0) ** exponent)[images]
 
 
 def jpeg(images: np.ndarray, quality: float, rng: np.random.Generator) -> np.ndarray:
@@ -85,13 +78,28 @@ def jpeg(images: np.ndarray, quality: float, rng: np.random.Generator) -> np.nda
     return _each_picture(images, compress)
 
 
-@by_slice
 def pixelate(images: np.ndarray, scale: float, rng: np.random.Generator) -> np.ndarray:
-    """Down-sampled to ``scale`` × the side (box filter) and back (nearest): a coarser acquisition."""
-    height, width = images.shape[1:3]
-    small = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return _each_picture(images, lambda picture: picture.resize(small, Image.Resampling.BOX).resize(
-        (width, height), Image.Resampling.NEAREST))
+    """Down-sampled in-plane to ``scale`` × the side (each pixel the area-weighted mean of what it
+    covers) and back (nearest): a coarser acquisition."""
+    height, width = images.shape[-3:-1]
+    rows, cols = _area_weights(height, max(1, round(height * scale))), _area_weights(width, max(1, round(width * scale)))
+    small = _clip(np.einsum("ah,...hwc,bw->...abc", rows, images.astype(np.float32), cols, optimize=True))
+    return small[..., _nearest(len(rows), height), :, :][..., _nearest(len(cols), width), :]
+
+
+def _area_weights(size: int, smaller: int) -> np.ndarray:
+    """``smaller``×``size`` matrix: row ``a`` averages the input pixels under output pixel ``a``,
+    each weighted by the fraction of it that the output pixel covers."""
+    edges = np.arange(smaller + 1) * size / smaller
+    pixel = np.arange(size)
+    cover = np.minimum(edges[1:, None], pixel + 1) - np.maximum(edges[:-1, None], pixel)
+    cover = np.clip(cover, 0, None)
+    return (cover / cover.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _nearest(smaller: int, size: int) -> np.ndarray:
+    """For each of ``size`` output pixels, the one of ``smaller`` whose area holds its centre."""
+    return np.minimum(((np.arange(size) + 0.5) * smaller / size).astype(int), smaller - 1)
 
 
 def _each_picture(images: np.ndarray, change: Callable[[Image.Image], Image.Image]) -> np.ndarray:
