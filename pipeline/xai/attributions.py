@@ -140,6 +140,16 @@ def _lime(model: nn.Module, cfg: ExplainParams, shape: tuple[int, int, int], see
         return torch.bernoulli(probs, generator=draws["generator"]).long()
 
     lime = Lime(model, perturb_func=perturb)
+    cells = features.reshape(-1)
+
+    def superpixels_kept(sample: torch.Tensor, original: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        # Captum's default transform, bit for bit (each pixel kept or set to the baseline, 0),
+        # without its advanced indexing by an expanded mask: 5 ms per sample there against
+        # 0.04 ms, and far slower when the CPU is shared (16.7 of 104 s of explain while
+        # another job ran; on a quiet machine explain takes 31.4 s against 32.0 s).
+        keep = sample[0].to(original.dtype)[cells].reshape(1, 1, *spatial)
+        return original * keep
+    lime.from_interp_rep_transform = superpixels_kept
 
     def explain_lime(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         draws["generator"].manual_seed(seed)
