@@ -48,7 +48,7 @@ def one_round(jobs: int, uri: str | None) -> tuple[float, int, int]:
         env = copy_project(root, TINY)
         if uri:
             env["MLFLOW_TRACKING_URI"] = uri
-        names = [re.search(r"Queued experiment '([^']+)'", dvc(["exp", "run", "--queue", "--no-run-cache", "-S", f"train.lr={lr}"],
+        names = [re.search(r"Queued experiment '([^']+)'", dvc(["exp", "run", "--queue", "-S", f"train.lr={lr}"],
                                                                  root, env)).group(1) for lr in LEARNING_RATES]
         start = time.perf_counter()
         # The workers outlive `dvc queue start` and inherit its stdout: never a pipe we read.

@@ -144,9 +144,7 @@ def queue_four(root: Path, env: dict[str, str]) -> list[str]:
     """Queue four experiments, run them with two workers, wait; their names."""
     names = []
     for lr in (0.001, 0.002, 0.003, 0.004):
-        # --no-run-cache, as the README says: DVC's run-cache lookup lists the entry's folder
-        # while a parallel worker may be writing a temporary file there.
-        out = sh(["dvc", "exp", "run", "--queue", "--no-run-cache", "-S", f"train.lr={lr}"], root, env)
+        out = sh(["dvc", "exp", "run", "--queue", "-S", f"train.lr={lr}"], root, env)
         names.append(re.search(r"Queued experiment '([^']+)'", out).group(1))
     # The workers outlive `dvc queue start` and inherit its stdout: with a pipe, as sh() captures
     # output, reading it waits for the workers to exit, which DVC does not promise (it hung a run
