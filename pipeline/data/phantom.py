@@ -55,6 +55,7 @@ def generate_split(params: PhantomParams, seed: int, split: str) -> dict[str, np
     masks = np.zeros((n, *shape), dtype=np.uint8)
     sites = rng.integers(0, len(params.site_noise), n)
     noise = params.noise * np.asarray(params.site_noise)[sites]
+    pool = None
     if params.ndim == 2:
         scans = (_scan(params, rng, bool(label), noise[i]) for i, label in enumerate(labels))
     else:
@@ -64,7 +65,7 @@ def generate_split(params: PhantomParams, seed: int, split: str) -> dict[str, np
     for i, (image, mask) in enumerate(tqdm(scans, total=n, desc=f"phantom {split}", leave=False, disable=None)):
         images[i, ..., 0] = np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
         masks[i] = mask
-    if params.ndim == 3 and pool:
+    if pool:
         pool.shutdown()
     ids = np.array([f"phantom-{split}-{i:05d}" for i in range(n)])
     groups = np.array([f"site-{chr(ord('A') + s)}" for s in sites])
