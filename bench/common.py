@@ -11,28 +11,33 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from pipeline.core.config import write_params
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def copy_project(dest: Path, overrides: dict[str, Any], source: Path = REPO) -> dict[str, str]:
+def copy_project(dest: Path, overrides: dict[str, Any], source: Path = REPO, tracked: bool = True) -> dict[str, str]:
     """The project's files (as git sees them, without dvc.lock) in ``dest``, params overridden, committed.
 
     Returns the environment to run DVC in there. A ``*.path`` param is made absolute: it is
-    relative to the repository, not to the temporary copy.
+    relative to the repository, not to the temporary copy. ``tracked=False`` copies every file
+    of ``source`` (an exported tree, which is no repository).
     """
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=source,
-                           capture_output=True, text=True, check=True).stdout.split()
+                           capture_output=True, text=True, check=True).stdout.split() if tracked else [
+        str(f.relative_to(source)) for f in source.rglob("*") if f.is_file()]
     for name in files:
         if (source / name).is_file() and name != "dvc.lock":
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source / name, dest / name)
-    values = {k: str((source / str(v)).resolve()) if k.endswith(".path") and v else v for k, v in overrides.items()}
+    values = {k: str((REPO / str(v)).resolve()) if k.endswith(".path") and v else v for k, v in overrides.items()}
     write_params(dest / "params.yaml", values, dest / "params.yaml")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@local",
@@ -42,6 +47,30 @@ def copy_project(dest: Path, overrides: dict[str, Any], source: Path = REPO) -> 
     for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
         subprocess.run(command, cwd=dest, env=env, check=True, capture_output=True)
     return env
+
+
+def copy_revision(dest: Path, revision: str, overrides: dict[str, Any]) -> dict[str, str]:
+    """The project as committed at ``revision`` (``git archive``) in ``dest``, made a repository
+    of its own as :func:`copy_project` does; returns the environment to run DVC in there."""
+    import tarfile
+    from io import BytesIO
+
+    archive = subprocess.run(["git", "archive", revision], cwd=REPO, capture_output=True, check=True).stdout
+    with tempfile.TemporaryDirectory() as tree, tarfile.open(fileobj=BytesIO(archive)) as files:
+        files.extractall(tree, filter="data")
+        return copy_project(dest, overrides, Path(tree), tracked=False)
+
+
+def stage_times(root: Path, env: dict[str, str]) -> dict[str, float]:
+    """Wall seconds of each stage of ``root``'s dvc.yaml, in order, each run with `dvc repro -f -s`
+    (so each time includes DVC's own start-up)."""
+    stages = list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
+    seconds = {}
+    for stage in stages:
+        start = time.perf_counter()
+        subprocess.run(["dvc", "repro", "-f", "-s", stage], cwd=root, env=env, check=True, capture_output=True)
+        seconds[stage] = time.perf_counter() - start
+    return seconds
 
 
 # Runs a stage and, at exit, records its own peak RSS (VmHWM): getrusage's ru_maxrss can carry

@@ -8,6 +8,13 @@ alone). Usage, from the repository root inside the venv:
 
 Prints wall time, test metrics, and whether `models/model.pt` and `reports/eval/metrics.json`
 are byte-identical after `dvc repro -f`.
+
+``--compare REV`` instead times this tree's pipeline beside commit REV's (``git archive``),
+both with the same overrides, stage by stage (`dvc repro -f -s`), rounds alternating
+(``--rounds``, 2 by default), and prints each stage's mean seconds and share, the ratio, and
+each side's test ROC AUC: nothing gets slower unnoticed.
+
+    python bench/pipeline_run.py --compare 0c8a55c
 """
 
 from __future__ import annotations
@@ -16,11 +23,13 @@ import argparse
 import hashlib
 import json
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import copy_project
+import numpy as np
+from common import copy_project, copy_revision, stage_times
 
 from pipeline.core.config import parse_overrides
 
@@ -31,11 +40,44 @@ def digests(root: Path) -> dict[str, str]:
     return {name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in CHECKED}
 
 
+def compare(revision: str, overrides: dict[str, object], rounds: int) -> None:
+    """Per-stage wall time of this tree's pipeline and ``revision``'s, side by side."""
+    with tempfile.TemporaryDirectory(prefix="medcnn-compare-") as tmp:
+        copies = {}
+        for name, make in ((revision, lambda root: copy_revision(root, revision, overrides)),
+                           ("HEAD", lambda root: copy_project(root, overrides))):
+            root = Path(tmp) / name
+            root.mkdir()
+            copies[name] = (root, make(root))
+        times: dict[str, list[dict[str, float]]] = {name: [] for name in copies}
+        for r in range(rounds):
+            for name, (root, env) in copies.items():
+                times[name].append(stage_times(root, env))
+                print(f"round {r + 1}: {name} {sum(times[name][-1].values()):.0f} s", file=sys.stderr, flush=True)
+        auc = {name: json.loads((root / "reports/eval/metrics.json").read_text())["test"]["roc_auc"]
+               for name, (root, _) in copies.items()}
+    mean = {name: {stage: float(np.mean([t[stage] for t in runs])) for stage in runs[0]} for name, runs in times.items()}
+    old, new = mean[revision], mean["HEAD"]
+    print(f"| stage | {revision} s | share | HEAD s | share | HEAD / {revision} |   (mean of {rounds} rounds)")
+    print("|---|---|---|---|---|---|")
+    for stage in [*new, *(s for s in old if s not in new), "total"]:
+        a = sum(old.values()) if stage == "total" else old.get(stage)
+        b = sum(new.values()) if stage == "total" else new.get(stage)
+        cells = [f"{v:.1f} | {v / sum(side.values()):.0%}" if v is not None else "– | –" for v, side in ((a, old), (b, new))]
+        print(f"| {stage} | {cells[0]} | {cells[1]} | {f'{b / a:.2f}' if a and b else '–'} |")
+    print(f"\ntest ROC AUC: {revision} {auc[revision]:.4f}, HEAD {auc['HEAD']:.4f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-S", dest="overrides", action="append", default=[], help="params override key=value")
     parser.add_argument("--no-rerun", action="store_true", help="skip the forced determinism rerun")
+    parser.add_argument("--compare", metavar="REV", help="time REV's pipeline beside this tree's, stage by stage")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds for --compare")
     args = parser.parse_args()
+    if args.compare:
+        compare(args.compare, parse_overrides(args.overrides), args.rounds)
+        return
     with tempfile.TemporaryDirectory(prefix="medcnn-bench-") as tmp:
         root = Path(tmp)
         env = copy_project(root, parse_overrides(args.overrides))

@@ -20,28 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from common import REPO, copy_project, run_stage
+from common import REPO, copy_project, run_stage, stage_times
 
 STAGES = ("source", "prepare", "balance", "train", "evaluate", "explain", "report", "track")
 RUNS = {"2-D default": {}, "3-D default": {"data.phantom.ndim": 3},
         "3-D seed_cnn": {"data.phantom.ndim": 3, "train.model": "seed_cnn"}}
-
-
-def repro(root: Path, env: dict[str, str]) -> dict[str, float]:
-    """Wall seconds of each stage, run one after the other with `dvc repro -f -s`."""
-    seconds = {}
-    for stage in STAGES:
-        start = time.perf_counter()
-        subprocess.run(["dvc", "repro", "-f", "-s", stage], cwd=root, env=env, check=True, capture_output=True)
-        seconds[stage] = time.perf_counter() - start
-    return seconds
 
 
 def pipeline(rounds: int, seed_network: bool) -> None:
@@ -57,7 +46,7 @@ def pipeline(rounds: int, seed_network: bool) -> None:
             for name, (root, env) in copies.items():
                 if name == "3-D seed_cnn" and r:
                     continue  # its AUC is what matters; one run is enough
-                times[name].append(repro(root, env))
+                times[name].append(stage_times(root, env))
                 print(f"round {r + 1}: {name} {sum(times[name][-1].values()):.0f} s", file=sys.stderr, flush=True)
         results = {name: json.loads((root / "reports/eval/metrics.json").read_text())["test"]
                    for name, (root, _) in copies.items()}
