@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,20 +22,37 @@ from pipeline.core.config import write_params
 REPO = Path(__file__).resolve().parents[1]
 
 
-def copy_project(dest: Path, overrides: dict[str, Any], source: Path = REPO, tracked: bool = True) -> dict[str, str]:
+def copy_project(dest: Path, overrides: dict[str, Any], source: Path = REPO) -> dict[str, str]:
     """The project's files (as git sees them, without dvc.lock) in ``dest``, params overridden, committed.
 
     Returns the environment to run DVC in there. A ``*.path`` param is made absolute: it is
-    relative to the repository, not to the temporary copy. ``tracked=False`` copies every file
-    of ``source`` (an exported tree, which is no repository).
+    relative to the repository, not to the temporary copy.
     """
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=source,
-                           capture_output=True, text=True, check=True).stdout.split() if tracked else [
-        str(f.relative_to(source)) for f in source.rglob("*") if f.is_file()]
+                           capture_output=True, text=True, check=True).stdout.split()
     for name in files:
         if (source / name).is_file() and name != "dvc.lock":
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source / name, dest / name)
+    return _commit(dest, overrides)
+
+
+def copy_revision(dest: Path, revision: str, overrides: dict[str, Any]) -> dict[str, str]:
+    """The project as committed at ``revision`` (``git archive``, without dvc.lock) in ``dest``,
+    params overridden, committed, as :func:`copy_project` does."""
+    import tarfile
+    from io import BytesIO
+
+    archive = subprocess.run(["git", "archive", revision], cwd=REPO, capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=BytesIO(archive)) as files:
+        files.extractall(dest, filter="data")
+    (dest / "dvc.lock").unlink(missing_ok=True)
+    return _commit(dest, overrides)
+
+
+def _commit(dest: Path, overrides: dict[str, Any]) -> dict[str, str]:
+    """Override ``dest``'s params, commit it as a fresh repository, and return the environment
+    to run DVC in there."""
     values = {k: str((REPO / str(v)).resolve()) if k.endswith(".path") and v else v for k, v in overrides.items()}
     write_params(dest / "params.yaml", values, dest / "params.yaml")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -49,18 +65,6 @@ def copy_project(dest: Path, overrides: dict[str, Any], source: Path = REPO, tra
     return env
 
 
-def copy_revision(dest: Path, revision: str, overrides: dict[str, Any]) -> dict[str, str]:
-    """The project as committed at ``revision`` (``git archive``) in ``dest``, made a repository
-    of its own as :func:`copy_project` does; returns the environment to run DVC in there."""
-    import tarfile
-    from io import BytesIO
-
-    archive = subprocess.run(["git", "archive", revision], cwd=REPO, capture_output=True, check=True).stdout
-    with tempfile.TemporaryDirectory() as tree, tarfile.open(fileobj=BytesIO(archive)) as files:
-        files.extractall(tree, filter="data")
-        return copy_project(dest, overrides, Path(tree), tracked=False)
-
-
 def stage_times(root: Path, env: dict[str, str]) -> dict[str, float]:
     """Wall seconds of each stage of ``root``'s dvc.yaml, in order, each run with `dvc repro -f -s`
     (so each time includes DVC's own start-up)."""
@@ -71,6 +75,32 @@ def stage_times(root: Path, env: dict[str, str]) -> dict[str, float]:
         subprocess.run(["dvc", "repro", "-f", "-s", stage], cwd=root, env=env, check=True, capture_output=True)
         seconds[stage] = time.perf_counter() - start
     return seconds
+
+
+def alternate(copies: dict[str, tuple[Path, dict[str, str]]], rounds: int,
+              once: tuple[str, ...] = ()) -> dict[str, dict[str, float]]:
+    """Each copy's mean :func:`stage_times` over ``rounds``, the copies taking turns within a round
+    (the machine's drift then touches all alike); the ``once`` copies run in the first round only."""
+    times: dict[str, list[dict[str, float]]] = {name: [] for name in copies}
+    for r in range(rounds):
+        for name, (root, env) in copies.items():
+            if r and name in once:
+                continue
+            times[name].append(stage_times(root, env))
+            print(f"round {r + 1}: {name} {sum(times[name][-1].values()):.0f} s", file=sys.stderr, flush=True)
+    return {name: {stage: sum(t[stage] for t in runs) / len(runs) for stage in runs[0]} for name, runs in times.items()}
+
+
+def print_stage_table(before: str, old: dict[str, float], after: str, new: dict[str, float], rounds: int) -> None:
+    """Per-stage mean seconds and share of two pipelines, and their ratio, as a Markdown table
+    (a stage only one of them has shows a dash on the other side)."""
+    print(f"| stage | {before} s | share | {after} s | share | {after} / {before} |   (mean of {rounds} round(s))")
+    print("|---|---|---|---|---|---|")
+    for stage in [*new, *(s for s in old if s not in new), "total"]:
+        a = sum(old.values()) if stage == "total" else old.get(stage)
+        b = sum(new.values()) if stage == "total" else new.get(stage)
+        cells = [f"{v:.1f} | {v / sum(side.values()):.0%}" if v is not None else "– | –" for v, side in ((a, old), (b, new))]
+        print(f"| {stage} | {cells[0]} | {cells[1]} | {f'{b / a:.2f}' if a and b else '–'} |")
 
 
 # Runs a stage and, at exit, records its own peak RSS (VmHWM): getrusage's ru_maxrss can carry

@@ -23,16 +23,15 @@ import argparse
 import hashlib
 import json
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from common import copy_project, copy_revision, stage_times
+from common import alternate, copy_project, copy_revision, print_stage_table
 
 from pipeline.core.config import parse_overrides
 
+TREE = "this tree"  # what --compare times beside the revision: the working tree, as git sees it
 CHECKED = ("models/model.pt", "reports/eval/metrics.json", "reports/train/history.csv")
 
 
@@ -43,29 +42,15 @@ def digests(root: Path) -> dict[str, str]:
 def compare(revision: str, overrides: dict[str, object], rounds: int) -> None:
     """Per-stage wall time of this tree's pipeline and ``revision``'s, side by side."""
     with tempfile.TemporaryDirectory(prefix="medcnn-compare-") as tmp:
-        copies = {}
-        for name, make in ((revision, lambda root: copy_revision(root, revision, overrides)),
-                           ("HEAD", lambda root: copy_project(root, overrides))):
-            root = Path(tmp) / name
-            root.mkdir()
-            copies[name] = (root, make(root))
-        times: dict[str, list[dict[str, float]]] = {name: [] for name in copies}
-        for r in range(rounds):
-            for name, (root, env) in copies.items():
-                times[name].append(stage_times(root, env))
-                print(f"round {r + 1}: {name} {sum(times[name][-1].values()):.0f} s", file=sys.stderr, flush=True)
+        (Path(tmp) / "revision").mkdir()
+        (Path(tmp) / "tree").mkdir()
+        copies = {revision: (Path(tmp) / "revision", copy_revision(Path(tmp) / "revision", revision, overrides)),
+                  TREE: (Path(tmp) / "tree", copy_project(Path(tmp) / "tree", overrides))}
+        mean = alternate(copies, rounds)
         auc = {name: json.loads((root / "reports/eval/metrics.json").read_text())["test"]["roc_auc"]
                for name, (root, _) in copies.items()}
-    mean = {name: {stage: float(np.mean([t[stage] for t in runs])) for stage in runs[0]} for name, runs in times.items()}
-    old, new = mean[revision], mean["HEAD"]
-    print(f"| stage | {revision} s | share | HEAD s | share | HEAD / {revision} |   (mean of {rounds} rounds)")
-    print("|---|---|---|---|---|---|")
-    for stage in [*new, *(s for s in old if s not in new), "total"]:
-        a = sum(old.values()) if stage == "total" else old.get(stage)
-        b = sum(new.values()) if stage == "total" else new.get(stage)
-        cells = [f"{v:.1f} | {v / sum(side.values()):.0%}" if v is not None else "– | –" for v, side in ((a, old), (b, new))]
-        print(f"| {stage} | {cells[0]} | {cells[1]} | {f'{b / a:.2f}' if a and b else '–'} |")
-    print(f"\ntest ROC AUC: {revision} {auc[revision]:.4f}, HEAD {auc['HEAD']:.4f}")
+    print_stage_table(revision, mean[revision], TREE, mean[TREE], rounds)
+    print(f"\ntest ROC AUC: {revision} {auc[revision]:.4f}, {TREE} {auc[TREE]:.4f}")
 
 
 def main() -> None:

@@ -26,9 +26,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import REPO, copy_project, run_stage, stage_times
+from common import REPO, alternate, copy_project, print_stage_table, run_stage
 
-STAGES = ("source", "prepare", "balance", "train", "evaluate", "explain", "report", "track")
 RUNS = {"2-D default": {}, "3-D default": {"data.phantom.ndim": 3},
         "3-D seed_cnn": {"data.phantom.ndim": 3, "train.model": "seed_cnn"}}
 
@@ -41,26 +40,12 @@ def pipeline(rounds: int, seed_network: bool) -> None:
             root = Path(tmp) / name.replace(" ", "-")
             root.mkdir()
             copies[name] = (root, copy_project(root, overrides))
-        times: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
-        for r in range(rounds):
-            for name, (root, env) in copies.items():
-                if name == "3-D seed_cnn" and r:
-                    continue  # its AUC is what matters; one run is enough
-                times[name].append(stage_times(root, env))
-                print(f"round {r + 1}: {name} {sum(times[name][-1].values()):.0f} s", file=sys.stderr, flush=True)
+        mean = alternate(copies, rounds, once=("3-D seed_cnn",))  # its AUC is what matters
         results = {name: json.loads((root / "reports/eval/metrics.json").read_text())["test"]
                    for name, (root, _) in copies.items()}
         explained = {name: json.loads((root / "reports/explain/metrics.json").read_text())["explain"]
                      for name, (root, _) in copies.items() if name != "3-D seed_cnn"}
-    mean = {name: {s: float(np.mean([t[s] for t in runs])) for s in STAGES} for name, runs in times.items()}
-    flat, volume = mean["2-D default"], mean["3-D default"]
-    print(f"| stage | 2-D s | share | 3-D s | share | 3-D / 2-D |   (mean of {rounds} round(s))")
-    print("|---|---|---|---|---|---|")
-    for stage in (*STAGES, "total"):
-        a = sum(flat.values()) if stage == "total" else flat[stage]
-        b = sum(volume.values()) if stage == "total" else volume[stage]
-        print(f"| {stage} | {a:.1f} | {a / sum(flat.values()):.0%} | {b:.1f} | {b / sum(volume.values()):.0%} "
-              f"| {b / a:.2f} |")
+    print_stage_table("2-D", mean["2-D default"], "3-D", mean["3-D default"], rounds)
     print()
     print("| run | test ROC AUC | test accuracy | wall s |")
     print("|---|---|---|---|")
