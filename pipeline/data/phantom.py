@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -55,18 +56,13 @@ def generate_split(params: PhantomParams, seed: int, split: str) -> dict[str, np
     masks = np.zeros((n, *shape), dtype=np.uint8)
     sites = rng.integers(0, len(params.site_noise), n)
     noise = params.noise * np.asarray(params.site_noise)[sites]
-    pool = None
     if params.ndim == 2:
         scans = (_scan(params, rng, bool(label), noise[i]) for i, label in enumerate(labels))
     else:
-        jobs = [(params, [seed, SPLITS.index(split), i], bool(label), noise[i]) for i, label in enumerate(labels)]
-        pool = ProcessPoolExecutor(min(len(os.sched_getaffinity(0)), 8)) if n >= 64 else None
-        scans = pool.map(_seeded_volume, jobs, chunksize=16) if pool else map(_seeded_volume, jobs)
+        scans = _volumes([(params, [seed, SPLITS.index(split), i], bool(label), noise[i]) for i, label in enumerate(labels)])
     for i, (image, mask) in enumerate(tqdm(scans, total=n, desc=f"phantom {split}", leave=False, disable=None)):
         images[i, ..., 0] = np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
         masks[i] = mask
-    if pool:
-        pool.shutdown()
     ids = np.array([f"phantom-{split}-{i:05d}" for i in range(n)])
     groups = np.array([f"site-{chr(ord('A') + s)}" for s in sites])
     out = {"images": images, "labels": labels, "ids": ids, "masks": masks, "groups": groups}
@@ -168,6 +164,15 @@ def _point_inside(rng: np.random.Generator, organ: np.ndarray, margin: float = 0
         if organ[int(cy), int(cx)] > margin:
             return float(cy), float(cx)
     return size / 2, size / 2
+
+
+def _volumes(jobs: list[tuple[PhantomParams, list[int], bool, float]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """:func:`_seeded_volume` for each job, in order: by a process per core (at most 8) from 64 on."""
+    if len(jobs) < 64:
+        yield from map(_seeded_volume, jobs)
+        return
+    with ProcessPoolExecutor(min(len(os.sched_getaffinity(0)), 8)) as pool:
+        yield from pool.map(_seeded_volume, jobs, chunksize=16)
 
 
 def _seeded_volume(job: tuple[PhantomParams, list[int], bool, float]) -> tuple[np.ndarray, np.ndarray]:
