@@ -87,12 +87,13 @@ def train_epoch(model: nn.Module, data: TrainingSet, loss_fn: nn.Module, optimiz
     stream = loader.batches(data, [share for share, _ in shares], cfg.workers)
     for b, (chunk, (share, rows), (images, y)) in enumerate(tqdm(zip(chunks, shares, stream), total=len(chunks),
                                                                  desc=f"epoch {epoch}", leave=False, disable=None)):
-        x = augment(images.float().div_(255.0), cfg, generator, rows, len(chunk)).to(device)
+        x = augment(images.to(device).float().div_(255.0), cfg, generator, rows, len(chunk))
         y = y.to(device)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(cfg, (epoch - 1) * len(chunks) + b, cfg.epochs * len(chunks))
-        # Mixed precision (bfloat16) on a GPU only; the CPU path stays float32 and deterministic.
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        # Mixed precision (train.precision: bf16) on a GPU only; the CPU path stays float32 and deterministic.
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                            enabled=device.type == "cuda" and cfg.precision == "bf16"):
             logits = model(x)
             # The batch's weighted mean loss, shared out: this worker's weighted sum over the
             # weight of the whole batch (known to all from the labels), times the number of
@@ -162,9 +163,7 @@ def fit(params: Params, data: TrainingSet, val: dict[str, Any], meta: dict[str, 
     cfg = params.train
     dp_sgd.check(params)
     configure_torch(max(1, cfg.threads // world.size))
-    device = select_device(cfg.device)
-    if device.type == "cuda" and world.size > 1:
-        device = torch.device("cuda", world.rank % torch.cuda.device_count())
+    device = world.device or select_device(cfg.device)
     size = meta["image_size"]  # [H, W], or [D, H, W] for volumes
     if cfg.model == "seed_cnn" and len(set(size)) != 1:
         raise PipelineError(f"train.model=seed_cnn needs square images (cubic volumes), got {'x'.join(map(str, size))}")
@@ -175,7 +174,8 @@ def fit(params: Params, data: TrainingSet, val: dict[str, Any], meta: dict[str, 
                          norm=cfg.norm, ndim=len(size))
     torch.manual_seed(params.seed)  # weight initialisation draws from the global generator
     network = build_model(config).to(device)
-    model = network if world.size == 1 else nn.parallel.DistributedDataParallel(network)
+    model = network if world.size == 1 else nn.parallel.DistributedDataParallel(
+        network, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = make_optimizer(model, cfg)
     private = None
     if cfg.privacy.enabled:
@@ -258,12 +258,14 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
         metrics["train"]["privacy"] = guarantee
     if not world.is_main:
         return metrics
+    device = world.device or select_device(params.train.device)
     save_checkpoint(model_path, model, {"class_names": meta["class_names"], "best_epoch": best_epoch,
                                         **({"privacy": guarantee} if guarantee else {})})
     write_csv(out_dir / paths.HISTORY, HISTORY_COLUMNS, [[rounded(row[c]) for c in HISTORY_COLUMNS] for row in history])
     write_json(out_dir / paths.METRICS, metrics)
     write_json(out_dir / paths.TIMING, {"seconds": rounded(seconds, SECONDS_DECIMALS),
-                                        "device": str(select_device(params.train.device)),
+                                        "device": device.type,
+                                        "precision": params.train.precision if device.type == "cuda" else "float32",
                                         "processes": world.size, "workers": params.train.workers,
                                         "images_per_second": rounded(len(data) * len(history) / seconds,
                                                                      SECONDS_DECIMALS)})

@@ -161,8 +161,9 @@ def test_training_sentences_follow_params(tiny_run, records):
     assert rows["learning-rate schedule"].startswith("one-cycle") and "1 linear warm-up" in rows["learning-rate schedule"]
     assert "moving average" not in rows["stopping and selection"]
     assert "deterministic kernels" in rows["determinism"]
-    gpu = content.determinism_text(params.train, {"device": "cuda"})
-    assert "cuda" in gpu and "not bit for bit" in gpu
+    gpu = content.determinism_text(params.train, {"device": "cuda", "precision": "bf16"})
+    assert "cuda in bfloat16 autocast" in gpu and "not bit for bit" in gpu
+    assert "cuda in float32" in content.determinism_text(params.train, {"device": "cuda", "precision": "float32"})
 
 
 def test_imbalance_calibration_and_threshold_sentences(records):

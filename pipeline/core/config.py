@@ -41,6 +41,7 @@ Sampler = Literal["none", "weighted"]  # modeling.recipe.SAMPLERS
 Loss = Literal["cross_entropy", "focal"]  # modeling.recipe.LOSSES
 Schedule = Literal["none", "cosine", "onecycle"]  # modeling.recipe.SCHEDULES
 Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["bf16", "float32"]  # autocast on CUDA; the CPU trains in float32
 Norm = Literal["batch", "group"]  # modeling.networks.NORMS
 Accountant = Literal["prv", "rdp", "gdp"]  # Opacus' accountants
 Calibration = Literal["temperature", "none"]  # evaluation.calibration.CALIBRATIONS
@@ -203,6 +204,7 @@ class TrainParams:
     aug_intensity: float
     threads: int
     device: Device
+    precision: Precision
     norm: Norm
     workers: int
     processes: int

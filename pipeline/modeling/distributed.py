@@ -28,11 +28,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.core.runtime import select_device
+
 
 @dataclasses.dataclass(frozen=True)
 class World:
     rank: int = 0
     size: int = 1
+    device: torch.device | None = None  # this worker's device under torchrun (None: train.device decides)
 
     @property
     def is_main(self) -> bool:
@@ -49,7 +52,7 @@ class World:
         """``value`` summed over workers."""
         if self.size == 1:
             return value
-        tensor = torch.tensor([value], dtype=torch.float64)
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)  # NCCL reduces GPU tensors only
         torch.distributed.all_reduce(tensor)
         return float(tensor.item())
 
@@ -66,11 +69,17 @@ ALONE = World()  # one process, the default
 
 
 def join(device: str) -> World:
-    """The world torchrun started this process in (a world of one outside torchrun)."""
+    """The world torchrun started this process in (a world of one outside torchrun). On CUDA
+    (``train.device`` cuda, or auto with a GPU) worker r uses GPU ``LOCAL_RANK`` (modulo the GPUs
+    present) and NCCL; on the CPU, gloo."""
     if "LOCAL_RANK" not in os.environ:
         return ALONE
-    torch.distributed.init_process_group(backend="nccl" if device == "cuda" else "gloo")
-    return World(torch.distributed.get_rank(), torch.distributed.get_world_size())
+    chosen = select_device(device)
+    if chosen.type == "cuda":
+        chosen = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+        torch.cuda.set_device(chosen)  # NCCL's collectives (and all_gather_object) use the current device
+    torch.distributed.init_process_group(backend="nccl" if chosen.type == "cuda" else "gloo")
+    return World(torch.distributed.get_rank(), torch.distributed.get_world_size(), chosen)
 
 
 def leave(world: World) -> None:

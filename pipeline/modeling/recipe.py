@@ -109,7 +109,8 @@ def augment(x: torch.Tensor, cfg: TrainParams, generator: torch.Generator, rows:
     this CPU than a 3-D ``grid_sample`` of the same voxels.
     The random draws are made for ``drawn`` images (default: ``len(x)``) and ``x`` takes the
     ``rows`` of them: a data-parallel worker augments its share of a batch exactly as one
-    process augments the whole batch, and every worker's generator stays in step.
+    process augments the whole batch, and every worker's generator stays in step. The draws
+    come from the CPU ``generator``; the sampling runs where ``x`` is (on a GPU, there).
     """
     n, rows = drawn or len(x), rows or slice(None)
     spatial = tuple(range(1, x.ndim))
@@ -117,7 +118,7 @@ def augment(x: torch.Tensor, cfg: TrainParams, generator: torch.Generator, rows:
         def uniform(limit: float) -> torch.Tensor:
             return (torch.rand(n, generator=generator) * 2 - 1) * limit
 
-        theta = _affine_2d(uniform, cfg)[rows]
+        theta = _affine_2d(uniform, cfg)[rows].to(x.device)
         volume = x.shape if x.ndim == 5 else None
         if volume is not None:  # N×C×D×H×W → (N·D)×C×H×W slices, each moved as its volume
             n_, c, d, h, w = volume
@@ -127,12 +128,12 @@ def augment(x: torch.Tensor, cfg: TrainParams, generator: torch.Generator, rows:
         if volume is not None:
             x = x.reshape(n_, d, c, h, w).transpose(1, 2)
     if cfg.aug_flip:
-        flip = (torch.rand(n, generator=generator) < 0.5)[rows]
+        flip = (torch.rand(n, generator=generator) < 0.5)[rows].to(x.device)
         x = torch.where(flip.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
     if cfg.aug_intensity:
         shape = (n, *[1] * (x.ndim - 1))
-        gain = (1 + (torch.rand(shape, generator=generator) * 2 - 1) * cfg.aug_intensity)[rows]
-        shift = ((torch.rand(shape, generator=generator) * 2 - 1) * cfg.aug_intensity / 2)[rows]
+        gain = (1 + (torch.rand(shape, generator=generator) * 2 - 1) * cfg.aug_intensity)[rows].to(x.device)
+        shift = ((torch.rand(shape, generator=generator) * 2 - 1) * cfg.aug_intensity / 2)[rows].to(x.device)
         mean = x.mean(dim=spatial, keepdim=True)
         x = ((x - mean) * gain + mean + shift).clamp(0, 1)
     return x

@@ -189,7 +189,8 @@ def determinism_text(cfg: TrainParams, timing: dict[str, Any]) -> str:
     if device == "cpu":
         return (f"trained on the CPU with {cfg.threads} thread(s) and deterministic kernels: the same params and seed "
                 "give the same model bytes")
-    return (f"trained on {device} with bfloat16 autocast: reruns agree closely but not bit for bit; the CPU path "
+    precision = "bfloat16 autocast" if timing.get("precision") == "bf16" else "float32"
+    return (f"trained on {device} in {precision}: reruns agree closely but not bit for bit; the CPU path "
             "(train.device: cpu) gives identical bytes")
 
 
