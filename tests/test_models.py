@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from pipeline.modeling.checkpoints import load_checkpoint, save_checkpoint
-from pipeline.modeling.networks import ModelConfig, build_model
+from pipeline.modeling.networks import ModelConfig, build_model, folded
 
 
 def config(name="small_cnn", channels=1, classes=2, size=28, width=4):
@@ -75,3 +75,23 @@ def test_resnet_is_resnet18_shaped_for_28_to_224_px(size, stem_stride):
     with torch.no_grad():
         maps = model.features(torch.rand(1, 1, size, size))
     assert maps.shape[2] == -(-size // (stem_stride * 8))  # three stride-2 stages, rounding up
+
+
+@pytest.mark.parametrize("name,ndim", [("small_cnn", 2), ("resnet18", 2), ("small_cnn", 3)])
+def test_folded_inference_copy_matches_and_leaves_the_model_alone(name, ndim):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name=name, in_channels=1, num_classes=3, image_size=16, width=4, mean=0.4,
+                                    std=0.2, ndim=ndim))
+    x = torch.rand(6, 1, *[16] * ndim)
+    model.train()
+    for _ in range(3):  # running statistics away from their initial values
+        model(x * 2 + 0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inference = folded(model)
+    norms = [m for m in inference.modules() if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d))]
+    assert norms == []
+    with torch.no_grad():
+        assert torch.allclose(inference(x), model.eval()(x), atol=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert any(isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)) for m in model.modules())
+    assert type(inference.cam_layer) is type(model.cam_layer)

@@ -65,6 +65,43 @@ def test_saliency_deletion_beats_random_order(clean):
     assert result["saliency"]["insertion_auc"] > result["random"]["insertion_auc"]
 
 
+@pytest.mark.parametrize("method", ["saliency", "smoothgrad", "lime"])
+def test_sensitivity_reuses_the_maps_of_the_unperturbed_inputs(clean, method):
+    """captum_scores hands Captum the maps already made for the inputs instead of running the
+    method on them again; the scores equal Captum's own run of the method on them."""
+    from captum.metrics import sensitivity_max
+
+    params, model, test, _ = clean
+    _, inputs, targets = explained(params, model, test, np.ones(len(test["labels"]), bool))
+    inputs, targets = inputs[:4], targets[:4]
+    maps = attributions.attribute(model, inputs, targets, params.explain, seed=3, methods=(method,))[method]
+    fn = attributions.explainer(method, model, params.explain, tuple(inputs.shape[1:]), 3)
+    calls = []
+
+    def counted(x, target):
+        calls.append(len(x))
+        return fn(x, target)
+
+    scores = trust.captum_scores(model, inputs, targets, maps, counted, seed=0, n_perturb=2)
+    assert calls == [8], "only the 2 x 4 perturbed inputs are explained"
+    ball = torch.Generator().manual_seed(0)
+    fresh = attributions.explainer(method, model, params.explain, tuple(inputs.shape[1:]), 3)
+
+    def plain(x, target):  # Captum passes a tensor or a tuple, and expects the same back
+        tensor = x[0] if isinstance(x, tuple) else x
+        out = fresh(tensor.detach().clone().requires_grad_(True), target).detach().contiguous()
+        return (out,) if isinstance(x, tuple) else out
+
+    def in_ball(x, perturb_radius):
+        tensors = x if isinstance(x, tuple) else (x,)
+        return tuple(t + torch.empty(t.shape).uniform_(-perturb_radius, perturb_radius, generator=ball)
+                     for t in tensors)
+
+    expected = sensitivity_max(plain, inputs, perturb_func=in_ball, n_perturb_samples=2, perturb_radius=0.02,
+                               target=targets)
+    assert scores["sensitivity_max"] == pytest.approx(float(expected.mean()), abs=2e-6)
+
+
 def test_randomising_the_model_changes_gradient_maps(clean):
     params, model, test, _ = clean
     _, inputs, targets = explained(params, model, test, np.ones(len(test["labels"]), bool))

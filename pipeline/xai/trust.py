@@ -115,9 +115,14 @@ def captum_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     inf = infidelity(model, perturb, inputs, attributions, target=targets, n_perturb_samples=n_perturb, normalize=True)
 
     def explain(x: torch.Tensor | tuple, target: torch.Tensor) -> torch.Tensor | tuple:
-        # Captum hands the (perturbed, repeated) inputs over as a tuple.
+        # Captum hands the (perturbed, repeated) inputs over as a tuple. Its first call explains
+        # the unperturbed inputs themselves: with one channel, that is ``maps`` (the channel sum
+        # of one channel), so the method does not run a second time on them.
         tensor = x[0] if isinstance(x, tuple) else x
-        out = explain_fn(tensor.detach().clone().requires_grad_(True), target).detach().contiguous()
+        if tensor is inputs and channels == 1:
+            out = torch.from_numpy(maps)[:, None].contiguous()
+        else:
+            out = explain_fn(tensor.detach().clone().requires_grad_(True), target).detach().contiguous()
         return (out,) if isinstance(x, tuple) else out
 
     sens = sensitivity_max(explain, inputs, perturb_func=in_ball, n_perturb_samples=n_perturb, perturb_radius=0.02,
