@@ -40,7 +40,7 @@ from pipeline.evaluation import baselines as classical
 from pipeline.evaluation import calibration, corruptions, membership
 from pipeline.evaluation.metrics import (
     HEADLINE,
-    bootstrap_ci,
+    bootstrap_headline,
     choose_threshold,
     classification_metrics,
     confusion_matrix,
@@ -66,12 +66,8 @@ log = logging.getLogger(__name__)
 def score(labels: np.ndarray, probs: np.ndarray, threshold: float | None, cfg: EvaluateParams, seed: int,
           patients: np.ndarray | None = None) -> dict[str, Any]:
     """Headline metrics at ``threshold`` with ``<metric>_ci_low``/``_ci_high`` bootstrap bounds."""
-    def scorer(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
-        values = classification_metrics(y, p, cfg.positive_class, threshold)
-        return {k: values[k] for k in HEADLINE}
-
     point = classification_metrics(labels, probs, cfg.positive_class, threshold)
-    intervals = bootstrap_ci(labels, probs, scorer, cfg.bootstrap, seed, groups=patients)
+    intervals = bootstrap_headline(labels, probs, cfg.positive_class, threshold, cfg.bootstrap, seed, groups=patients)
     out: dict[str, Any] = {"n": point["n"]}
     for key in HEADLINE:
         low, high = intervals.get(key, (None, None))
