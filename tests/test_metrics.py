@@ -18,7 +18,6 @@ from pipeline.evaluation.metrics import (
     confusion_matrix,
     normalised,
     roc_auc,
-    weighted_metrics,
 )
 
 
@@ -195,16 +194,6 @@ def _random_task(seed, k, n):
     probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     probs[:10] = probs[0]  # tied scores
     return labels, probs
-
-
-@pytest.mark.parametrize("k,n,threshold", [(2, 300, 0.4), (2, 40, None), (3, 60, None), (4, 25, None)])
-def test_weighted_metrics_with_unit_weights_are_classification_metrics(k, n, threshold):
-    labels, probs = _random_task(k, k, n)
-    expected = classification_metrics(labels, probs, 1, threshold)
-    got = weighted_metrics(labels, probs, np.ones((1, n)), 1, threshold)
-    for key in HEADLINE:
-        value = None if not np.isfinite(got[key][0]) else float(got[key][0])
-        assert value == pytest.approx(expected[key], abs=1e-6), key
 
 
 @pytest.mark.parametrize("k,n,threshold,grouped", [(2, 200, 0.45, False), (2, 30, None, True), (3, 45, None, False),

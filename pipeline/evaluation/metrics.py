@@ -83,46 +83,10 @@ def decide(probs: np.ndarray, threshold: float | None, positive_class: int = 1) 
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray, positive_class: int = 1,
                            threshold: float | None = None) -> dict[str, float | None]:
-    """Every headline metric (see ``HEADLINE``) plus ``n``, at ``threshold`` (binary) or arg-max."""
-    k = probs.shape[1]
-    preds = decide(probs, threshold, positive_class)
-    cm = np.bincount(labels * k + preds, minlength=k * k).reshape(k, k).astype(float)
-    tp = np.diag(cm)
-    fn = cm.sum(axis=1) - tp
-    fp = cm.sum(axis=0) - tp
-    tn = cm.sum() - tp - fn - fp
-    recall, specificity = _div(tp, tp + fn), _div(tn, tn + fp)
-    ppv, npv = _div(tp, tp + fp), _div(tn, tn + fn)
-    f1 = _div(2 * tp, 2 * tp + fp + fn)
-    onehot = np.eye(k)[labels]
-    present = np.unique(labels)
-    if k == 2:
-        pick = positive_class
-        sens, spec, ppv_, npv_, f1_ = recall[pick], specificity[pick], ppv[pick], npv[pick], f1[pick]
-        ap = average_precision(labels == pick, probs[:, pick])
-        brier = float(np.mean((probs[:, pick] - onehot[:, pick]) ** 2))
-    else:
-        sens, spec, ppv_, npv_, f1_ = (_nanmean(v) for v in (recall, specificity, ppv, npv, f1))
-        ap = _nanmean(np.array([average_precision(labels == c, probs[:, c]) for c in present]))
-        brier = float(np.mean(np.sum((probs - onehot) ** 2, axis=1)))
-    per_class_recall = recall[present]
-    values = {
-        "accuracy": float(tp.sum() / cm.sum()),
-        "balanced_accuracy": _nanmean(per_class_recall),
-        "roc_auc": roc_auc(labels, probs),
-        "average_precision": ap,
-        "sensitivity": sens,
-        "specificity": spec,
-        "ppv": ppv_,
-        "npv": npv_,
-        "f1": f1_,
-        "mcc": _mcc(cm),
-        "g_mean": float(np.prod(per_class_recall) ** (1 / len(per_class_recall))),
-        "brier": brier,
-        "log_loss": float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-15, 1)))),
-        "n": len(labels),
-    }
-    return {key: _clean(v) for key, v in values.items()}
+    """Every headline metric (see ``HEADLINE``) plus ``n``, at ``threshold`` (binary) or arg-max:
+    :func:`weighted_metrics` with every image counted once, None where undefined."""
+    values = weighted_metrics(labels, probs, np.ones((1, len(labels))), positive_class, threshold)
+    return {**{key: _clean(v[0]) for key, v in values.items()}, "n": len(labels)}
 
 
 def per_class_auc(labels: np.ndarray, probs: np.ndarray, class_names: list[str]) -> dict[str, float | None]:
@@ -267,9 +231,14 @@ def bootstrap_headline(labels: np.ndarray, probs: np.ndarray, positive_class: in
 
 def weighted_metrics(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray, positive_class: int = 1,
                      threshold: float | None = None) -> dict[str, np.ndarray]:
-    """Every ``HEADLINE`` metric of :func:`classification_metrics` for each row of ``weights``
-    (R×N image counts), as R values (NaN where undefined). With all weights 1 it is
-    :func:`classification_metrics` itself (tested)."""
+    """Every ``HEADLINE`` metric for each row of ``weights`` (R×N image counts), as R values (NaN
+    where undefined): the metrics of the images each row draws, with repeats.
+
+    Binary tasks report sensitivity, specificity, PPV, NPV, F1 and average precision for
+    ``positive_class`` and ROC AUC of class 1; multi-class tasks the mean over classes of each
+    (ROC AUC and average precision one-vs-rest, over the classes drawn). Balanced accuracy and
+    G-mean are the mean and geometric mean of the drawn classes' recalls; MCC is Gorodkin's
+    multi-class form (0 when undefined); Brier score and log loss are per-image means."""
     n_rows, k = len(weights), probs.shape[1]
     preds = decide(probs, threshold, positive_class)
     cm = (weights @ np.eye(k * k)[labels * k + preds]).reshape(n_rows, k, k)
@@ -349,13 +318,6 @@ def _row_nanmean(values: np.ndarray) -> np.ndarray:
     """Mean of each row over its finite entries; NaN for a row with none."""
     finite = np.isfinite(values)
     return _div(np.where(finite, values, 0.0).sum(axis=1), finite.sum(axis=1))
-
-
-def _mcc(cm: np.ndarray) -> float:
-    """Matthews correlation from a K×K confusion matrix (Gorodkin's multi-class form); 0 if undefined."""
-    t, p, c, s = cm.sum(axis=1), cm.sum(axis=0), np.trace(cm), cm.sum()
-    den = np.sqrt((s**2 - p @ p) * (s**2 - t @ t))
-    return float((c * s - t @ p) / den) if den > 0 else 0.0
 
 
 def _div(num: np.ndarray, den: np.ndarray, undefined: float = np.nan) -> np.ndarray:

@@ -9,8 +9,8 @@ never in-place, which some Captum methods require.
 from __future__ import annotations
 
 import copy
-
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable
 
@@ -261,7 +261,7 @@ def folded(model: nn.Module) -> nn.Module:
     copy_ = copy.deepcopy(model).eval()
     for module in list(copy_.modules()):
         children = list(module.named_children())
-        for (name, conv), (norm_name, norm) in zip(children, children[1:]):
+        for (name, conv), (norm_name, norm) in itertools.pairwise(children):
             if isinstance(conv, (nn.Conv2d, nn.Conv3d)) and isinstance(norm, (nn.BatchNorm2d, nn.BatchNorm3d)):
                 setattr(module, name, fuse_conv_bn_eval(conv, norm))
                 setattr(module, norm_name, nn.Identity())
