@@ -325,11 +325,6 @@ def _div(num: np.ndarray, den: np.ndarray, undefined: float = np.nan) -> np.ndar
     return np.divide(num, den, out=np.full(num.shape, undefined), where=den > 0)
 
 
-def _nanmean(values: np.ndarray) -> float:
-    values = np.asarray(values, float)
-    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
-
-
 def _clean(value: object) -> float | int | None:
     if value is None:
         return None
