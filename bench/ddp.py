@@ -59,20 +59,20 @@ def first_error(stderr: str) -> str:
 
 
 def train_once(base: dict[str, object], row: dict[str, object]) -> list[str]:
-    """The row's table cells after one run of the train stage in the current folder."""
+    """The row's table cells after one run of the train stage in the current folder: device and
+    precision as the run recorded them (as asked, when it failed)."""
     params = load_params(write_params(Path("params.yaml"), {**base, **row}, REPO / "params.yaml")).train
-    precision = params.precision if params.device != "cpu" else "float32"
-    cells = [params.device, precision, params.norm, str(params.processes), str(params.workers),
-             str(params.threads // params.processes)]
+    setup = [params.norm, str(params.processes), str(params.workers), str(params.threads // params.processes)]
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "pipeline.train"], capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
     if done.returncode:
         print(done.stderr[-3000:], file=sys.stderr)
-        return [*cells, "failed", f"{wall:.0f}", first_error(done.stderr)]
+        return [params.device, params.precision, *setup, "failed", f"{wall:.0f}", first_error(done.stderr)]
     timing = json.loads(Path("reports/train/timing.json").read_text())
     auc = json.loads(Path("reports/train/metrics.json").read_text())["train"]["val_roc_auc"]
-    return [*cells, f"{timing['images_per_second']:.0f}", f"{wall:.0f}", f"{auc:.4f}"]
+    return [timing["device"], timing["precision"], *setup, f"{timing['images_per_second']:.0f}", f"{wall:.0f}",
+            f"{auc:.4f}"]
 
 
 def main() -> None:

@@ -54,7 +54,15 @@ from pipeline.modeling import distributed, dp_sgd, loader
 from pipeline.modeling.checkpoints import load_progress, save_checkpoint, save_progress
 from pipeline.modeling.distributed import World
 from pipeline.modeling.networks import Classifier, ModelConfig, build_model, count_parameters, predict_proba
-from pipeline.modeling.recipe import WeightAverage, augment, epoch_order, lr_factor, make_loss, make_optimizer
+from pipeline.modeling.recipe import (
+    WeightAverage,
+    augment,
+    epoch_order,
+    lr_factor,
+    make_loss,
+    make_optimizer,
+    precision,
+)
 from pipeline.reporting.plots import plot_history
 
 log = logging.getLogger(__name__)
@@ -91,9 +99,7 @@ def train_epoch(model: nn.Module, data: TrainingSet, loss_fn: nn.Module, optimiz
         y = y.to(device)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(cfg, (epoch - 1) * len(chunks) + b, cfg.epochs * len(chunks))
-        # Mixed precision (train.precision: bf16) on a GPU only; the CPU path stays float32 and deterministic.
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                            enabled=device.type == "cuda" and cfg.precision == "bf16"):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision(cfg, device) == "bf16"):
             logits = model(x)
             # The batch's weighted mean loss, shared out: this worker's weighted sum over the
             # weight of the whole batch (known to all from the labels), times the number of
@@ -150,10 +156,11 @@ def standardisation(data: TrainingSet, chunk: int = 64) -> tuple[float, float]:
 
 
 def fit(params: Params, data: TrainingSet, val: dict[str, Any], meta: dict[str, Any], key: str,
-        checkpoint: Path | None = None, world: World = distributed.ALONE
+        device: torch.device, checkpoint: Path | None = None, world: World = distributed.ALONE
         ) -> tuple[Classifier, list[dict[str, Any]], int, dict[str, Any] | None]:
-    """Train with early stopping on validation AUC; returns the best model, history, best epoch
-    and, with ``train.privacy.enabled``, the DP-SGD guarantee spent (None otherwise).
+    """Train on ``device`` with early stopping on validation AUC; returns the best model,
+    history, best epoch and, with ``train.privacy.enabled``, the DP-SGD guarantee spent (None
+    otherwise).
 
     After every epoch the whole training state (weights, optimiser, random generator, history,
     best weights) is saved to ``checkpoint`` (by the first worker); a run interrupted (Ctrl-C,
@@ -163,7 +170,6 @@ def fit(params: Params, data: TrainingSet, val: dict[str, Any], meta: dict[str, 
     cfg = params.train
     dp_sgd.check(params)
     configure_torch(max(1, cfg.threads // world.size))
-    device = world.device or select_device(cfg.device)
     size = meta["image_size"]  # [H, W], or [D, H, W] for volumes
     if cfg.model == "seed_cnn" and len(set(size)) != 1:
         raise PipelineError(f"train.model=seed_cnn needs square images (cubic volumes), got {'x'.join(map(str, size))}")
@@ -241,9 +247,10 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
     log.info("training %s on %d images (%s), validating on %d%s", params.train.model, len(data),
              np.bincount(data.labels).tolist(), len(val["labels"]),
              f", worker {world.rank + 1} of {world.size}" if world.size > 1 else "")
+    device = world.device or select_device(params.train.device)  # torchrun's worker has its own GPU
     start = time.perf_counter()
     model, history, best_epoch, guarantee = fit(params, data, val, meta, fingerprint(params, prepared, balanced),
-                                                checkpoint, world)
+                                                device, checkpoint, world)
     seconds = time.perf_counter() - start
     best = history[best_epoch - 1]
     metrics = {"train": {
@@ -258,14 +265,13 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
         metrics["train"]["privacy"] = guarantee
     if not world.is_main:
         return metrics
-    device = world.device or select_device(params.train.device)
     save_checkpoint(model_path, model, {"class_names": meta["class_names"], "best_epoch": best_epoch,
                                         **({"privacy": guarantee} if guarantee else {})})
     write_csv(out_dir / paths.HISTORY, HISTORY_COLUMNS, [[rounded(row[c]) for c in HISTORY_COLUMNS] for row in history])
     write_json(out_dir / paths.METRICS, metrics)
     write_json(out_dir / paths.TIMING, {"seconds": rounded(seconds, SECONDS_DECIMALS),
                                         "device": device.type,
-                                        "precision": params.train.precision if device.type == "cuda" else "float32",
+                                        "precision": precision(params.train, device),
                                         "processes": world.size, "workers": params.train.workers,
                                         "images_per_second": rounded(len(data) * len(history) / seconds,
                                                                      SECONDS_DECIMALS)})

@@ -96,6 +96,12 @@ def lr_factor(cfg: TrainParams, step: int, total: int) -> float:
     return SCHEDULES[cfg.schedule](min(1.0, (step - warmup) / max(total - warmup, 1)))
 
 
+def precision(cfg: TrainParams, device: torch.device) -> str:
+    """What the training step computes in: bfloat16 autocast on a GPU when ``train.precision``
+    asks for it, float32 otherwise (the CPU path, deterministic, whatever the param says)."""
+    return cfg.precision if device.type == "cuda" else "float32"
+
+
 def augment(x: torch.Tensor, cfg: TrainParams, generator: torch.Generator, rows: slice | None = None,
             drawn: int | None = None) -> torch.Tensor:
     """Seeded random affine (rotation, translation, scale), optional flips, brightness/contrast jitter.
