@@ -22,18 +22,18 @@ from pipeline.core.config import write_params
 REPO = Path(__file__).resolve().parents[1]
 
 
-def copy_project(dest: Path, overrides: dict[str, Any], source: Path = REPO) -> dict[str, str]:
+def copy_project(dest: Path, overrides: dict[str, Any]) -> dict[str, str]:
     """The project's files (as git sees them, without dvc.lock) in ``dest``, params overridden, committed.
 
     Returns the environment to run DVC in there. A ``*.path`` param is made absolute: it is
     relative to the repository, not to the temporary copy.
     """
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=source,
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                            capture_output=True, text=True, check=True).stdout.split()
     for name in files:
-        if (source / name).is_file() and name != "dvc.lock":
+        if (REPO / name).is_file() and name != "dvc.lock":
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source / name, dest / name)
+            shutil.copy2(REPO / name, dest / name)
     return _commit(dest, overrides)
 
 
@@ -65,12 +65,16 @@ def _commit(dest: Path, overrides: dict[str, Any]) -> dict[str, str]:
     return env
 
 
+def stage_names(root: Path = REPO) -> list[str]:
+    """The stages of ``root``'s dvc.yaml, in pipeline order."""
+    return list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
+
+
 def stage_times(root: Path, env: dict[str, str]) -> dict[str, float]:
     """Wall seconds of each stage of ``root``'s dvc.yaml, in order, each run with `dvc repro -f -s`
     (so each time includes DVC's own start-up)."""
-    stages = list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
     seconds = {}
-    for stage in stages:
+    for stage in stage_names(root):
         start = time.perf_counter()
         subprocess.run(["dvc", "repro", "-f", "-s", stage], cwd=root, env=env, check=True, capture_output=True)
         seconds[stage] = time.perf_counter() - start
@@ -118,11 +122,13 @@ runpy.run_module(stage, run_name='__main__')
 
 
 def run_stage(work: Path, stage: str, code: Path = REPO) -> tuple[float, float] | None:
-    """Wall seconds and peak RSS (MB) of ``python -m pipeline.<stage>`` in ``work`` with ``code`` on
-    the path; None when the kernel killed it for memory (an older commit's in-memory loop)."""
+    """Wall seconds and peak RSS (MB) of ``python -m pipeline.<stage>`` in ``work`` with ``code``
+    first on the path (before any ``PYTHONPATH`` already set, e.g. carried packages); None when
+    the kernel killed it for memory (an older commit's in-memory loop)."""
+    path = os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")]))
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(work / "hwm"), f"pipeline.{stage}"], cwd=work,
-                          env={**os.environ, "PYTHONPATH": str(code), "MEDCNN_LOG_LEVEL": "WARNING"})
+    done = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(work / "hwm"), f"pipeline.{stage}"], cwd=work, check=False,
+                          env={**os.environ, "PYTHONPATH": path, "MEDCNN_LOG_LEVEL": "WARNING"})
     if done.returncode == -9:
         return None
     if done.returncode:
