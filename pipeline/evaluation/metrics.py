@@ -241,7 +241,8 @@ def weighted_metrics(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray,
     multi-class form (0 when undefined); Brier score and log loss are per-image means."""
     n_rows, k = len(weights), probs.shape[1]
     preds = decide(probs, threshold, positive_class)
-    cm = (weights @ np.eye(k * k)[labels * k + preds]).reshape(n_rows, k, k)
+    cells = labels * k + preds  # each image's confusion-matrix cell
+    cm = np.stack([np.bincount(cells, weights=w, minlength=k * k) for w in weights]).reshape(n_rows, k, k)
     tp = np.diagonal(cm, axis1=1, axis2=2)
     fn, fp = cm.sum(axis=2) - tp, cm.sum(axis=1) - tp
     total = cm.sum(axis=(1, 2))
