@@ -6,7 +6,7 @@ epochs) once per row and prints the throughput from ``reports/train/timing.json`
 best validation AUC. ``-S key=value`` overrides params in every row.
 
     python bench/ddp.py          # CPU: GroupNorm and BatchNorm × 1 and 2 processes (gloo)
-    python bench/ddp.py --gpu    # CPU (all cores) vs CUDA float32 vs bf16, DataLoader workers, NCCL
+    python bench/ddp.py --gpu    # CPU (all cores) vs CUDA float32 vs bf16, NCHW vs channels last, workers, NCCL
     python bench/ddp.py --gpu --no-cpu-row -S data.phantom.image_size=128 -S train.width=32   # GPU-sized
 
 On a 2-core CPU two processes of one thread each do the work of one process of two threads:
@@ -34,7 +34,7 @@ from common import REPO
 from pipeline import balance, prepare
 from pipeline.core.config import load_params, parse_overrides, write_params
 
-COLUMNS = ("device", "precision", "norm", "processes", "workers", "threads each")
+COLUMNS = ("device", "precision", "layout", "norm", "processes", "workers", "threads each")
 
 
 def cpu_rows() -> list[dict[str, object]]:
@@ -46,7 +46,9 @@ def gpu_rows(cpu: bool) -> list[dict[str, object]]:
     row = {"train.norm": "group", "train.threads": threads}
     return [*([{**row, "train.device": "cpu"}] if cpu else []),
             {**row, "train.device": "cuda", "train.precision": "float32"},
+            {**row, "train.device": "cuda", "train.precision": "float32", "train.channels_last": True},
             {**row, "train.device": "cuda", "train.precision": "bf16"},
+            {**row, "train.device": "cuda", "train.precision": "bf16", "train.channels_last": True},
             {**row, "train.device": "cuda", "train.precision": "bf16", "train.workers": 2},
             {**row, "train.device": "cuda", "train.precision": "bf16", "train.processes": 2}]
 
@@ -62,7 +64,8 @@ def train_once(base: dict[str, object], row: dict[str, object]) -> list[str]:
     """The row's table cells after one run of the train stage in the current folder: device and
     precision as the run recorded them (as asked, when it failed)."""
     params = load_params(write_params(Path("params.yaml"), {**base, **row}, REPO / "params.yaml")).train
-    setup = [params.norm, str(params.processes), str(params.workers), str(params.threads // params.processes)]
+    setup = ["channels last" if params.channels_last else "NCHW", params.norm, str(params.processes), str(params.workers),
+             str(params.threads // params.processes)]
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "pipeline.train"], capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start

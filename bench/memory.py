@@ -6,7 +6,9 @@ in the prepared format (``data/prepared``, ``data/balanced``), chunk by chunk; t
 real train and evaluate stages on it in subprocesses, each recording its own high-water mark
 (VmHWM). The network is the default small CNN at width 4 (the memory in question is the
 data's, and a narrow network keeps an epoch of 100k images to minutes); evaluate runs without
-the classical baselines. Target: train's peak RSS ≤ 0.5× the training image array at 100k.
+the classical baselines. This tree runs twice: in the default NCHW layout and with
+``train.channels_last`` (what the README advises at this image size). Target: train's peak RSS
+≤ 0.5× the training image array at 100k.
 
 ``--baseline REV`` runs the same on the pipeline of another commit (its code and params), side
 by side: images/s of training then compare streaming with that commit's loop.
@@ -78,15 +80,18 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="medcnn-memory-") as tmp:
-        versions = {"this tree": code_of(None, Path(tmp) / "head")}
+        head, params = code_of(None, Path(tmp) / "head")
+        versions = {"this tree": (head, params, {"train.channels_last": False}),
+                    "this tree, channels last": (head, params, {"train.channels_last": True})}
         if args.baseline:
-            versions[args.baseline] = code_of(args.baseline, Path(tmp) / "baseline")
+            versions[args.baseline] = (*code_of(args.baseline, Path(tmp) / "baseline"), {})
         for n in args.sizes:
             data = Path(tmp) / f"data-{n}"
             write_prepared(data, n)
             array_mb = n * SIZE * SIZE / 2**20
-            for name, (code, params) in versions.items():
-                (data / "params.yaml").write_text(yaml.safe_dump(override(params, OVERRIDES), sort_keys=False))
+            for name, (code, params, layout) in versions.items():
+                (data / "params.yaml").write_text(yaml.safe_dump(override(params, {**OVERRIDES, **layout}),
+                                                                 sort_keys=False))
                 trained = run_stage(data, "train", code)
                 if trained is None:
                     rows.append((name, n, array_mb, None))

@@ -58,6 +58,7 @@ from pipeline.modeling.recipe import (
     WeightAverage,
     augment,
     epoch_order,
+    layout,
     lr_factor,
     make_loss,
     make_optimizer,
@@ -96,6 +97,7 @@ def train_epoch(model: nn.Module, data: TrainingSet, loss_fn: nn.Module, optimiz
     for b, (chunk, (share, rows), (images, y)) in enumerate(tqdm(zip(chunks, shares, stream), total=len(chunks),
                                                                  desc=f"epoch {epoch}", leave=False, disable=None)):
         x = augment(images.to(device).float().div_(255.0), cfg, generator, rows, len(chunk))
+        x = x.contiguous(memory_format=layout(cfg, x.ndim - 2))
         y = y.to(device)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(cfg, (epoch - 1) * len(chunks) + b, cfg.epochs * len(chunks))
@@ -179,7 +181,7 @@ def fit(params: Params, data: TrainingSet, val: dict[str, Any], meta: dict[str, 
                          image_size=size[0], width=cfg.width, mean=rounded(mean), std=rounded(std) or 1.0,
                          norm=cfg.norm, ndim=len(size))
     torch.manual_seed(params.seed)  # weight initialisation draws from the global generator
-    network = build_model(config).to(device)
+    network = build_model(config).to(device, memory_format=layout(cfg, len(size)))
     model = network if world.size == 1 else nn.parallel.DistributedDataParallel(
         network, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = make_optimizer(model, cfg)
@@ -235,7 +237,7 @@ def fit(params: Params, data: TrainingSet, val: dict[str, Any], meta: dict[str, 
         log.info("DP-SGD spent ε = %.3f at δ = %.2e over %d steps", guarantee["epsilon"], guarantee["delta"],
                  guarantee["steps"])
     network.load_state_dict(best_state)
-    return network.cpu(), history, best_epoch, guarantee
+    return network.to("cpu", memory_format=torch.contiguous_format), history, best_epoch, guarantee
 
 
 def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.BALANCED,

@@ -12,11 +12,13 @@ PRIVATE = {"train.privacy.enabled": True, "train.norm": "group", "train.epochs":
 
 def test_settings_that_void_the_guarantee_are_refused_by_name(tmp_path):
     params = tiny_params(tmp_path, **{**PRIVATE, "train.norm": "batch", "balance.strategy": "smote",
-                                      "train.sampler": "weighted", "train.grad_clip": 1.0})
+                                      "train.sampler": "weighted", "train.grad_clip": 1.0,
+                                      "train.channels_last": True})
     with pytest.raises(PipelineError) as error:
         dp_sgd.check(params)
     for named in ("balance.strategy=smote (repeated or blended", "train.sampler=weighted (the accounting",
-                  "train.grad_clip>0 (per-image", "train.norm=batch (batch statistics"):
+                  "train.grad_clip>0 (per-image", "train.norm=batch (batch statistics",
+                  "train.channels_last=true (Opacus"):
         assert named in str(error.value)
     dp_sgd.check(tiny_params(tmp_path, **PRIVATE))  # the allowed combination passes
     dp_sgd.check(tiny_params(tmp_path, **{"balance.strategy": "smote"}))  # and nothing is checked without privacy

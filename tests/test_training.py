@@ -109,6 +109,20 @@ def test_training_options_run_and_stay_deterministic(balanced, changes):  # noqa
     assert (balanced / "a" / "model.pt").read_bytes() == (balanced / "b" / "model.pt").read_bytes()
 
 
+def test_channels_last_training_is_deterministic_close_to_nchw_and_saves_nchw(balanced):
+    nchw = run_train(balanced, "nchw")
+    nhwc = run_train(balanced, "nhwc", **{"train.channels_last": True})
+    run_train(balanced, "again", **{"train.channels_last": True})
+    assert (balanced / "nhwc" / "model.pt").read_bytes() == (balanced / "again" / "model.pt").read_bytes()
+    state = torch.load(balanced / "nhwc" / "model.pt", weights_only=True)["state_dict"]
+    assert all(t.is_contiguous() for t in state.values())  # the layout is training's business only
+    # The same arithmetic in another summation order: the first epoch's loss agrees closely.
+    losses = [np.loadtxt(balanced / run / "history.csv", delimiter=",", skiprows=1, ndmin=2)[0, 1]
+              for run in ("nchw", "nhwc")]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+    assert abs(nhwc["train"]["val_roc_auc"] - nchw["train"]["val_roc_auc"]) <= 0.05
+
+
 def test_weight_average_follows_the_warmed_up_decay():
     model = nn.Sequential(nn.Linear(2, 1), nn.BatchNorm1d(1))
     start = {k: v.clone() for k, v in model.state_dict().items()}

@@ -205,6 +205,7 @@ class TrainParams:
     threads: int
     device: Device
     precision: Precision
+    channels_last: bool
     norm: Norm
     workers: int
     processes: int

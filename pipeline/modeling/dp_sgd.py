@@ -64,6 +64,10 @@ def refusals(params: Params) -> list[str]:
         found.append(f"train.norm={cfg.norm} (batch statistics mix images; use train.norm=group)")
     if cfg.processes != 1:
         found.append(f"train.processes={cfg.processes} (private training runs in one process)")
+    if cfg.channels_last:
+        # Measured with Opacus 1.6: conv weights' per-image gradients off by as much as their size.
+        found.append("train.channels_last=true (Opacus computes per-image convolution gradients for NCHW "
+                     "tensors only; channels-last ones come out wrong)")
     return found
 
 
