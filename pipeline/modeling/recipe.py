@@ -103,18 +103,18 @@ def precision(cfg: TrainParams, device: torch.device) -> str:
 
 
 def layout(cfg: TrainParams, ndim: int) -> torch.memory_format:
-    """The memory layout training keeps weights and activations in: channels-last (NHWC, NDHWC
-    for volumes, ``ndim`` 3) with ``train.channels_last``, else PyTorch's default NCHW.
+    """The memory layout training keeps 2-D weights and activations in: channels-last (NHWC)
+    with ``train.channels_last``, else PyTorch's default NCHW.
 
     oneDNN runs its CPU convolutions in channel blocks of 8 or 16: an NCHW activation with
     fewer channels is padded to a block and converted on every convolution, forward and
     backward, in buffers several times the activation's size. Channels-last tensors go in as
-    they are. At 128 px that is faster and holds ~100 MB less (``bench/memory.py``); on small
-    images the channels-last kernels are slower. The saved model is NCHW either way.
+    they are. At 128 px that is faster and holds less memory (``bench/layout.py``,
+    ``bench/memory.py``); at 64 px and below the channels-last kernels are slower. The saved
+    model is NCHW either way. Volumes (``ndim`` 3) keep the default: their convolutions
+    already train channels-last on the CPU, each on its own (:class:`networks.Conv3d`).
     """
-    if not cfg.channels_last:
-        return torch.contiguous_format
-    return torch.channels_last_3d if ndim == 3 else torch.channels_last
+    return torch.channels_last if cfg.channels_last and ndim == 2 else torch.contiguous_format
 
 
 def augment(x: torch.Tensor, cfg: TrainParams, generator: torch.Generator, rows: slice | None = None,
