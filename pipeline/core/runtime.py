@@ -59,9 +59,10 @@ def configure_torch(threads: int, deterministic: bool = True) -> None:
 
     The deterministic flag is set on the eager kernels directly: the public
     ``torch.use_deterministic_algorithms`` also sets torch.compile's flag, and importing the
-    compiler for it (inductor, dynamo, sympy) costs every stage 0.9 s and 75 MB of resident
-    memory for a compiler the pipeline never runs. ``torch.are_deterministic_algorithms_enabled()``
-    reads the same flag either way.
+    compiler for it (inductor, dynamo, sympy) costs 0.9 s and ~75 MB of resident memory for a
+    compiler the pipeline never runs. Stages without an optimiser (evaluate, explain) are spared
+    it; train pays it anyway, as ``torch.optim`` imports dynamo on first use.
+    ``torch.are_deterministic_algorithms_enabled()`` reads the same flag either way.
     """
     import torch
 
