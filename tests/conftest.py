@@ -8,6 +8,7 @@ there), and the session fails if any of those repository paths changed.
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import glob
 import os
@@ -124,6 +125,12 @@ def run_stages(root: Path, params: Params, stages: tuple[str, ...]) -> None:
     with contextlib.chdir(root):
         for stage in stages:
             importlib.import_module(f"pipeline.{stage}").run(params)
+
+
+def first_epoch_loss(history: Path) -> float:
+    """The first epoch's training loss in a train stage's ``history.csv``."""
+    with open(history) as handle:
+        return float(next(csv.DictReader(handle))["train_loss"])
 
 
 def run_train(root: Path, out: str, **overrides: Any) -> dict[str, Any]:
