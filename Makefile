@@ -1,4 +1,4 @@
-# medcnn: `make run` (whole pipeline), `make test`, `make ui`, `make mlflow-server`. Everything runs inside .venv,
+# medcnn: `make run` (whole pipeline), `make verify`, `make test`, `make ui`, `make mlflow-server`. Everything runs inside .venv,
 # created and filled from requirements.lock by `make setup` (idempotent; instant when the
 # lock and pyproject.toml are unchanged).
 
@@ -11,7 +11,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup run test test-fast ui mlflow-server mlflow-server-stop lock clean
+.PHONY: setup run verify test test-fast ui mlflow-server mlflow-server-stop lock clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ $(STAMP): requirements.lock pyproject.toml
 run: setup
 	dvc repro
 	python -m pipeline.summary
+
+# Rerun the committed pipeline in a temporary copy and compare every output with dvc.lock.
+verify: setup
+	python -m pipeline.verify
 
 test: setup
 	python -m pytest

@@ -26,7 +26,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from common import copy_project  # noqa: E402
+from pipeline.core.workspace import copy_project  # noqa: E402
 
 TINY = {"data.phantom.image_size": 32, "data.phantom.n_train": 160, "data.phantom.n_val": 60,
         "data.phantom.n_test": 80, "train.width": 4, "train.epochs": 2, "train.batch_size": 32, "train.threads": 1,

@@ -27,9 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import alternate, copy_project, copy_revision, print_stage_table
+from common import alternate, print_stage_table
 
 from pipeline.core.config import parse_overrides
+from pipeline.core.workspace import copy_project
 
 TREE = "this tree"  # what --compare times beside the revision: the working tree, as git sees it
 CHECKED = ("models/model.pt", "reports/eval/metrics.json", "reports/train/history.csv")
@@ -44,7 +45,7 @@ def compare(revision: str, overrides: dict[str, object], rounds: int) -> None:
     with tempfile.TemporaryDirectory(prefix="medcnn-compare-") as tmp:
         (Path(tmp) / "revision").mkdir()
         (Path(tmp) / "tree").mkdir()
-        copies = {revision: (Path(tmp) / "revision", copy_revision(Path(tmp) / "revision", revision, overrides)),
+        copies = {revision: (Path(tmp) / "revision", copy_project(Path(tmp) / "revision", overrides, revision)),
                   TREE: (Path(tmp) / "tree", copy_project(Path(tmp) / "tree", overrides))}
         mean = alternate(copies, rounds)
         auc = {name: json.loads((root / "reports/eval/metrics.json").read_text())["test"]["roc_auc"]

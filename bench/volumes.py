@@ -26,7 +26,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import REPO, alternate, copy_project, print_stage_table, run_stage
+from common import REPO, alternate, print_stage_table, run_stage
+
+from pipeline.core.workspace import copy_project
 
 RUNS = {"2-D default": {}, "3-D default": {"data.phantom.ndim": 3},
         "3-D seed_cnn": {"data.phantom.ndim": 3, "train.model": "seed_cnn"}}

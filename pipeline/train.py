@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.core import paths
+from pipeline.core import kernels, paths
 from pipeline.core.config import Params, TrainParams, as_dict, load_params
 from pipeline.core.dataset import BALANCED_FILES, TrainingSet, load_meta, load_split, load_training_set
 from pipeline.core.errors import PipelineError
@@ -45,6 +45,7 @@ from pipeline.core.files import SECONDS_DECIMALS, file_digest, rounded, write_cs
 from pipeline.core.runtime import (
     configure_logging,
     configure_torch,
+    device_name,
     run_command,
     seed_everything,
     select_device,
@@ -128,12 +129,16 @@ def train_epoch(model: nn.Module, data: TrainingSet, loss_fn: nn.Module, optimiz
     }
 
 
-def evaluate_split(model: Classifier, images: np.ndarray, labels: np.ndarray, loss_fn: nn.Module,
+def evaluate_split(model: Classifier, images: np.ndarray, labels: np.ndarray, weights: np.ndarray,
                    device: torch.device) -> dict[str, float | None]:
+    """Validation loss (class-weighted cross-entropy of the probabilities, as training weighs its
+    loss), accuracy and ROC AUC. The logarithm is numpy's, in float64: ``torch.log`` runs in MKL's
+    vector math, whose last bits differ between CPU vendors (see :mod:`pipeline.core.kernels`)."""
     probs = predict_proba(model, images, device=device)
-    loss = loss_fn(torch.log(torch.from_numpy(probs).float().clamp_min(1e-12)).to(device),
-                   torch.from_numpy(labels).to(device))
-    return {"loss": float(loss), "accuracy": float((probs.argmax(1) == labels).mean()), "roc_auc": roc_auc(labels, probs)}
+    weight = np.asarray(weights, dtype=np.float64)[labels]
+    picked = np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))
+    loss = float(-(weight * picked).sum() / weight.sum())
+    return {"loss": loss, "accuracy": float((probs.argmax(1) == labels).mean()), "roc_auc": roc_auc(labels, probs)}
 
 
 def fingerprint(params: Params, prepared: Path, balanced: Path) -> str:
@@ -189,10 +194,7 @@ def fit(params: Params, data: TrainingSet, val: dict[str, Any], meta: dict[str, 
     if cfg.privacy.enabled:
         private = dp_sgd.make_private(params, network, optimizer, len(data), generator)
         model, optimizer = private.model, private.optimizer
-    # Validation loss: weighted cross-entropy over log-probabilities.
-    weight = torch.tensor(data.weights, dtype=torch.float32, device=device)
-    train_loss = make_loss(cfg, weight)
-    val_loss = nn.NLLLoss(weight=weight)
+    train_loss = make_loss(cfg, torch.tensor(data.weights, dtype=torch.float32, device=device))
     history: list[dict[str, Any]] = []
     best_auc, best_epoch, best_state = -math.inf, 0, None
     # With train.ema the weight average is what gets validated, kept and saved.
@@ -214,7 +216,7 @@ def fit(params: Params, data: TrainingSet, val: dict[str, Any], meta: dict[str, 
     while epoch < cfg.epochs and not (history and epoch - best_epoch >= cfg.patience):
         epoch += 1
         tr = train_epoch(model, data, train_loss, optimizer, cfg, generator, device, epoch, average, world, private)
-        va = evaluate_split(evaluated, val["images"], val["labels"], val_loss, device)
+        va = evaluate_split(evaluated, val["images"], val["labels"], data.weights, device)
         history.append({"epoch": epoch, **{f"train_{k}": v for k, v in tr.items()}, **{f"val_{k}": v for k, v in va.items()}})
         auc = va["roc_auc"] if va["roc_auc"] is not None else -va["loss"]
         improved = auc > best_auc
@@ -272,11 +274,12 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
     write_csv(out_dir / paths.HISTORY, HISTORY_COLUMNS, [[rounded(row[c]) for c in HISTORY_COLUMNS] for row in history])
     write_json(out_dir / paths.METRICS, metrics)
     write_json(out_dir / paths.TIMING, {"seconds": rounded(seconds, SECONDS_DECIMALS),
-                                        "device": device.type,
+                                        "device": device_name(device),
                                         "precision": precision(params.train, device),
                                         "processes": world.size, "workers": params.train.workers,
                                         "images_per_second": rounded(len(data) * len(history) / seconds,
-                                                                     SECONDS_DECIMALS)})
+                                                                     SECONDS_DECIMALS),
+                                        "kernels": kernels.record(max(1, params.train.threads // world.size))})
     plot_history(history, out_dir / paths.CURVES)
     if checkpoint and checkpoint.exists():
         checkpoint.unlink()  # finished: the next run starts fresh

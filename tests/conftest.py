@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pipeline  # noqa: F401, I001 - first: it pins numpy's and torch's CPU kernels before they load (core.kernels)
 import numpy as np
 import pytest
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.core.workspace import copy_project
 from tests.conftest import REPO, TINY, free_port, write_params
 
 pytestmark = pytest.mark.slow
@@ -33,24 +34,7 @@ def sh(args: list[str], cwd: Path, env: dict[str, str]) -> str:
 
 def new_project(root: Path) -> tuple[Path, dict[str, str]]:
     """The project's files (as git sees them) in a fresh git repository at ``root``, tiny params committed."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        if (REPO / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, root / name)
-    for lock in root.glob("dvc.lock"):
-        lock.unlink()  # the tiny params make a different run
-    write_params(root / "params.yaml", TINY)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t", "PYTHONPATH": str(root)}
-    for variable in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME"):
-        env.pop(variable, None)
-    sh(["git", "init", "-q", "-b", "main"], root, env)
-    sh(["git", "add", "-A"], root, env)
-    sh(["git", "commit", "-qm", "tiny"], root, env)
-    return root, env
+    return root, copy_project(root, TINY)
 
 
 @pytest.fixture(scope="module")

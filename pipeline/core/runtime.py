@@ -54,8 +54,10 @@ def steady_heap() -> None:
 
 
 def configure_torch(threads: int, deterministic: bool = True) -> None:
-    """Fix the thread count, ask for deterministic kernels (same seed => same bytes) and keep the
-    heap steady (:func:`steady_heap`).
+    """Fix the thread count (torch's, and numpy's and scikit-learn's BLAS and OpenMP pools), ask
+    for deterministic kernels (same seed => same bytes), keep NNPACK out (its convolutions block
+    their loops by the CPU's cache sizes; oneDNN is the pinned path, :mod:`pipeline.core.kernels`)
+    and keep the heap steady (:func:`steady_heap`).
 
     The deterministic flag is set on the eager kernels directly: the public
     ``torch.use_deterministic_algorithms`` also sets torch.compile's flag, and importing the
@@ -71,6 +73,10 @@ def configure_torch(threads: int, deterministic: bool = True) -> None:
     torch.set_num_threads(threads)
     torch._C._set_deterministic_algorithms(deterministic, warn_only=True)
     torch.backends.cudnn.benchmark = False
+    torch.backends.nnpack.set_flags(False)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(threads)
 
 
 def select_device(name: str) -> "torch.device":  # noqa: F821 - torch imported lazily
@@ -81,6 +87,13 @@ def select_device(name: str) -> "torch.device":  # noqa: F821 - torch imported l
     if name == "cuda" and not torch.cuda.is_available():
         raise PipelineError("train.device is 'cuda' but no CUDA device is available")
     return torch.device(name)
+
+
+def device_name(device: "torch.device") -> str:  # noqa: F821 - torch imported lazily
+    """``cpu``, or ``cuda`` with the GPU's name: what the report's reproducibility scope turns on."""
+    import torch
+
+    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type
 
 
 def configure_logging() -> None:

@@ -16,10 +16,14 @@ from torch import nn
 
 from pipeline.core.config import TrainParams
 
+# AdamW runs fused: one ATen kernel per parameter, whose square root is the CPU's exact
+# instruction. The unfused step calls torch.sqrt, which ATen hands to MKL's vector math (VML),
+# whose results differ between Intel and AMD CPUs whatever MKL_CBWR says (pipeline.core.kernels).
 OPTIMIZERS: dict[str, Callable[[nn.Module, TrainParams], torch.optim.Optimizer]] = {
     "sgd": lambda model, cfg: torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                               weight_decay=cfg.weight_decay),
-    "adamw": lambda model, cfg: torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
+    "adamw": lambda model, cfg: torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                                  fused=True),
 }
 
 
@@ -161,11 +165,17 @@ def augment(x: torch.Tensor, cfg: TrainParams, generator: torch.Generator, rows:
 
 
 def _affine_2d(uniform: Callable[[float], torch.Tensor], cfg: TrainParams) -> torch.Tensor:
-    """N×2×3 matrices for ``affine_grid``: rotation, isotropic zoom, shift (in grid units)."""
+    """N×2×3 matrices for ``affine_grid``: rotation, isotropic zoom, shift (in grid units).
+
+    Cosine and sine come from Python's ``math`` (libm, in float64): ``torch.cos`` runs in MKL's
+    vector math, whose last bits differ between CPU vendors (see :mod:`pipeline.core.kernels`).
+    """
     angle = uniform(cfg.aug_rotate) * math.pi / 180
     scale = 1 + uniform(cfg.aug_scale)
     tx, ty = uniform(cfg.aug_translate) * 2, uniform(cfg.aug_translate) * 2  # grid units span [-1, 1]
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    turns = angle.tolist()
+    cos = torch.tensor([math.cos(a) for a in turns], dtype=torch.float32) / scale
+    sin = torch.tensor([math.sin(a) for a in turns], dtype=torch.float32) / scale
     return torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
 
 
