@@ -30,7 +30,7 @@ from pipeline.core.workspace import copy_project  # noqa: E402
 
 TINY = {"data.phantom.image_size": 32, "data.phantom.n_train": 160, "data.phantom.n_val": 60,
         "data.phantom.n_test": 80, "train.width": 4, "train.epochs": 2, "train.batch_size": 32, "train.threads": 1,
-        "evaluate.bootstrap": 200, "explain.per_class": 1, "explain.worst": 1, "explain.ig_steps": 4,
+        "evaluate.bootstrap": 200, "explain.per_outcome": 1, "explain.worst": 1, "explain.ig_steps": 4,
         "explain.smoothgrad_samples": 4, "explain.lime_samples": 20, "explain.faithfulness_steps": 6,
         "explain.perturbations": 2, "explain.class_image_steps": 5}
 LEARNING_RATES = (0.001, 0.002, 0.003, 0.004)

@@ -13,12 +13,16 @@ scored on corrupted test images (:mod:`pipeline.evaluation.corruptions`).
 
 Writes ``models/model.pt`` and ``reports/eval/``:
 - ``metrics.json`` (DVC metrics): ``test.<metric>`` with ``_ci_low``/``_ci_high``, the threshold,
-  confusion matrices, calibration before/after, baselines, subgroups, ``privacy_audit``,
-  ``robustness``;
-- ``predictions.csv``: id, true label, calibrated and uncalibrated probabilities, prediction:
-  enough for a reviewer to recompute every number;
-- DVC plot data ``roc.csv``, ``pr.csv``, ``calibration.csv`` and PNGs of ROC, precision-recall,
-  confusion, calibration, failure cases and robustness; ``failures.json``; ``timing.json``.
+  confusion matrices, the precision each count allows, calibration before/after with CIs,
+  the decision curve's summary (binary tasks), baselines (and any skipped, with why),
+  subgroups, out-of-distribution test images, ``privacy_audit``, ``robustness``, and what
+  the validation split was used for;
+- ``predictions.csv`` and ``val_predictions.csv``: id, true label, calibrated and uncalibrated
+  probabilities, decision, out-of-distribution flag: enough for a reviewer to recompute every
+  test number, and the temperature and threshold from the validation split;
+- DVC plot data ``roc.csv``, ``pr.csv``, ``calibration.csv``, ``decision_curve.csv`` and PNGs of
+  ROC, precision-recall, confusion, calibration, decision curve, failure cases and robustness;
+  ``failures.json``; ``timing.json``.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from pipeline.core.files import SECONDS_DECIMALS, file_digest, rounded, write_cs
 from pipeline.core.runtime import configure_torch, stage_main
 from pipeline.evaluation import baselines as classical
 from pipeline.evaluation import calibration, corruptions, membership
+from pipeline.evaluation.decision_curve import COLUMNS as DECISION_CURVE_COLUMNS
+from pipeline.evaluation.decision_curve import decision_curve
 from pipeline.evaluation.metrics import (
     HEADLINE,
     bootstrap_headline,
@@ -46,14 +52,16 @@ from pipeline.evaluation.metrics import (
     confusion_matrix,
     normalised,
     per_class_auc,
+    precision_of_estimates,
 )
 from pipeline.modeling import dp_sgd
 from pipeline.modeling.checkpoints import load_checkpoint
 from pipeline.modeling.networks import predict_proba
-from pipeline.modeling.package import ModelPackage, intensity_reference, save_package
+from pipeline.modeling.package import ModelPackage, Scores, intensity_reference, save_package
 from pipeline.reporting.plots import (
     plot_calibration,
     plot_confusion,
+    plot_decision_curve,
     plot_failures,
     plot_pr,
     plot_robustness,
@@ -214,13 +222,20 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
     if len(names) > 2:
         test_metrics["roc_auc_per_class"] = per_class_auc(y_test, probs["test"], names)
     test_metrics["per_class_imbalanced"] = imbalanced_report(y_test, preds, names)
+    test_metrics["precision"] = precision_of_estimates(matrix, positive if threshold is not None else None, names)
     calib = {"method": cfg.calibrate, "temperature": temperature}
     for when, p in (("before", raw["test"]), ("after", probs["test"])):
         overall = classification_metrics(y_test, p, positive, threshold)
-        calib[when] = {**calibration.summarise(y_test, p, positive), "brier": overall["brier"], "log_loss": overall["log_loss"]}
+        calib[when] = {**calibration.summarise_with_ci(y_test, p, positive, cfg.bootstrap, params.seed, patients),
+                       "brier": overall["brier"], "log_loss": overall["log_loss"]}
     result: dict[str, Any] = {"test": test_metrics, "calibration": calib, "val": {
-        "roc_auc": classification_metrics(y_val, val_probs, positive, threshold)["roc_auc"], "n": len(y_val)},
-        "out_of_distribution": {"test_flagged": int(scored.out_of_distribution.sum())}}
+        "roc_auc": classification_metrics(y_val, val_probs, positive, threshold)["roc_auc"], "n": len(y_val),
+        "used_for": validation_uses(cfg, threshold)},
+        "out_of_distribution": {"test_flagged": int(scored.out_of_distribution.sum()),
+                                "test_ids": [str(i) for i in test["ids"][scored.out_of_distribution]]}}
+    curve = None
+    if threshold is not None:  # binary: is acting on the model better than treating all or none?
+        curve, result["decision_curve"] = decision_curve(y_test, probs["test"], positive, threshold)
 
     # 3. Membership inference audit: training members against the test split's non-members.
     result["privacy_audit"] = privacy_audit(params, prepared, package, (val_raw, y_val), (scored.uncalibrated, y_test))
@@ -245,8 +260,9 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
             result["baseline_voxel_pooling"] = classical.pooling(training.shape)
         for name in cfg.baselines:
             if name == "svm" and len(training) > cfg.svm_max_train:
-                log.info("skipping svm: %d training images > evaluate.svm_max_train=%d", len(training),
-                         cfg.svm_max_train)
+                why = f"{len(training)} training images > evaluate.svm_max_train ({cfg.svm_max_train})"
+                log.info("skipping svm: %s", why)
+                result.setdefault("baselines_skipped", {})[name] = why
                 continue
             out, timing[f"baseline_{name}_seconds"] = classical.fit_predict(
                 name, training, training.labels, np.asarray(training.weights)[training.labels], val["images"], y_val,
@@ -256,19 +272,43 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
             baseline_probs[name] = out["test"]
 
     save_package(package_path, package)
-    write_outputs(out_dir, result, test, probs["test"], raw["test"], preds, names, positive, baseline_probs, cfg, timing)
+    write_outputs(out_dir, result, test, scored, names, positive, baseline_probs, cfg, timing)
+    write_csv(out_dir / paths.VAL_PREDICTIONS, *prediction_table(val["ids"], y_val, package.score(val["images"],
+                                                                                                cfg.batch_size), names))
+    write_csv(out_dir / paths.DECISION_CURVE_CSV, list(DECISION_CURVE_COLUMNS), [list(r.values()) for r in curve or []])
+    plot_decision_curve(curve or [], threshold, out_dir / paths.DECISION_CURVE_PNG)
     log.info("test: %s", ", ".join(f"{k} {test_metrics[k]}" for k in ("roc_auc", "accuracy", "sensitivity", "specificity")))
     return result
 
 
-def write_outputs(out_dir: Path, result: dict[str, Any], test: dict[str, np.ndarray], probs: np.ndarray,
-                  raw: np.ndarray, preds: np.ndarray, names: list[str], positive: int,
-                  baseline_probs: dict[str, np.ndarray], cfg: EvaluateParams, timing: dict[str, float]) -> None:
-    labels = test["labels"]
-    header = ["id", "label", *[f"prob_{n}" for n in names], *[f"uncalibrated_prob_{n}" for n in names], "prediction"]
-    rows = [[i, names[y], *[f"{v:.6f}" for v in p], *[f"{v:.6f}" for v in r], names[d]]
-            for i, y, p, r, d in zip(test["ids"], labels, probs, raw, preds)]
-    write_csv(out_dir / paths.PREDICTIONS, header, rows)
+def validation_uses(cfg: EvaluateParams, threshold: float | None) -> list[str]:
+    """Every choice the validation split made or served, in order: the report's warning about
+    estimates made on it rests on this list."""
+    uses = ["choosing the training epoch (early stopping)"]
+    if cfg.calibrate != "none":
+        uses.append(f"fitting the {cfg.calibrate}")
+    if threshold is not None and not cfg.threshold.startswith("fixed"):
+        uses.append(f"choosing the threshold ({cfg.threshold})")
+    uses.append("the membership audit's non-members")
+    return uses
+
+
+def prediction_table(ids: np.ndarray, labels: np.ndarray, scored: Scores, names: list[str]) -> tuple[list[str], list]:
+    """Header and rows of a predictions file: id, true label, calibrated and uncalibrated
+    probabilities, the decision at the frozen threshold and the out-of-distribution flag."""
+    header = ["id", "label", *[f"prob_{n}" for n in names], *[f"uncalibrated_prob_{n}" for n in names], "prediction",
+              "out_of_distribution"]
+    rows = [[i, names[y], *[f"{v:.6f}" for v in p], *[f"{v:.6f}" for v in r], names[d], int(o)]
+            for i, y, p, r, d, o in zip(ids, labels, scored.probabilities, scored.uncalibrated, scored.predictions,
+                                        scored.out_of_distribution)]
+    return header, rows
+
+
+def write_outputs(out_dir: Path, result: dict[str, Any], test: dict[str, np.ndarray], scored: Scores,
+                  names: list[str], positive: int, baseline_probs: dict[str, np.ndarray], cfg: EvaluateParams,
+                  timing: dict[str, float]) -> None:
+    labels, probs, raw, preds = test["labels"], scored.probabilities, scored.uncalibrated, scored.predictions
+    write_csv(out_dir / paths.PREDICTIONS, *prediction_table(test["ids"], labels, scored, names))
     roc_rows, pr_rows, roc_plot, pr_plot = [], [], {}, {}
     for name, (fpr, tpr, thr), (recall, precision) in curves(labels, probs, names, positive):
         roc_rows += [[name, f"{a:.6f}", f"{b:.6f}", f"{t:.6f}"] for a, b, t in zip(fpr, tpr, thr)]

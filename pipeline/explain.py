@@ -1,19 +1,25 @@
 """Stage 5, explain: attribution maps for chosen test images, and how far each method deserves trust.
 
-Samples: ``explain.per_class`` test images per class (seeded), the ``explain.worst`` most
-confident false positives and false negatives from evaluate, and, when the phantom carries a
-shortcut marker, images with the marker. Each map explains the class the model predicted.
+Every map explains the model's own decision, made as ``pipeline.predict`` makes it: the
+calibrated probability against the threshold frozen on validation (arg-max for multi-class
+tasks). Samples are drawn by outcome, ``explain.per_outcome`` each (seeded): true and false
+positives and negatives for binary tasks, correct and misclassified images of each class
+otherwise; then the ``explain.worst`` most confident false positives and false negatives from
+evaluate, and, when the phantom carries a shortcut marker, images with the marker.
 Every method in ``explain.methods`` is then measured (see :mod:`pipeline.xai.trust`):
-faithfulness against a random order, Captum infidelity and max-sensitivity, the
-model-randomisation sanity check, localisation against lesion masks, and attribution on the
-shortcut marker.
+faithfulness against a random order, Captum infidelity and max-sensitivity and the
+model-randomisation sanity check on those samples; localisation on the map of the class the
+masks mark (the positive class), for every test image with a mask whatever the decision (at
+most ``explain.localisation_images``, seeded), so that it comes with a confidence interval;
+and attribution on the shortcut marker.
 
-Writes ``reports/explain/``: ``metrics.json`` (DVC metrics; per method, with ``sanity_pass``
-and warnings), ``samples.json``, ``attributions.npy`` (methods × samples × H × W, or × D × H × W for volumes),
-``timing.json`` and ``figures/``: one figure per sample (for volumes, orthogonal slices through
-the attribution peak and the lesion centre, and a maximum-intensity projection), ``curves.png`` (deletion/insertion),
-``feature_maps.png`` and ``class_images.png`` (the seed's activation and gradient-ascent
-visualisations).
+Writes ``reports/explain/``: ``metrics.json`` (DVC metrics; per method, the numbers and the
+verdict of each check, and warnings), ``samples.json`` (the samples and the decision rule they
+were explained at), ``attributions.npy`` (methods × samples × H × W, or × D × H × W for
+volumes), ``timing.json`` and ``figures/``: one figure per sample (for volumes, orthogonal
+slices through the attribution peak and the lesion centre, and a maximum-intensity
+projection), ``curves.png`` (deletion/insertion), ``feature_maps.png`` and ``class_images.png``
+(the seed's activation and gradient-ascent visualisations).
 """
 
 from __future__ import annotations
@@ -30,10 +36,10 @@ from tqdm import tqdm
 from pipeline.core import paths
 from pipeline.core.config import Params
 from pipeline.core.dataset import load_meta, load_split, marker_region
-from pipeline.core.files import SECONDS_DECIMALS, read_json, rounded, save_npy, staged_dir, write_json
+from pipeline.core.files import SECONDS_DECIMALS, fmt, read_json, rounded, save_npy, staged_dir, write_json
 from pipeline.core.runtime import configure_torch, stage_main
 from pipeline.modeling.networks import channels_last, folded, images_to_tensor
-from pipeline.modeling.package import load_package
+from pipeline.modeling.package import ModelPackage, load_package
 from pipeline.reporting.plots import (
     plot_attributions,
     plot_class_images,
@@ -48,26 +54,51 @@ log = logging.getLogger(__name__)
 SANITY_STAGES = {"top layer": 1e-9, "all layers": 1.0}
 
 
-def select_samples(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
-    """Up to ``per_class`` test indices per class, drawn with a generator seeded from ``seed``."""
+def outcomes(labels: np.ndarray, decisions: np.ndarray, names: list[str], positive: int | None) -> np.ndarray:
+    """Each image's outcome: true/false positive/negative for binary tasks (``positive`` given),
+    ``correctly classified <class> image`` or ``misclassified <class> image`` otherwise."""
+    correct = labels == decisions
+    if positive is not None:
+        kinds = np.where(labels == positive, np.where(correct, "true positive", "false negative"),
+                         np.where(correct, "true negative", "false positive"))
+        return kinds.astype(object)
+    return np.array([outcome_name(names[y], ok) for y, ok in zip(labels, correct)], dtype=object)
+
+
+def outcome_name(name: str, correct: bool) -> str:
+    return f"{'correctly classified' if correct else 'misclassified'} {name} image"
+
+
+def outcome_order(names: list[str], positive: int | None) -> list[str]:
+    if positive is not None:
+        return ["true positive", "false negative", "true negative", "false positive"]
+    return [outcome_name(name, ok) for name in names for ok in (True, False)]
+
+
+def select_samples(kinds: np.ndarray, order: list[str], per_outcome: int, seed: int) -> list[tuple[int, str]]:
+    """Up to ``per_outcome`` test indices of each outcome, in ``order``, drawn with a seeded generator."""
     rng = np.random.default_rng([seed, 5])
     chosen = []
-    for k in np.unique(labels):
-        members = np.flatnonzero(labels == k)
-        chosen.extend(sorted(rng.choice(members, size=min(per_class, len(members)), replace=False).tolist()))
-    return np.asarray(chosen, dtype=np.int64)
+    for kind in order:
+        members = np.flatnonzero(kinds == kind)
+        picks = rng.choice(members, size=min(per_outcome, len(members)), replace=False) if len(members) else []
+        chosen += [(int(i), kind) for i in sorted(picks)]
+    return chosen
 
 
-def choose(test: dict[str, np.ndarray], params: Params, failures: dict[str, list[dict]]) -> list[tuple[int, str]]:
+def choose(test: dict[str, np.ndarray], decisions: np.ndarray, names: list[str], positive: int | None,
+           params: Params, failures: dict[str, list[dict]]) -> list[tuple[int, str]]:
     """(test index, why chosen) for every sample to explain, without repeats, in a fixed order."""
     cfg = params.explain
-    picked = [(int(i), "per class") for i in select_samples(test["labels"], cfg.per_class, params.seed)]
+    picked = select_samples(outcomes(test["labels"], decisions, names, positive), outcome_order(names, positive),
+                            cfg.per_outcome, params.seed)
     for kind, rows in failures.items():
-        picked += [(row["index"], kind.replace("_", " ")[:-1]) for row in rows[:cfg.worst]]
+        picked += [(row["index"], f"most confident {kind.replace('_', ' ')[:-1]}") for row in rows[:cfg.worst]]
     if "markers" in test:
         with_marker = np.flatnonzero(test["markers"] == 1)
-        picks = select_samples(test["labels"][with_marker], cfg.per_class, params.seed + 1)
-        picked += [(int(with_marker[j]), "carries the shortcut marker") for j in picks]
+        rng = np.random.default_rng([params.seed + 1, 5])
+        picks = rng.choice(with_marker, size=min(cfg.per_outcome, len(with_marker)), replace=False)
+        picked += [(int(i), "image with the shortcut marker") for i in sorted(picks)]
     seen, unique = set(), []
     for index, why in picked:
         if index not in seen:
@@ -76,12 +107,32 @@ def choose(test: dict[str, np.ndarray], params: Params, failures: dict[str, list
     return unique
 
 
+def localisation_set(masks: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Test images with a non-empty mask, at most ``limit`` of them (a seeded sample)."""
+    masked = np.flatnonzero(masks.reshape(len(masks), -1).any(axis=1))
+    if len(masked) > limit:
+        masked = np.sort(np.random.default_rng([seed, 17]).choice(masked, size=limit, replace=False))
+    return masked
+
+
+def localise(model: torch.nn.Module, test: dict[str, np.ndarray], positive: int, params: Params
+             ) -> tuple[dict[str, dict[str, Any]], int]:
+    """Every method's localisation on the positive class's map of the masked test images; and how many."""
+    masks = np.asarray(test["masks"])
+    index = localisation_set(masks, params.explain.localisation_images, params.seed)
+    inputs = images_to_tensor(np.asarray(test["images"][index]))
+    targets = torch.full((len(index),), positive, dtype=torch.long)
+    maps = attributions.attribute(model, inputs, targets, params.explain, params.seed)
+    return ({method: trust.localisation(maps[method], masks[index], params.seed) for method in params.explain.methods},
+            len(index))
+
+
 def measure(model: torch.nn.Module, network: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-            maps: dict[str, np.ndarray], params: Params, masks: np.ndarray | None, marker: np.ndarray | None,
+            maps: dict[str, np.ndarray], params: Params, marker: np.ndarray | None,
             has_marker: np.ndarray | None) -> tuple[dict[str, Any], dict[str, dict]]:
-    """Every trust measurement per method, and the mean deletion/insertion curves; ``model`` is
-    ``network`` folded for inference (see :func:`run`), whose layers the sanity check
-    re-initialises; ``marker`` is the shortcut marker's pixels
+    """Every trust measurement on the samples per method, and the mean deletion/insertion
+    curves; ``model`` is ``network`` folded for inference (see :func:`run`), whose layers the
+    sanity check re-initialises; ``marker`` is the shortcut marker's pixels
     (:func:`pipeline.core.dataset.marker_region`)."""
     cfg = params.explain
     faith = trust.faithfulness(model, inputs, targets, maps, cfg.faithfulness_steps, params.seed)
@@ -101,8 +152,7 @@ def measure(model: torch.nn.Module, network: torch.nn.Module, inputs: torch.Tens
             row[f"randomised_{stage.replace(' ', '_')}_spearman"] = sim["spearman"]
             row[f"randomised_{stage.replace(' ', '_')}_ssim"] = sim["ssim"]
         row["sanity_pass"] = bool(row["randomised_all_layers_spearman"] <= cfg.sanity_threshold)
-        if masks is not None:
-            row.update(trust.localisation(maps[method], masks))
+        row["faithful"] = row["deletion_beats_random"] or row["insertion_beats_random"]
         if region is not None:
             row["marker_mass"] = rounded(float(np.mean([trust.mass_fraction(m, region, absolute=True)
                                                         for m in maps[method][has_marker == 1]])))
@@ -117,14 +167,28 @@ def warnings_for(results: dict[str, Any], params: Params) -> list[str]:
         row, title = results[method], attributions.TITLES[method]
         if not row["sanity_pass"]:
             found.append(f"{title} fails the randomisation sanity check: its maps keep Spearman "
-                         f"{row['randomised_all_layers_spearman']:.2f} (> {cfg.sanity_threshold}) after every layer is "
+                         f"{fmt(row['randomised_all_layers_spearman'])} (> {cfg.sanity_threshold}) after every layer is "
                          "re-initialised, so they do not show what the model learned.")
-        if not (row["deletion_beats_random"] or row["insertion_beats_random"]):
+        if not row["faithful"]:
             found.append(f"{title} is no more faithful than a random pixel order (neither deletion nor insertion).")
+        if row.get("localisation_pass") is False:
+            found.append(f"{title} does not localise the lesions: its pointing game {fmt(row['pointing_game'])} "
+                         f"(95% CI {fmt(row['pointing_game_ci_low'])}–{fmt(row['pointing_game_ci_high'])}, "
+                         f"{row['n_masks']} images) does not lie above chance ({fmt(row['pointing_game_chance'])}).")
         if row.get("marker_mass", 0) > cfg.shortcut_threshold:
             found.append(f"Shortcut: {title} puts {row['marker_mass']:.0%} of its attribution magnitude on the corner marker "
                          f"(> {cfg.shortcut_threshold:.0%}): the model relies on a confounder, not the lesion.")
     return found
+
+
+def decision_rule(package: ModelPackage) -> dict[str, Any]:
+    """How the explained decisions were made, for samples.json and the report."""
+    names = package.class_names
+    if package.threshold is None:
+        return {"rule": "argmax", "temperature": package.temperature}
+    return {"rule": "threshold", "threshold": package.threshold, "threshold_rule": package.threshold_rule,
+            "temperature": package.temperature, "positive_class": names[package.positive_class],
+            "negative_class": names[1 - package.positive_class]}
 
 
 def run(params: Params, prepared: Path = paths.PREPARED, model_path: Path = paths.MODEL,
@@ -133,18 +197,21 @@ def run(params: Params, prepared: Path = paths.PREPARED, model_path: Path = path
     cfg = params.explain
     meta = load_meta(prepared)
     names = meta["class_names"]
-    network = load_package(model_path).network
+    package = load_package(model_path)
+    network = package.network
+    positive = package.positive_class if package.threshold is not None else None
     # Attributions and trust measures run on the network with batch norm folded into its
     # convolutions: the same function (outputs within 1e-5), one layer's work instead of two.
     # Feature maps and class images show the network as trained.
     model = folded(network)
     test = load_split(prepared, "test")
-    chosen = choose(test, params, read_json(failures_path) if failures_path.is_file() else {})
+    scored = package.score(test["images"])
+    chosen = choose(test, scored.predictions, names, positive, params,
+                    read_json(failures_path) if failures_path.is_file() else {})
     index = np.array([i for i, _ in chosen])
     inputs = images_to_tensor(np.asarray(test["images"][index]))
-    with torch.no_grad():
-        probs = torch.softmax(model(inputs), dim=1)
-    targets = probs.argmax(dim=1)
+    targets = torch.from_numpy(scored.predictions[index])
+    probs = scored.probabilities[index]
     log.info("explaining %d test images with %s", len(index), ", ".join(cfg.methods))
     start = time.perf_counter()
     maps = {}
@@ -157,7 +224,12 @@ def run(params: Params, prepared: Path = paths.PREPARED, model_path: Path = path
     has_marker = test["markers"][index] if "markers" in test else None
     marker = tuple(meta["marker_box"]) if meta.get("marker_box") else None
     region = None if marker is None else marker_region(marker, tuple(inputs.shape[2:]))
-    results, faith = measure(model, network, inputs, targets, maps, params, masks, region, has_marker)
+    results, faith = measure(model, network, inputs, targets, maps, params, region, has_marker)
+    localised = None
+    if "masks" in test:
+        located, localised = localise(model, test, package.positive_class, params)
+        for method in cfg.methods:
+            results[method].update(located[method])
     warnings = warnings_for(results, params)
     metrics = {"explain": {m: results[m] for m in cfg.methods},
                "random": results["random"], "warnings": warnings, "n_samples": len(index)}
@@ -166,7 +238,7 @@ def run(params: Params, prepared: Path = paths.PREPARED, model_path: Path = path
         for row, (i, why) in enumerate(chosen):
             sample_id = str(test["ids"][i])
             label, pred = int(test["labels"][i]), int(targets[row])
-            title = f"{sample_id} ({why}): true {names[label]}, predicted {names[pred]} (p={float(probs[row, pred]):.3f})"
+            title = f"{sample_id} ({why}): true {names[label]}, decided {names[pred]} (p={float(probs[row, pred]):.3f})"
             shown = {attributions.TITLES[m]: maps[m][row] for m in cfg.methods}
             mask = None if masks is None else masks[row]
             marked = has_marker is not None and has_marker[row]
@@ -185,8 +257,12 @@ def run(params: Params, prepared: Path = paths.PREPARED, model_path: Path = path
             plot_class_images({n: attributions.class_image(network, k, shape, cfg.class_image_steps, params.seed)
                                for k, n in enumerate(names)}, tmp / paths.CLASS_IMAGES_PNG)
     save_npy(out_dir / paths.ATTRIBUTIONS, np.stack([maps[m] for m in cfg.methods]).astype(np.float32))
-    write_json(out_dir / paths.SAMPLES, {"methods": list(cfg.methods), "target": "predicted class", "samples": samples,
-                                          "settings": {k: v for k, v in vars(cfg).items() if k != "methods"}})
+    write_json(out_dir / paths.SAMPLES, {
+        "methods": list(cfg.methods), "decision": decision_rule(package), "samples": samples,
+        "outcomes_available": {kind: int(n) for kind, n in zip(*np.unique(
+            outcomes(test["labels"], scored.predictions, names, positive), return_counts=True))},
+        "localisation": None if localised is None else {"class": names[package.positive_class], "images": localised},
+        "settings": {k: v for k, v in vars(cfg).items() if k != "methods"}})
     write_json(out_dir / paths.TIMING, {"seconds_total": rounded(time.perf_counter() - start, SECONDS_DECIMALS),
                                          **{f"maps_per_second_{m}": rounded(len(index) / max(s, 1e-9), SECONDS_DECIMALS)
                                             for m, s in seconds.items()}})

@@ -148,7 +148,8 @@ def summarise(source: Source, found: dict[str, Any], prepared: Path, data: DataP
     across = [d for d in found["duplicates"] if d["split"] != d["duplicate_of_split"]]
     shared = patient_split.overlap(patients) if len(patients) == len(SPLITS) else []
     checks = {
-        "patient_overlap": len(shared),
+        # None: nothing to check, no split carries patient ids (the report says so, not "0").
+        "patient_overlap": len(shared) if len(patients) == len(SPLITS) else None,
         "duplicates_policy": data.duplicates,
         "duplicates_within_splits": {s: sum(d["split"] == s and d["duplicate_of_split"] == s for d in found["duplicates"])
                                      for s in SPLITS},
@@ -160,7 +161,7 @@ def summarise(source: Source, found: dict[str, Any], prepared: Path, data: DataP
     if shared:
         raise PipelineError(f"{data.path}: {len(shared)} patient(s) appear in more than one split of the given splits "
                             f"(pseudonyms: {', '.join(shared[:10])})")
-    return {"splits": splits, "checks": checks, "split_method": source.split_method,
+    return {"splits": splits, "checks": checks, "split_method": source.split_method, "identifiers": source.identifiers,
             "excluded": len(found["unreadable"]), "skipped": found["unreadable"], "dicom": found["dicom"],
             "preprocessing": found["preprocessing"]}
 

@@ -10,10 +10,11 @@ reused, and runs of it left RUNNING by an interrupted attempt are marked FAILED 
 Logs every param (dotted names as in params.yaml), every final metric (data summary counts,
 training, test), the per-epoch history as step metrics, the report, figures, params.yaml and
 dvc.lock as artifacts (the pseudonym salt redacted), and tags: git commit, dirty flag, DVC
-experiment name, data and model sha256. The model package is logged as an MLflow Model
-(pyfunc, with a signature and an input example) and registered as a new version of
-``track.registered_model``, tagged with the data source, test ROC AUC and git commit; move
-the ``champion`` alias with ``python -m pipeline.promote``. Writes ``reports/mlflow_run.json``
+experiment name, data and model sha256, and what trained the model (``kernels.*``: the CPU,
+the kernels each library ran, threads, and the machines on which its bytes repeat). The
+model package is logged as an MLflow Model (pyfunc, with a signature and an input example)
+and registered as a new version of ``track.registered_model``, tagged with the data source,
+test ROC AUC and git commit; move the ``champion`` alias with ``python -m pipeline.promote``. Writes ``reports/mlflow_run.json``
 (run id and model version; not cached by DVC, so a run restored from DVC's cache never points
 at a run that does not exist in this store).
 """
@@ -28,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.core import paths
+from pipeline.core import kernels, paths
 from pipeline.core.config import Params, as_dict, flatten, leaves
 from pipeline.core.files import file_digest, read_csv, read_json, write_json
 from pipeline.core.runtime import stage_main
@@ -90,6 +91,12 @@ def collect_tags(root: Path) -> dict[str, str]:
         "privacy.dp_sgd": str("privacy" in read_json(root / paths.TRAIN_DIR / paths.METRICS)["train"]).lower(),
     }
     tags.update({f"version.{k}": v for k, v in versions().items()})
+    # What trained the model (CPU, the kernels each library ran, threads) and where its bytes repeat.
+    trained = read_json(root / paths.TRAIN_DIR / paths.TIMING)
+    tags["train.device"] = trained.get("device", "cpu")
+    if trained.get("kernels"):
+        tags.update({f"kernels.{k}": str(v) for k, v in trained["kernels"].items()})
+        tags["kernels.scope"] = kernels.scope(trained["kernels"])
     return tags
 
 

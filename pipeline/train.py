@@ -141,6 +141,33 @@ def evaluate_split(model: Classifier, images: np.ndarray, labels: np.ndarray, we
     return {"loss": loss, "accuracy": float((probs.argmax(1) == labels).mean()), "roc_auc": roc_auc(labels, probs)}
 
 
+# Training "left chance" when its loss fell below this share of the loss of uniform predictions.
+LEFT_CHANCE = 0.95
+
+
+def chance_loss(cfg: TrainParams, num_classes: int) -> float:
+    """The training loss of a model that predicts every class with probability 1/K: ln K for
+    cross-entropy (class weights and label smoothing leave it so), less for focal loss."""
+    loss = make_loss(cfg, torch.ones(num_classes))(torch.zeros(1, num_classes), torch.zeros(1, dtype=torch.long))
+    return float(loss.sum())
+
+
+def learning_checks(history: list[dict[str, Any]], best_epoch: int, chance: float) -> dict[str, Any]:
+    """Whether training learned at all, from its own history: the lowest training loss against
+    chance, and whether validation ever beat the first epoch (None after one epoch). The report
+    turns a failed check into a limitation; ``train`` logs a warning."""
+    lowest = min(row["train_loss"] for row in history)
+    checks = {"chance_loss": rounded(chance), "min_train_loss": rounded(lowest),
+              "left_chance": bool(lowest < LEFT_CHANCE * chance),
+              "improved_after_first_epoch": bool(best_epoch > 1) if len(history) > 1 else None}
+    if not checks["left_chance"]:
+        log.warning("the training loss never left chance: lowest %.4f against %.4f for uniform predictions "
+                    "(try another train.lr or train.norm recipe)", lowest, chance)
+    if checks["improved_after_first_epoch"] is False:
+        log.warning("validation never beat the first epoch: the kept model is epoch 1's")
+    return checks
+
+
 def fingerprint(params: Params, prepared: Path, balanced: Path) -> str:
     """What a checkpoint must match to be resumed: training params, seed and the exact data (the
     prepared arrays' digest that prepare records, and the balance stage's files)."""
@@ -264,6 +291,7 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
         "val_roc_auc": rounded(best["val_roc_auc"]),
         "val_accuracy": rounded(best["val_accuracy"]),
         "val_loss": rounded(best["val_loss"]),
+        **learning_checks(history, best_epoch, chance_loss(params.train, meta["num_classes"])),
     }}
     if guarantee is not None:
         metrics["train"]["privacy"] = guarantee

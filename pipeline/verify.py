@@ -88,8 +88,8 @@ def verdict(rows: list[tuple[str, str, str, str, str]]) -> tuple[bool, str]:
 
 def machine_line(found: dict[str, Any]) -> str:
     """What trained the rerun's model (its ``timing.json`` record) and where its bytes hold."""
-    return (f"this machine: {found['cpu']} ({found['cpu_flags']}), {found['mode']} kernels; "
-            f"the committed bytes hold on {kernels.scope(found)}")
+    return (f"this machine: {found['cpu']} ({found['cpu_flags']}), {found['mode']} kernels, {found['threads']} "
+            f"thread(s); these bytes hold on {kernels.scope(found)}")
 
 
 def run(revision: str = "HEAD", keep: Path | None = None) -> bool:

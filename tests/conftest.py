@@ -41,7 +41,7 @@ TINY: dict[str, Any] = {
     "train.batch_size": 32,
     "train.threads": 1,
     "evaluate.bootstrap": 200,
-    "explain.per_class": 1,
+    "explain.per_outcome": 1,
     "explain.worst": 1,
     "explain.ig_steps": 4,
     "explain.smoothgrad_samples": 4,

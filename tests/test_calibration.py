@@ -49,3 +49,26 @@ def test_reliability_rows_cover_all_samples():
     rows = calibration.reliability(labels, probs)
     assert sum(r["count"] for r in rows) == 500
     assert all(0 <= r["predicted"] <= 1 and 0 <= r["observed"] <= 1 for r in rows)
+
+
+def test_slope_and_intercept_are_the_maximum_likelihood_fit():
+    from sklearn.linear_model import LogisticRegression
+
+    labels, probs = overconfident(2000, 4)
+    slope, intercept = calibration.slope_intercept(labels, probs)
+    logit = np.log(probs[:, 1] / probs[:, 0]).reshape(-1, 1)
+    reference = LogisticRegression(C=np.inf, tol=1e-10, max_iter=10_000).fit(logit, labels)
+    assert slope == pytest.approx(reference.coef_[0, 0], abs=1e-4)
+    assert intercept == pytest.approx(reference.intercept_[0], abs=1e-4)
+    separated = np.array([0, 0, 1, 1])
+    assert calibration.slope_intercept(separated, np.array([[0.9, 0.1], [0.8, 0.2], [0.2, 0.8], [0.1, 0.9]])) == (None,
+                                                                                                                   None)
+
+
+def test_calibration_intervals_hold_their_point_and_repeat():
+    labels, probs = overconfident(600, 5)
+    first = calibration.summarise_with_ci(labels, probs, 1, 300, seed=3)
+    assert first == calibration.summarise_with_ci(labels, probs, 1, 300, seed=3)
+    for key in ("slope", "intercept"):
+        assert first[f"{key}_ci_low"] < first[key] < first[f"{key}_ci_high"], key
+    assert first["ece_ci_low"] < first["ece_ci_high"] and first["slope_ci_high"] < 1  # over-confident, surely

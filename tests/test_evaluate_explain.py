@@ -80,7 +80,18 @@ def test_explain_outputs(tiny_run):
     assert maps.shape == (7, len(samples["samples"]), 32, 32)
     assert np.isfinite(maps).all()
     assert {s["label"] for s in samples["samples"]} == {"normal", "lesion"}
-    assert {s["why"] for s in samples["samples"]} >= {"per class"}
+    # One image per outcome that the test split has, at the model's own decision (as predict makes it).
+    available = {kind for kind, n in samples["outcomes_available"].items() if n}
+    assert {s["why"] for s in samples["samples"]} >= available
+    decided = {r["id"]: r["prediction"] for r in read_predictions(root / "reports/eval/predictions.csv")}
+    for sample in samples["samples"]:
+        assert sample["predicted"] == decided[sample["id"]], sample
+        if sample["why"] in ("true positive", "false negative"):
+            assert sample["label"] == "lesion"
+        if sample["why"].startswith(("true", "false")):
+            assert (sample["why"].startswith("true")) == (sample["label"] == sample["predicted"])
+    assert samples["decision"]["rule"] == "threshold" and samples["decision"]["positive_class"] == "lesion"
+    assert samples["decision"]["threshold"] == read_json(root / "reports/eval/metrics.json")["test"]["threshold"]
     for sample in samples["samples"]:
         assert (root / "reports/explain/figures" / sample["figure"]).stat().st_size > 1000
     for figure in ("curves.png", "feature_maps.png", "class_images.png"):
@@ -89,18 +100,29 @@ def test_explain_outputs(tiny_run):
     for method in params.explain.methods:
         row = metrics["explain"][method]
         for key in ("deletion_auc", "insertion_auc", "infidelity", "sensitivity_max", "randomised_all_layers_spearman",
-                    "pointing_game", "mass_in_mask", "auprc_mask"):
+                    "pointing_game", "mass_in_mask", "auprc_mask", "pointing_game_ci_low", "pointing_game_chance"):
             assert key in row, (method, key)
         assert 0 <= row["deletion_auc"] <= 1 and 0 <= row["insertion_auc"] <= 1
         assert row["sanity_pass"] == (row["randomised_all_layers_spearman"] <= params.explain.sanity_threshold)
+        assert row["localisation_pass"] == (row["pointing_game_ci_low"] > row["pointing_game_chance"])
+        # Localisation covers every lesion image of the test split, whatever the decision: not just the samples.
+        assert row["n_masks"] == samples["localisation"]["images"] == 16 > len(samples["samples"])
 
 
-def test_sample_selection_is_seeded_and_per_class():
-    labels = np.array([0] * 50 + [1] * 10 + [2] * 3)
-    first = explain.select_samples(labels, 4, seed=1)
-    assert np.array_equal(first, explain.select_samples(labels, 4, seed=1))
-    assert not np.array_equal(first, explain.select_samples(labels, 4, seed=2))
-    assert np.bincount(labels[first]).tolist() == [4, 4, 3]
+def test_samples_are_drawn_per_outcome_seeded():
+    labels = np.array([1] * 10 + [0] * 50)
+    decisions = np.array([1] * 7 + [0] * 3 + [0] * 48 + [1] * 2)
+    kinds = explain.outcomes(labels, decisions, ["normal", "lesion"], positive=1)
+    assert list(kinds[[0, 7, 10, 58]]) == ["true positive", "false negative", "true negative", "false positive"]
+    order = explain.outcome_order(["normal", "lesion"], 1)
+    first = explain.select_samples(kinds, order, 4, seed=1)
+    assert first == explain.select_samples(kinds, order, 4, seed=1)
+    assert first != explain.select_samples(kinds, order, 4, seed=2)
+    counts = {kind: sum(why == kind for _, why in first) for kind in order}
+    assert counts == {"true positive": 4, "false negative": 3, "true negative": 4, "false positive": 2}
+    multi = explain.outcomes(np.array([0, 1, 2, 2]), np.array([0, 2, 2, 1]), ["a", "b", "c"], positive=None)
+    assert list(multi) == ["correctly classified a image", "misclassified b image", "correctly classified c image",
+                           "misclassified c image"]
 
 
 class OnePixel(nn.Module):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import track
+from pipeline import track, train
 from tests.conftest import free_port, need_service
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -103,13 +103,17 @@ def test_compare_view_shows_params_and_headline_metrics_first(ui, page, tmp_path
     screenshot(page, tmp_path, "mlflow-compare.png")
 
 
-def test_per_epoch_curves_are_there(ui, page, tmp_path):
+def test_per_epoch_curves_are_there(ui, page, tiny_run, tmp_path):
     base, ids = ui
     page.goto(f"{base}/experiments/1/runs/{ids[0]}/model-metrics?{ML}")
     search = page.get_by_placeholder("Search metric charts")
     search.wait_for(timeout=60_000)
     search.fill("epoch.")
-    for curve in ("epoch.train_loss", "epoch.val_loss", "epoch.val_roc_auc"):
-        page.get_by_text(curve, exact=True).first.wait_for(timeout=30_000)
-    page.wait_for_timeout(3000)  # let the charts draw before the screenshot
+    curves = [f"epoch.{c}" for c in train.HISTORY_COLUMNS[1:]]
+    page.get_by_text(curves[0], exact=True).first.wait_for(timeout=30_000)
+    page.wait_for_timeout(3000)  # let the charts draw before counting their lines
+    for curve in curves:
+        assert page.get_by_text(curve, exact=True).count() == 1, curve
+    charts = page.locator(".js-plotly-plot")
+    assert charts.count() >= len(curves) and page.locator(".js-plotly-plot path.js-line").count() >= len(curves)
     screenshot(page, tmp_path, "mlflow-curves.png")

@@ -6,6 +6,7 @@ import shutil
 import pytest
 
 from pipeline import track
+from pipeline.core import kernels
 from pipeline.core.config import as_dict, flatten
 from pipeline.reporting import mlflow_adapter
 from tests.conftest import AWKWARD_CLASS_NAMES
@@ -44,6 +45,8 @@ def test_track_logs_one_complete_run(tiny_run, mlflow_store, monkeypatch):
     audit = json.loads((root / "reports/eval/metrics.json").read_text())["privacy_audit"]["attacks"]["loss"]
     assert run.data.metrics["privacy_audit.attacks.loss.roc_auc"] == pytest.approx(audit["roc_auc"])
     assert run.data.tags["privacy.dp_sgd"] == "false"  # tiny_run trains without DP-SGD
+    assert run.data.tags["kernels.mode"] == "portable" and run.data.tags["train.device"] == "cpu"
+    assert run.data.tags["kernels.scope"].startswith("any x86-64 CPU with AVX2") or not kernels.supported(kernels.cpu())
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"report.html", "params.yaml", "dvc.lock", "eval", "explain", "train"} <= top
     # The model package is the run's logged MLflow Model, registered (a version per execution).

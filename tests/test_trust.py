@@ -150,9 +150,28 @@ def test_marker_mass_counts_evidence_against_the_class_too():
 
 
 def test_localisation_on_a_map_equal_to_the_mask():
-    mask = np.zeros((2, 8, 8), np.uint8)
+    mask = np.zeros((3, 8, 8), np.uint8)
     mask[:, 2:4, 2:4] = 1
-    perfect = trust.localisation(mask.astype(float), mask)
-    assert perfect == {"pointing_game": 1.0, "mass_in_mask": 1.0, "auprc_mask": 1.0, "n_masks": 2}
-    inverse = trust.localisation(1.0 - mask, mask)
-    assert inverse["pointing_game"] == 0.0 and inverse["mass_in_mask"] == 0.0
+    mask[2] = 0  # an image without a lesion is not counted
+    perfect = trust.localisation(mask.astype(float), mask, seed=0)
+    for key in ("pointing_game", "mass_in_mask", "auprc_mask"):
+        assert perfect[key] == perfect[f"{key}_ci_low"] == perfect[f"{key}_ci_high"] == 1.0, key
+    assert perfect["n_masks"] == 2 and perfect["localisation_pass"] is True
+    # Chance: a random peak hits the 2×2 mask grown by one 4-connected pixel (12 pixels) in 12 of 64; the mask is 4.
+    assert perfect["pointing_game_chance"] == 0.1875 and perfect["mass_in_mask_chance"] == perfect["auprc_mask_chance"] == 0.0625
+    inverse = trust.localisation(1.0 - mask, mask, seed=0)
+    assert inverse["pointing_game"] == 0.0 and inverse["mass_in_mask"] == 0.0 and inverse["localisation_pass"] is False
+    assert trust.localisation(np.ones((1, 8, 8)), np.zeros((1, 8, 8)), seed=0) == {
+        "n_masks": 0, "pointing_game": None, "mass_in_mask": None, "auprc_mask": None, "localisation_pass": None}
+
+
+def test_localisation_interval_is_a_seeded_bootstrap_of_the_images():
+    rng = np.random.default_rng(0)
+    masks = np.zeros((40, 8, 8), np.uint8)
+    masks[:, 3:5, 3:5] = 1
+    maps = rng.random((40, 8, 8))
+    maps[:20, 3, 3] = 2.0  # half the maps peak in the mask
+    first = trust.localisation(maps, masks, seed=1)
+    assert first == trust.localisation(maps, masks, seed=1)
+    assert first["pointing_game_ci_low"] < 0.5 <= first["pointing_game"] < first["pointing_game_ci_high"]
+    assert 0.3 < first["pointing_game_ci_low"] and first["pointing_game_ci_high"] < 0.7

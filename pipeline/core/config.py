@@ -263,8 +263,9 @@ class EvaluateParams:
 @dataclasses.dataclass(frozen=True)
 class ExplainParams:
     methods: tuple[ExplainMethod, ...]
-    per_class: int
+    per_outcome: int
     worst: int
+    localisation_images: int
     ig_steps: int
     smoothgrad_samples: int
     smoothgrad_stdev: float
@@ -280,7 +281,8 @@ class ExplainParams:
 
     def __post_init__(self) -> None:
         _check(len(self.methods) > 0, "explain.methods", "must name at least one method")
-        _check(self.per_class >= 1, "explain.per_class", "must be >= 1")
+        _check(self.per_outcome >= 1, "explain.per_outcome", "must be >= 1")
+        _check(self.localisation_images >= 1, "explain.localisation_images", "must be >= 1")
         for key in ("ig_steps", "smoothgrad_samples", "lime_samples", "lime_grid", "faithfulness_steps", "perturbations",
                     "batch_size"):
             _check(getattr(self, key) >= 2, f"explain.{key}", "must be >= 2")

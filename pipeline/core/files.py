@@ -1,4 +1,4 @@
-"""Atomic file writes, checksums, and how floats are rounded when written.
+"""Atomic file writes, checksums, and how floats are rounded when written and shown.
 
 Every stage writes through these helpers: data go to a temporary file or folder beside the
 target and are renamed into place only when complete, so an interrupted or failing stage
@@ -100,6 +100,15 @@ def rounded(value: Any, digits: int = DECIMALS) -> Any:
     """A float rounded for writing (``DECIMALS`` digits unless told), always a plain Python float (a
     numpy scalar would need pickle in a checkpoint); other values unchanged."""
     return round(float(value), digits) if isinstance(value, float) else value
+
+
+def fmt(value: Any) -> str:
+    """How every number appears to a reader (report, warnings): 4 significant digits, None as n/a."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
 
 
 def file_digest(path: str | Path, algorithm: str = "sha256") -> str:

@@ -133,11 +133,11 @@ def record(threads: int | None = None) -> dict[str, Any]:
 
 
 def scope(found: dict[str, Any]) -> str:
-    """The machines on which a rerun gives the same bytes, in one sentence, from a :func:`record`."""
+    """The machines on which a rerun (same params, seed, requirements.lock and thread count) gives
+    the same bytes, from a :func:`record`."""
     if found["mode"] == "portable" and found["pinned_before_import"] and found["cpu_supported"] \
             and found.get("aten_capability") == "AVX2":
-        return ("any x86-64 CPU with AVX2 and FMA, Intel or AMD, with or without AVX-512, running the same "
-                f"requirements.lock with {found.get('threads', 'the same number of')} thread(s)")
+        return "any x86-64 CPU with AVX2 and FMA, Intel or AMD, with or without AVX-512"
     if found["mode"] == "portable" and not found["cpu_supported"]:
         return (f"CPUs like this one only: it lacks {', '.join(f for f in REQUIRED_FLAGS if f not in found['cpu_flags'])}, "
                 "so the libraries ran older code than the portable kernels of AVX2 machines")

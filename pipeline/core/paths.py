@@ -31,6 +31,8 @@ CURVES = "curves.png"
 
 EVAL_DIR = REPORTS / "eval"
 PREDICTIONS = "predictions.csv"
+VAL_PREDICTIONS = "val_predictions.csv"  # what the temperature and the threshold were fitted on
+DECISION_CURVE_CSV, DECISION_CURVE_PNG = "decision_curve.csv", "decision_curve.png"
 FAILURES = "failures.json"
 ROC_CSV, PR_CSV, CALIBRATION_CSV = "roc.csv", "pr.csv", "calibration.csv"
 ROBUSTNESS_PNG = "robustness.png"

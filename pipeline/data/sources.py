@@ -56,6 +56,9 @@ class Source:
     provenance: dict[str, Any]
     split_method: str
     skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    # What identifies an image and a patient in the outputs, in words, and whether the salt was set
+    # (None where nothing is hashed): the report states it instead of assuming pseudonyms.
+    identifiers: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def from_arrays(splits: dict[str, dict[str, np.ndarray]], where: str) -> dict[str, list[Item]]:
@@ -78,7 +81,9 @@ def load_phantom(data: DataParams, seed: int) -> Source:
     return Source(from_arrays(arrays, "phantom"), names,
                   {"source": "phantom", "generator": "pipeline.data.phantom", "settings": as_dict(data.phantom),
                    "seed": seed},
-                  f"generated per split with seed {seed}; every scan is a different simulated patient")
+                  f"generated per split with seed {seed}; every scan is a different simulated patient",
+                  identifiers={"images": "serial numbers given by the generator (phantom-<split>-<n>)",
+                               "patients": None, "salt": None})
 
 
 def load_npz(data: DataParams, seed: int, path: Path | None = None) -> Source:
@@ -88,7 +93,9 @@ def load_npz(data: DataParams, seed: int, path: Path | None = None) -> Source:
     names = check_classes(arrays, data.class_names, str(path))
     return Source(from_arrays(arrays, path.name), names,
                   {"source": data.source, "path": path.name, "sha256": file_digest(path), "bytes": path.stat().st_size},
-                  "the train/val/test splits given in the input file")
+                  "the train/val/test splits given in the input file",
+                  identifiers={"images": "split and position in the input file (<split>-<index>)", "patients": None,
+                               "salt": None})
 
 
 def load_medmnist(data: DataParams, seed: int) -> Source:
@@ -130,7 +137,10 @@ def load_files(data: DataParams, seed: int) -> Source:
     provenance = {"source": data.source, "path": root.name, "files": len(records),
                   "files_sha256": hashlib.sha256(listing.encode()).hexdigest()}
     skipped = [{"id": pseudonym(u, salt, "img-"), "reason": "not an image file"} for u in unsupported]
-    return Source(items, names, provenance, method, skipped)
+    identifiers = {"images": "salted SHA-256 pseudonyms of the file paths (img-<16 hex digits>)",
+                   "patients": "salted SHA-256 pseudonyms of the patient ids (p-<16 hex digits>)" if any(patients)
+                   else None, "salt": "set" if salt else "empty"}
+    return Source(items, names, provenance, method, skipped, identifiers)
 
 
 SOURCES: dict[str, Callable[[DataParams, int], Source]] = {

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax, softmax
+from scipy.special import expit, log_softmax, softmax
 
 from pipeline.core.files import rounded
 
@@ -50,16 +50,26 @@ def slope_intercept(labels: np.ndarray, probs: np.ndarray, positive_class: int =
     """Logistic recalibration: outcome ~ intercept + slope · logit(p). Perfect: slope 1, intercept 0.
 
     A slope below 1 means over-confident predictions (too extreme), above 1 under-confident.
+    The unpenalised maximum-likelihood fit by Newton's method (a 2×2 system per step), fast
+    enough to repeat for every bootstrap resample; None when it does not exist (one outcome
+    only, or outcomes separated perfectly by the score).
     """
-    from sklearn.linear_model import LogisticRegression
-
     conf, outcome = confidence_and_outcome(labels, probs, positive_class)
     if outcome.min() == outcome.max():
         return None, None
     p = np.clip(conf, 1e-6, 1 - 1e-6)
-    logit = np.log(p / (1 - p)).reshape(-1, 1)
-    fit = LogisticRegression(C=np.inf, max_iter=1000).fit(logit, outcome)
-    return rounded(float(fit.coef_[0, 0])), rounded(float(fit.intercept_[0]))
+    design = np.column_stack([np.ones_like(p), np.log(p / (1 - p))])
+    coef = np.zeros(2)
+    for _ in range(100):
+        fitted = expit(design @ coef)
+        hessian = (design * (fitted * (1 - fitted))[:, None]).T @ design
+        if np.linalg.cond(hessian) > 1e12:
+            return None, None
+        step = np.linalg.solve(hessian, design.T @ (outcome - fitted))
+        coef += step
+        if np.abs(step).max() < 1e-10:
+            return rounded(float(coef[1])), rounded(float(coef[0]))
+    return None, None  # diverging: the outcomes are separated
 
 
 def fit_temperature(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -87,3 +97,16 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
 def summarise(labels: np.ndarray, probs: np.ndarray, positive_class: int = 1) -> dict[str, float | None]:
     slope, intercept = slope_intercept(labels, probs, positive_class)
     return {"ece": expected_calibration_error(labels, probs, positive_class), "slope": slope, "intercept": intercept}
+
+
+def summarise_with_ci(labels: np.ndarray, probs: np.ndarray, positive_class: int, n_resamples: int, seed: int,
+                      groups: np.ndarray | None = None) -> dict[str, float | None]:
+    """:func:`summarise` with ``<key>_ci_low``/``_ci_high`` percentile bootstrap bounds (the headline
+    metrics' resampling: whole patients when ``groups`` is given)."""
+    from pipeline.evaluation.metrics import bootstrap_ci
+
+    point = summarise(labels, probs, positive_class)
+    intervals = bootstrap_ci(labels, probs, lambda y, p: summarise(y, p, positive_class), n_resamples, seed, groups)
+    for key, (low, high) in intervals.items():
+        point.update({f"{key}_ci_low": low, f"{key}_ci_high": high})
+    return point

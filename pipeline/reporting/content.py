@@ -16,19 +16,18 @@ from typing import Any
 
 import yaml
 
-from pipeline.core import paths
-from pipeline.core.config import Params, TrainParams, as_dict, flatten
+from pipeline.core import kernels, paths
+from pipeline.core.config import Params, TrainParams, flatten
 from pipeline.core.dataset import SPLITS
-from pipeline.core.files import file_digest, read_csv, read_json
+from pipeline.core.files import file_digest, fmt, read_csv, read_json
 from pipeline.data import catalog
-from pipeline.data.privacy import public_params
 from pipeline.evaluation.metrics import COMPARISON, HEADLINE, SUMMARY
-from pipeline.reporting.provenance import git_state, hardware, versions
+from pipeline.reporting import effective
+from pipeline.reporting.limitations import limitations
+from pipeline.reporting.provenance import git_state, versions
 
-CI_WIDTH_LIMIT = 0.1
-ECE_LIMIT = 0.1
-ROBUSTNESS_DROP_LIMIT = 0.05  # mean test ROC AUC drop under the corruptions
-PREVALENCE_SHIFT_LIMIT = 0.05
+# Stages whose outputs the report cannot know of itself: its own, and the MLflow run logged after it.
+AFTER_REPORT = ("report", "track")
 
 # How each imbalance strategy (balance.strategy) changed the training split, in words.
 STRATEGY_TEXT = {
@@ -47,15 +46,6 @@ TRUST_COLUMNS = (("deletion_auc", "deletion AUC ↓"), ("insertion_auc", "insert
                  ("randomised_all_layers_spearman", "Spearman, all layers random"),
                  ("randomised_all_layers_ssim", "SSIM, all layers random"), ("pointing_game", "pointing game ↑"),
                  ("mass_in_mask", "mass in lesion ↑"), ("auprc_mask", "AUPRC vs mask ↑"), ("marker_mass", "mass on marker"))
-
-
-def fmt(value: Any) -> str:
-    """How every number appears in the report (4 significant digits)."""
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
 
 
 def fmt_ci(metrics: dict[str, Any], key: str) -> str:
@@ -184,14 +174,17 @@ def schedule_text(cfg: TrainParams) -> str:
             + (f"; gradient norm clipped at {cfg.grad_clip}" if cfg.grad_clip else ""))
 
 
-def determinism_text(cfg: TrainParams, timing: dict[str, Any]) -> str:
-    device = timing.get("device", "unknown")
-    if device == "cpu":
-        return (f"trained on the CPU with {cfg.threads} thread(s) and deterministic kernels: the same params and seed "
-                "give the same model bytes")
-    precision = "bfloat16 autocast" if timing.get("precision") == "bf16" else "float32"
-    return (f"trained on {device} in {precision}: reruns agree closely but not bit for bit; the CPU path "
-            "(train.device: cpu) gives identical bytes")
+def determinism_text(timing: dict[str, Any]) -> str:
+    """What a rerun reproduces, from what the training recorded (device, kernels, threads)."""
+    device, found = timing.get("device", "cpu"), timing.get("kernels")
+    if device != "cpu":
+        precision = "bfloat16 autocast" if timing.get("precision") == "bf16" else "float32"
+        return (f"trained on {device} in {precision}: GPU kernels are not bit-reproducible, so reruns agree closely "
+                "but not byte for byte; with train.device: cpu the bytes repeat")
+    if not found:
+        return "trained on the CPU; the run did not record which kernels it used, so no reproducibility scope is stated"
+    return (f"trained on the CPU ({found['cpu']}) in float32 with {found['mode']} kernels: the same params, seed, "
+            f"requirements.lock and thread count ({found.get('threads')}) give the same bytes on {kernels.scope(found)}")
 
 
 def model_rows(params: Params, records: dict[str, Any]) -> list[list[Any]]:
@@ -215,7 +208,7 @@ def model_rows(params: Params, records: dict[str, Any]) -> list[list[Any]]:
                                                             if cfg.ema else "")],
             ["epochs run / selected", f"{train['epochs_run']} / {train['best_epoch']}"],
             ["seed", params.seed],
-            ["determinism", determinism_text(cfg, records["train_timing"])],
+            ["determinism", determinism_text(records["train_timing"])],
             ["model package sha256", f"{records['model_sha256']} (models/model.pt: network, preprocessing, "
                                      "temperature and threshold, as pipeline.predict and the MLflow model use it)"],
             ["differential privacy", "none (train.privacy.enabled: false)" if "privacy" not in train else
@@ -240,11 +233,34 @@ def calibration_text(calib: dict[str, Any]) -> str:
     return "Calibration: none (evaluate.calibrate: none); probabilities are the network's softmax."
 
 
-def sample_text(explain: dict[str, Any], n: int) -> str:
+def plural(count: int, noun: str) -> str:
+    """``2 true positives``, ``3 misclassified lesion images``: the count with its noun."""
+    if count == 1:
+        return f"1 {noun}"
+    return f"{count} {noun.replace('image', 'images', 1) if 'image' in noun else noun + 's'}"
+
+
+def sample_text(explain: dict[str, Any]) -> str:
+    """How many images were explained, by why they were chosen, and any outcome the test split lacks."""
     counts: dict[str, int] = {}
     for sample in explain["samples"]:
         counts[sample["why"]] = counts.get(sample["why"], 0) + 1
-    return f"{n} test images: " + ", ".join(f"{k} {why}" for why, k in counts.items()) + "."
+    text = (f"{plural(len(explain['samples']), 'test image')} explained: "
+            + ", ".join(plural(k, why) for why, k in counts.items()) + f" (explain.per_outcome "
+            f"{explain['settings']['per_outcome']}, explain.worst {explain['settings']['worst']}).")
+    absent = [kind for kind, n in explain.get("outcomes_available", {}).items() if n == 0]
+    return text + (f" The test split has no {', no '.join(absent)}." if absent else "")
+
+
+def decision_sentence(decision: dict[str, Any]) -> str:
+    """The decision each map explains, as the model package makes it."""
+    if decision["rule"] == "argmax":
+        return (f"Each map explains the model's decision: the class with the highest probability (temperature "
+                f"{fmt(decision['temperature'])}).")
+    return (f"Each map explains the model's decision: P({decision['positive_class']}) after temperature "
+            f"{fmt(decision['temperature'])}, against the threshold {fmt(decision['threshold'])} frozen on validation "
+            f"({decision['positive_class']} at or above it, else {decision['negative_class']}), as pipeline.predict "
+            "decides.")
 
 
 def method_settings_text(methods: list[str], settings: dict[str, Any]) -> str:
@@ -257,43 +273,34 @@ def method_settings_text(methods: list[str], settings: dict[str, Any]) -> str:
     return "; ".join(described[m] for m in methods if m in described)
 
 
-def limitations(records: dict[str, Any]) -> list[str]:
-    """Automatic warnings, most serious first."""
-    data, test, calib = records["data"], records["eval"]["test"], records["eval"]["calibration"]
-    found = []
+def intended_use_text(params: Params, data: dict[str, Any]) -> str:
+    """The intended use the run can back: a phantom run is a demonstration, whatever the param says."""
     if data["input"]["source"] == "phantom":
-        found.append("Trained and tested on simulated phantom scans: this says nothing about performance on real patients.")
-    for check in ("patient_overlap", "duplicates_across_splits"):
-        if data.get("checks", {}).get(check):
-            found.append(f"Data check failed: {check.replace('_', ' ')} = {data['checks'][check]}.")
-    low, high = test.get("roc_auc_ci_low"), test.get("roc_auc_ci_high")
-    if low is not None and high - low > CI_WIDTH_LIMIT:
-        found.append(f"Small test set: the 95% CI of ROC AUC is {high - low:.3f} wide (> {CI_WIDTH_LIMIT}).")
-    if calib["after"]["ece"] > ECE_LIMIT:
-        found.append(f"Poor calibration: ECE {calib['after']['ece']:.3f} (> {ECE_LIMIT}) after {calib['method']} "
-                     "calibration; predicted probabilities should not be read as risks.")
-    shift = prevalence_shift(data)
-    if shift > PREVALENCE_SHIFT_LIMIT:
-        found.append(f"Class prevalence differs between splits by up to {shift:.3f}; PPV and NPV do not transfer.")
-    found += [w for w in records["explain_metrics"]["warnings"] if w.startswith("Shortcut")]
-    drop = records["eval"]["robustness"]["mean_roc_auc_drop"]
-    if drop is not None and drop > ROBUSTNESS_DROP_LIMIT:
-        found.append(f"Fragile under image corruptions: test ROC AUC drops by {fmt(drop)} on average (> "
-                     f"{ROBUSTNESS_DROP_LIMIT}); scans from other scanners or settings may fare worse than the test split.")
-    for name, attack in records["eval"]["privacy_audit"]["attacks"].items():
-        if (attack["roc_auc_ci_low"] or 0) > 0.5:
-            found.append(f"Membership leakage: the {ATTACKS[name].split(' (')[0]} attack tells training images from "
-                         f"unseen ones (ROC AUC {fmt(attack['roc_auc'])}, 95% CI from {fmt(attack['roc_auc_ci_low'])}).")
-            break
-    if records["balance"]["synthetic_images"]:
-        found.append(f"SMOTE added {records['balance']['synthetic_images']} synthetic (blended) training images.")
-    found.append("No external test set: all splits come from one source, so performance at other sites is unknown.")
-    return found
+        return ("This run is a demonstration on simulated phantom scans: its model is meant for those scans only, "
+                "to show and test the pipeline, never for real images. " + params.report.intended_use)
+    return params.report.intended_use
 
 
-def prevalence_shift(data: dict[str, Any]) -> float:
-    prevalences = [split["prevalence"] for split in data["splits"].values()]
-    return max(max(p[c] for p in prevalences) - min(p[c] for p in prevalences) for c in data["class_names"])
+def identifiers_text(data: dict[str, Any]) -> str:
+    """What identifies images and patients in every output, from prepare's record."""
+    found = data.get("identifiers") or {}
+    if not found:
+        return "The run did not record how its images are identified."
+    patients = (f"Patient ids are replaced by {found['patients']}" if found.get("patients")
+                else "The data carry no patient ids")
+    salt = {"set": "; the salt is secret and never written", "empty": "; the salt was empty, so anyone holding the "
+            "files can recompute the pseudonyms"}.get(found.get("salt"), "")
+    return f"Images are identified by {found['images']}{salt}. {patients}. No DICOM tag outside a short whitelist is kept."
+
+
+def check_rows(data: dict[str, Any]) -> list[list[Any]]:
+    """[check, result] for prepare's data checks; a check with nothing to check says so instead of 0."""
+    rows = []
+    for key, value in flatten(data.get("checks", {})).items():
+        if key == "patient_overlap" and value is None:
+            value = "not applicable: no split carries patient ids, so none could be checked"
+        rows.append([key, value])
+    return rows
 
 
 # --- sections as template context --------------------------------------------------------------
@@ -305,7 +312,7 @@ def context(params: Params, root: Path, records: dict[str, Any]) -> dict[str, An
     known = catalog.lookup(data["input"]["source"], data["input"].get("path"))
     warnings = limitations(records)
     return {
-        "title": params.report.title, "intended_use": params.report.intended_use, "params": params,
+        "title": params.report.title, "intended_use": intended_use_text(params, data), "params": params,
         "warnings": warnings, "names": names, "test": test, "ev": ev, "train": records["train"],
         "model_sha256": records["model_sha256"],
         "summary_rows": [[k, test[k], fmt_ci(test, k)] for k in SUMMARY],
@@ -316,10 +323,11 @@ def context(params: Params, root: Path, records: dict[str, Any]) -> dict[str, An
             "source": source_text(data),
             "inclusion": inclusion_text(data),
             "split": split_text(data),
+            "identifiers": identifiers_text(data),
             "counts": [[s, d["n"], *[d["class_counts"][n] for n in names], *[d["prevalence"][n] for n in names]]
                        for s, d in ((s, data["splits"][s]) for s in SPLITS)],
             "skipped": [[row["id"], row["reason"]] for row in data.get("skipped", [])],
-            "checks": [[k, v] for k, v in flatten(data["checks"]).items()] if data.get("checks") else [],
+            "checks": check_rows(data),
             "sha256": [[k, v] for k, v in data["outputs_sha256"].items()],
             "evaluation_set": f"{known['name'] if known else data['input'].get('path', data['input']['source'])}",
         },
@@ -340,28 +348,66 @@ def context(params: Params, root: Path, records: dict[str, Any]) -> dict[str, An
     }
 
 
+PRECISION_ORDER = ("sensitivity", "specificity", "ppv", "npv", "accuracy")
+
+
+def precision_rows(test: dict[str, Any]) -> list[list[Any]]:
+    """[estimate, value, from n images, ± half-width of the 95% interval that n allows]."""
+    found = test.get("precision", {})
+    order = [k for k in PRECISION_ORDER if k in found] + sorted(k for k in found if k not in PRECISION_ORDER)
+    return [[key, found[key]["value"], found[key]["n"],
+             "n/a" if found[key]["half_width"] is None else f"±{fmt(found[key]['half_width'])}"] for key in order]
+
+
+def decision_curve_text(curve: dict[str, Any] | None, positive: str) -> str:
+    if curve is None:
+        return "No decision curve: a multi-class model decides by arg-max, not at a threshold probability."
+    ranges = curve["useful_ranges"]
+    where = ("at no threshold probability from 0.01 to 0.99" if not ranges else
+             "for threshold probabilities " + ", ".join(f"{fmt(lo)}–{fmt(hi)}" if lo != hi else fmt(lo)
+                                                        for lo, hi in ranges))
+    return (f"Decision curve (test split, calibrated P({positive})): at the frozen threshold "
+            f"{fmt(curve['operating_threshold'])} the model's net benefit is {fmt(curve['net_benefit'])}, against "
+            f"{fmt(curve['treat_all'])} for treating every image as {positive} and 0 for treating none. The model "
+            f"beats both {where}.")
+
+
 def results_context(root: Path, records: dict[str, Any]) -> dict[str, Any]:
     ev = records["eval"]
     test, calib = ev["test"], ev["calibration"]
     models = {"CNN": test, **ev.get("baselines", {})}
+    positive = records["data"]["class_names"][records["package"]["positive_class"]]
+    skipped = ev.get("baselines_skipped", {})
+    flagged = ev.get("out_of_distribution", {}).get("test_flagged", 0)
     return {
         "metrics": [[k, test[k], fmt_ci(test, k)] for k in HEADLINE],
+        "precision": precision_rows(test),
         "per_class_auc": [[k, v] for k, v in test.get("roc_auc_per_class", {}).items()],
         "comparison_header": ["model", *COMPARISON],
         "comparison": [[name, *[f"{fmt(m[k])} ({fmt_ci(m, k)})" for k in COMPARISON]] for name, m in models.items()]
         if ev.get("baselines") else [],
         "comparison_inputs": (f"same volumes, average-pooled in {ev['baseline_voxel_pooling']}³-voxel blocks for the "
                               "baselines" if ev.get("baseline_voxel_pooling") else "same pixels"),
+        "skipped": [f"{name} was not fitted: {why}." for name, why in skipped.items()],
         "subgroups": {group: [[g, m["n"], m["roc_auc"], fmt_ci(m, "roc_auc"), m["sensitivity"], m["specificity"]]
                               for g, m in rows.items()] for group, rows in ev.get("subgroups", {}).items()},
-        "calibration": [[when, calib[when]["ece"], calib[when]["slope"], calib[when]["intercept"], calib[when]["brier"],
-                         calib[when]["log_loss"]] for when in ("before", "after")],
+        "calibration": [[when, calib[when]["ece"], fmt_ci(calib[when], "ece"), calib[when]["slope"],
+                         fmt_ci(calib[when], "slope"), calib[when]["intercept"], fmt_ci(calib[when], "intercept"),
+                         calib[when]["brier"], calib[when]["log_loss"]] for when in ("before", "after")],
         "calibration_text": calibration_text(calib),
+        "decision_curve": decision_curve_text(ev.get("decision_curve"), positive),
+        "decision_curve_figure": data_uri(root / paths.EVAL_DIR / paths.DECISION_CURVE_PNG)
+        if ev.get("decision_curve") else None,
+        "out_of_distribution": (f"{flagged} of {test['n']} test images were flagged out of distribution by the model "
+                                f"package's intensity check ({records['package']['intensity']['rule']})."),
         "figures": [(data_uri(root / paths.EVAL_DIR / f), alt) for f, alt in (
             (paths.ROC_PNG, "ROC curves"), (paths.PR_PNG, "precision-recall curves"),
             (paths.CONFUSION_PNG, "confusion matrix"), (paths.CALIBRATION_PNG, "reliability diagram"))],
         "confusion": [[n, *row] for n, row in zip(records["data"]["class_names"], test["confusion_matrix_normalized"])],
         "robustness": robustness_context(root, ev["robustness"]),
+        "validation": (f"The validation split ({ev['val']['n']} images) was used for: "
+                       f"{'; '.join(ev['val'].get('used_for', []))}. Its predictions are in "
+                       f"reports/eval/{paths.VAL_PREDICTIONS}, so the temperature and threshold can be recomputed."),
     }
 
 
@@ -374,8 +420,8 @@ def robustness_context(root: Path, robustness: dict[str, Any]) -> dict[str, Any]
     return {
         "text": (f"{robustness['images']} test images, clean: ROC AUC {fmt(clean['roc_auc'])}, accuracy "
                  f"{fmt(clean['accuracy'])} at the frozen threshold. Under {len(robustness['corruptions'])} "
-                 f"corruption(s) at severities {', '.join(severities)}, ROC AUC drops by "
-                 f"{fmt(robustness['mean_roc_auc_drop'])} and accuracy by {fmt(robustness['mean_accuracy_drop'])} "
+                 f"corruption(s) at severities {', '.join(severities)}, ROC AUC changes by "
+                 f"{signed(robustness['mean_roc_auc_drop'])} and accuracy by {signed(robustness['mean_accuracy_drop'])} "
                  "on average."),
         "header": ["corruption", *[f"ROC AUC, severity {s}" for s in severities],
                    *[f"accuracy, severity {s}" for s in severities]],
@@ -385,25 +431,73 @@ def robustness_context(root: Path, robustness: dict[str, Any]) -> dict[str, Any]
     }
 
 
+def signed(drop: float | None) -> str:
+    """A mean drop as the signed change a reader expects (a drop of 0.05 is -0.05)."""
+    return "n/a" if drop is None else f"{-drop:+.4g}"
+
+
+def apart(a: float, b: float) -> tuple[str, str]:
+    """Two numbers with enough significant digits to tell them apart (4 to 8), so a comparison
+    the report states can be read off the digits it shows."""
+    for digits in range(4, 9):
+        shown = f"{a:.{digits}g}", f"{b:.{digits}g}"
+        if shown[0] != shown[1] or a == b:
+            return shown
+    return shown
+
+
+def verdicts(row: dict[str, Any], random: dict[str, Any], threshold: float) -> list[str]:
+    """Each check's verdict for one method, with the numbers and the rule behind it."""
+    spearman = row["randomised_all_layers_spearman"]
+    shown = apart(spearman, threshold)[0]
+    sanity = f"pass: Spearman {shown} ≤ {threshold}" if row["sanity_pass"] else f"FAIL: Spearman {shown} > {threshold}"
+    deletion = " {} ".join(apart(row["deletion_auc"], random["deletion_auc"])).format(
+        "<" if row["deletion_beats_random"] else "≥")
+    insertion = " {} ".join(apart(row["insertion_auc"], random["insertion_auc"])).format(
+        ">" if row["insertion_beats_random"] else "≤")
+    deletion, insertion = f"deletion {deletion}", f"insertion {insertion}"
+    faithful = f"{'pass' if row['faithful'] else 'FAIL'}: {deletion}, {insertion} (random order)"
+    if row.get("localisation_pass") is None:
+        place = "not applicable: no lesion masks"
+    else:
+        place = (f"{'pass' if row['localisation_pass'] else 'FAIL'}: pointing game {fmt(row['pointing_game'])} "
+                 f"(95% CI {fmt(row['pointing_game_ci_low'])}–{fmt(row['pointing_game_ci_high'])}) "
+                 f"{'>' if row['localisation_pass'] else 'not above'} chance {fmt(row['pointing_game_chance'])}")
+    return [sanity, faithful, place]
+
+
+def localisation_text(explain: dict[str, Any]) -> str | None:
+    found = explain.get("localisation")
+    if not found:
+        return None
+    return (f"Localisation: the maps of {found['class']} for {found['images']} test images with a {found['class']} mask "
+            f"(explain.localisation_images {explain['settings']['localisation_images']}), whatever the model decided, "
+            "against the masks. A method localises when the 95% CI of its pointing game (its peak within 1 px of the "
+            "mask) lies above chance, the share of the image a random peak would hit.")
+
+
 def explanations_context(root: Path, records: dict[str, Any]) -> dict[str, Any]:
     ex, trust = records["explain"], records["explain_metrics"]
     methods, settings = ex["methods"], ex["settings"]
     columns = [(k, title) for k, title in TRUST_COLUMNS if any(k in trust["explain"][m] for m in methods)]
-    rows = [[m, "passes sanity check" if trust["explain"][m]["sanity_pass"] else "FAILS sanity check",
-             *[trust["explain"][m].get(k) for k, _ in columns]] for m in methods]
-    rows.append(["random order", "(reference)", trust["random"]["deletion_auc"], trust["random"]["insertion_auc"],
+
+    def value(row: dict[str, Any], key: str) -> Any:
+        return f"{fmt(row[key])} ({fmt_ci(row, key)})" if f"{key}_ci_low" in row else row.get(key)
+
+    rows = [[m, *[value(trust["explain"][m], k) for k, _ in columns]] for m in methods]
+    rows.append(["random order", trust["random"]["deletion_auc"], trust["random"]["insertion_auc"],
                  *[None] * (len(columns) - 2)])
     figures = root / paths.EXPLAIN_DIR / paths.FIGURES
     extra = [(data_uri(figures / f), alt) for f, alt in ((paths.FEATURE_MAPS_PNG, "feature maps"),
                                                          (paths.CLASS_IMAGES_PNG, "gradient-ascent class images"))
              if (figures / f).is_file()]
-    has_masks = any("pointing_game" in trust["explain"][m] for m in methods)
     return {
-        "intro": (f"Methods (Captum): {', '.join(methods)}. Each map explains the {ex['target']}. "
-                  + sample_text(ex, trust["n_samples"]) + " " + method_settings_text(methods, settings)),
+        "intro": (f"Methods (Captum): {', '.join(methods)}. {decision_sentence(ex['decision'])} {sample_text(ex)} "
+                  + method_settings_text(methods, settings)),
         "sanity_threshold": settings["sanity_threshold"],
-        "localisation": has_masks,
-        "header": ["method", "verdict", *[t for _, t in columns]], "rows": rows, "warnings": trust["warnings"],
+        "localisation": localisation_text(ex),
+        "verdicts": [[m, *verdicts(trust["explain"][m], trust["random"], settings["sanity_threshold"])] for m in methods],
+        "header": ["method", *[t for _, t in columns]], "rows": rows, "warnings": trust["warnings"],
         "curves": data_uri(figures / paths.FAITHFULNESS_PNG), "extra": extra,
         "samples": [(data_uri(figures / s["figure"]), s["id"]) for s in ex["samples"]],
     }
@@ -413,13 +507,21 @@ def reproducibility_context(params: Params, root: Path, records: dict[str, Any])
     git = git_state(root)
     timing = {"train (s)": records["train_timing"]["seconds"], **records["eval_timing"]}
     lock = records["dvc_lock"] or {}
+    trained = records["train_timing"].get("kernels") or {}
+    machine = [[f"training: {label}", trained[key]] for key, label in (
+        ("cpu", "CPU"), ("cpu_flags", "CPU instruction sets"), ("mode", "kernels (MEDCNN_KERNELS)"),
+        ("aten_capability", "ATen CPU capability"), ("onednn_max_cpu_isa", "oneDNN max ISA"),
+        ("mkl_cbwr", "MKL code path (MKL_CBWR)"), ("numpy_simd", "numpy SIMD"), ("openblas", "OpenBLAS kernels"),
+        ("threads", "threads"), ("torch", "torch"), ("mkl", "MKL"), ("onednn", "oneDNN")) if key in trained]
     return {
+        "scope": determinism_text(records["train_timing"]),
         "rows": [["git commit", git["commit"]], ["uncommitted changes", git["dirty"]],
-                 *[[k, v] for k, v in versions().items()], *[[k, v] for k, v in hardware().items()],
+                 ["training device", records["train_timing"].get("device", "cpu")], *machine,
+                 *[[k, v] for k, v in versions().items()],
                  *[[f"run time: {k}", v] for k, v in timing.items()]],
         "lock": [[stage, o["path"], o.get("md5", "")] for stage, entry in lock.get("stages", {}).items()
-                 for o in entry.get("outs", [])],
-        "params": [[k, v] for k, v in public_params(flatten(as_dict(params))).items()],
+                 if stage not in AFTER_REPORT for o in entry.get("outs", [])],
+        "params": effective.rows(params, records),
     }
 
 
@@ -432,7 +534,7 @@ def privacy_guarantee_text(train: dict[str, Any]) -> list[str]:
     spent = train.get("privacy")
     if spent is None:
         return ["Trained without differential privacy (train.privacy.enabled: false): the model carries no formal "
-                "guarantee about its training images. The audit below measures what two attacks can tell."]
+                "guarantee about its training images; the membership audit measures what two attacks can tell."]
     generator = ("a cryptographically secure generator (secure_mode)" if spent["secure_mode"] else
                  "a seeded generator, so the run is reproducible; an attacker who knows the seed and every other "
                  "input could remove the noise, so retrain with train.privacy.secure_mode for release")
@@ -485,6 +587,7 @@ def card_context(params: Params, records: dict[str, Any]) -> dict[str, Any]:
         "counts": "; ".join(f"{s}: {d['n']} ({', '.join(f'{n} {c}' for n, c in d['class_counts'].items())})"
                             for s, d in ((s, data["splits"][s]) for s in SPLITS)),
         "license": f"License: {known['license']}." if known else "License of the data: not known to the pipeline.",
+        "identifiers": identifiers_text(data),
         "stopping": f"early stopping after {params.train.patience} epochs without a better validation ROC AUC",
         "ood": records["package"]["intensity"]["rule"],
     }

@@ -65,6 +65,31 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: str 
     save_figure(fig, path)
 
 
+def plot_decision_curve(rows: Sequence[dict[str, float]], operating: float | None, path: str | Path) -> None:
+    """Net benefit of the model, treat-all and treat-none over threshold probabilities, the
+    frozen operating threshold marked (see :mod:`pipeline.evaluation.decision_curve`); without
+    rows (a multi-class task, decided by arg-max), a figure that says so."""
+    fig, ax = new_figure(figsize=(5, 3.6))
+    if not rows:
+        ax.text(0.5, 0.5, "no decision curve:\nthe task is decided by arg-max, not at a threshold", ha="center",
+                va="center")
+        ax.set_axis_off()
+        save_figure(fig, path)
+        return
+    t = np.array([r["threshold"] for r in rows])
+    ax.plot(t, [r["model"] for r in rows], label="model")
+    ax.plot(t, [r["treat_all"] for r in rows], "--", color="grey", label="treat all")
+    ax.plot(t, [r["treat_none"] for r in rows], ":", color="black", label="treat none")
+    ax.axvline(operating, color="tab:red", alpha=0.6, label=f"operating threshold {operating:.3g}")
+    top = max(max(r["model"] for r in rows), max(r["treat_all"] for r in rows), 0.01)
+    ax.set_ylim(-0.05 * top - 0.01, top * 1.1)
+    ax.set_xlabel("threshold probability")
+    ax.set_ylabel("net benefit")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
 def plot_confusion(matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: str | Path) -> None:
     cm = np.asarray(matrix)
     fig, ax = new_figure(figsize=(1.2 + 0.7 * len(cm), 1 + 0.7 * len(cm)))

@@ -10,7 +10,8 @@
   Spearman rank correlation and SSIM between original and randomised maps are reported; a
   method whose Spearman correlation after full randomisation exceeds the threshold fails.
 - **Localisation** (where ground-truth masks exist): pointing game, fraction of the positive
-  attribution mass inside the mask, and AUPRC of the map against the mask.
+  attribution mass inside the mask, and AUPRC of the map against the mask, each with a
+  bootstrap interval and its chance level.
 - **Shortcut**: fraction of the attribution's magnitude on a known confounder's box.
 """
 
@@ -176,20 +177,45 @@ def similarity(original: np.ndarray, other: np.ndarray) -> dict[str, float]:
             "ssim": rounded(float(np.mean([ssim(a, b) for a, b in zip(original, other)])))}
 
 
-def localisation(maps: np.ndarray, masks: np.ndarray) -> dict[str, float | None]:
-    """Pointing game (1 px tolerance), positive mass in the mask, AUPRC vs the mask; over non-empty masks."""
-    hits, masses, auprcs = [], [], []
+def mean_ci(values: np.ndarray, seed: int, n_resamples: int = 1000) -> tuple[float, float, float]:
+    """Mean of per-image values and its 95% percentile bootstrap interval (images resampled, seeded)."""
+    values = np.asarray(values, dtype=np.float64)
+    draws = np.random.default_rng([seed, 13]).integers(0, len(values), (n_resamples, len(values)))
+    means = values[draws].mean(axis=1)
+    return (rounded(float(values.mean())), rounded(float(np.quantile(means, 0.025))),
+            rounded(float(np.quantile(means, 0.975))))
+
+
+def localisation(maps: np.ndarray, masks: np.ndarray, seed: int) -> dict[str, float | int | bool | None]:
+    """Against ground-truth masks, over the images whose mask is not empty: pointing game (the
+    map's peak within 1 px of the mask), positive attribution mass in the mask and AUPRC of the
+    map against the mask, each a mean with its 95% bootstrap interval, and each one's chance
+    level: where a map without information would score (the share of the image a random peak
+    would hit; the mask's share of the image). A method localises when its pointing game's
+    interval lies above chance."""
+    found: dict[str, list[float]] = {key: [] for key in ("pointing_game", "mass_in_mask", "auprc_mask", "hit_chance",
+                                                          "area")}
     for attribution, mask in zip(maps, masks):
-        if not mask.any():
+        region = mask > 0
+        if not region.any():
             continue
+        near = binary_dilation(region)
         peak = np.unravel_index(np.argmax(attribution), attribution.shape)
-        hits.append(bool(binary_dilation(mask > 0)[peak]))
-        masses.append(mass_fraction(attribution, mask > 0))
-        auprcs.append(average_precision(mask.ravel() > 0, attribution.ravel()))
-    if not hits:
-        return {"pointing_game": None, "mass_in_mask": None, "auprc_mask": None, "n_masks": 0}
-    return {"pointing_game": rounded(float(np.mean(hits))), "mass_in_mask": rounded(float(np.mean(masses))),
-            "auprc_mask": rounded(float(np.mean(auprcs))), "n_masks": len(hits)}
+        found["pointing_game"].append(float(near[peak]))
+        found["mass_in_mask"].append(mass_fraction(attribution, region))
+        found["auprc_mask"].append(average_precision(region.ravel(), attribution.ravel()) or 0.0)
+        found["hit_chance"].append(float(near.mean()))
+        found["area"].append(float(region.mean()))
+    out: dict[str, float | int | bool | None] = {"n_masks": len(found["area"])}
+    if not found["area"]:
+        return {**out, "pointing_game": None, "mass_in_mask": None, "auprc_mask": None, "localisation_pass": None}
+    chance = {"pointing_game": float(np.mean(found["hit_chance"])), "mass_in_mask": float(np.mean(found["area"])),
+              "auprc_mask": float(np.mean(found["area"]))}
+    for key in ("pointing_game", "mass_in_mask", "auprc_mask"):
+        mean, low, high = mean_ci(np.array(found[key]), seed)
+        out.update({key: mean, f"{key}_ci_low": low, f"{key}_ci_high": high, f"{key}_chance": rounded(chance[key])})
+    out["localisation_pass"] = bool(out["pointing_game_ci_low"] > out["pointing_game_chance"])
+    return out
 
 
 def mass_fraction(attribution: np.ndarray, region: np.ndarray, absolute: bool = False) -> float:

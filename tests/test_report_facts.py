@@ -1,0 +1,269 @@
+"""Every fact sentence of the report follows the run's records: each test builds the records of a
+run where the sentence must change (or must appear, or must not), and reads the text."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+
+from pipeline import report
+from pipeline.reporting import content, effective
+from pipeline.reporting.limitations import RULES, limitations
+
+
+@pytest.fixture
+def records(tiny_run):
+    return content.load_records(tiny_run[0])
+
+
+def changed(records, **paths):
+    """A deep copy of ``records`` with values set at dotted paths (``eval.test.n=5``)."""
+    out = copy.deepcopy(records)
+    for dotted, value in paths.items():
+        *parents, key = dotted.split("__")
+        node = out
+        for part in parents:
+            node = node[part]
+        node[key] = value
+    return out
+
+
+def page_of(tiny_run, tmp_path, params=None, mutate=None):
+    """The rendered report of the tiny run, its records first changed by ``mutate``."""
+    root, run_params = tiny_run
+    records = content.load_records(root)
+    if mutate:
+        mutate(records)
+    context = content.context(params or run_params, root, records)
+    return report.render("report.html.j2", context), report.render("model_card.md.j2", context)
+
+
+# --- limitations: each rule fires on a run that has the problem and stays silent otherwise --------
+
+def test_every_rule_is_silent_on_a_clean_run(records):
+    clean = changed(records, data__input={"source": "npz", "path": "x.npz"})
+    clean["train"].update(left_chance=True, improved_after_first_epoch=True)
+    clean["eval"]["test"].update(roc_auc_ci_low=0.90, roc_auc_ci_high=0.95)
+    clean["eval"]["calibration"]["after"]["ece"] = 0.01
+    clean["eval"]["subgroups"] = {}
+    clean["eval"]["out_of_distribution"]["test_flagged"] = 0
+    clean["eval"]["robustness"]["corruptions"] = {}
+    clean["eval"]["val"]["used_for"] = ["choosing the training epoch (early stopping)"]
+    for row in clean["explain_metrics"]["explain"].values():
+        row.update(sanity_pass=True, localisation_pass=True)
+    clean["explain_metrics"]["warnings"] = []
+    for attack in clean["eval"]["privacy_audit"]["attacks"].values():
+        attack["roc_auc_ci_low"] = 0.45
+    assert limitations(clean) == ["No external test set: all splits come from one source, so performance at other "
+                                  "sites is unknown."]
+
+
+def test_training_that_never_left_chance_is_a_limitation(records):
+    stuck = changed(records, train__left_chance=False, train__min_train_loss=0.6931, train__chance_loss=0.6931)
+    assert any(s.startswith("Training did not learn: the training loss never left chance (lowest 0.6931 against "
+                            "0.6931") for s in limitations(stuck))
+    assert not any(s.startswith("Training did not learn") for s in limitations(changed(records, train__left_chance=True)))
+    first = changed(records, train__improved_after_first_epoch=False, train__epochs_run=6)
+    assert "Validation never beat the first epoch: of 6 epochs, early stopping kept epoch 1's weights." in limitations(first)
+
+
+def test_a_subgroup_gap_is_named_when_the_intervals_do_not_overlap(records):
+    gap = changed(records)
+    gap["eval"]["subgroups"] = {"site": {
+        "site-A": {"roc_auc": 0.968, "roc_auc_ci_low": 0.94, "roc_auc_ci_high": 0.99},
+        "site-B": {"roc_auc": 0.917, "roc_auc_ci_low": 0.88, "roc_auc_ci_high": 0.935}}}
+    assert ("Subgroup gap by site: ROC AUC 0.917 for site-B (95% CI 0.88–0.935) against 0.968 for site-A "
+            "(0.94–0.99): the intervals do not overlap.") in limitations(gap)
+    gap["eval"]["subgroups"]["site"]["site-B"]["roc_auc_ci_high"] = 0.95
+    assert not any(s.startswith("Subgroup gap") for s in limitations(gap))
+
+
+def test_a_corruption_that_costs_accuracy_is_named_with_its_worst_severity(records):
+    fragile = changed(records)
+    robustness = fragile["eval"]["robustness"]
+    robustness["clean"] = {"roc_auc": 0.96, "accuracy": 0.92}
+    robustness["corruptions"] = {"brightness": {"1": {"roc_auc": 0.95, "accuracy": 0.41},
+                                                "3": {"roc_auc": 0.94, "accuracy": 0.2}},
+                                 "jpeg": {"1": {"roc_auc": 0.95, "accuracy": 0.9}}}
+    found = [s for s in limitations(fragile) if s.startswith("Fragile")]
+    assert found == ["Fragile under image corruptions: accuracy falls by more than 0.1 from its clean 0.92 under "
+                     "brightness (to 0.2 at severity 3); scans from other scanners or settings may fare worse than "
+                     "the test split."]
+
+
+def test_out_of_distribution_test_images_and_validation_reuse_are_stated(records):
+    flagged = changed(records)
+    flagged["eval"]["out_of_distribution"]["test_flagged"] = 1
+    assert any(s.startswith("1 test image(s) fall outside the training images' intensity range")
+               for s in limitations(flagged))
+    uses = records["eval"]["val"]["used_for"]
+    sentence = next(s for s in limitations(records) if s.startswith("One validation split"))
+    assert f"served {len(uses)} purposes" in sentence and "the membership audit's non-members" in sentence
+
+
+def test_explanation_methods_that_fail_are_listed(records):
+    failing = changed(records)
+    rows = failing["explain_metrics"]["explain"]
+    for name, row in rows.items():
+        row.update(sanity_pass=name != "lime", localisation_pass=name not in ("grad_cam", "occlusion"))
+    found = limitations(failing)
+    assert "Explanations that fail the randomisation sanity check (they do not depend on what the model learned): " \
+           "lime." in found
+    assert "Explanations that do not point at the lesions more often than chance: grad_cam, occlusion." in found
+
+
+def test_an_empty_salt_is_a_limitation_only_where_ids_are_hashed(records):
+    assert not any("empty salt" in s for s in limitations(records))  # the phantom hashes nothing
+    hashed = changed(records)
+    hashed["data"]["identifiers"] = {"images": "salted SHA-256 pseudonyms of the file paths", "patients": None,
+                                     "salt": "empty"}
+    assert any(s.startswith("Image ids are hashes of the file paths with an empty salt") for s in limitations(hashed))
+
+
+def test_rules_are_functions_of_the_records_alone(records):
+    for rule in RULES:
+        assert rule(copy.deepcopy(records)) == rule(records), rule.__name__
+
+
+# --- explanations: what was explained, at which decision, and the verdicts ----------------------------
+
+def test_sample_sentence_counts_what_was_drawn(records):
+    explain = changed(records)["explain"]
+    explain["samples"] = [{"why": w} for w in ("true positive", "true positive", "false negative", "true negative",
+                                                "most confident false positive")]
+    explain["settings"].update(per_outcome=2, worst=1)
+    explain["outcomes_available"] = {"true positive": 9, "false negative": 1, "true negative": 50,
+                                     "false positive": 0}
+    assert content.sample_text(explain) == (
+        "5 test images explained: 2 true positives, 1 false negative, 1 true negative, 1 most confident false "
+        "positive (explain.per_outcome 2, explain.worst 1). The test split has no false positive.")
+
+
+def test_decision_sentence_names_the_frozen_threshold_or_argmax(records):
+    decision = records["explain"]["decision"]
+    text = content.decision_sentence(decision)
+    assert f"against the threshold {content.fmt(decision['threshold'])} frozen on validation" in text
+    assert "P(lesion) after temperature" in text and "lesion at or above it, else normal" in text
+    assert "the class with the highest probability" in content.decision_sentence({"rule": "argmax", "temperature": 1.0})
+
+
+def test_verdicts_show_the_numbers_and_the_rule(records):
+    row = {"randomised_all_layers_spearman": 0.5034, "sanity_pass": False, "deletion_auc": 0.50071,
+           "deletion_beats_random": False, "insertion_auc": 0.8, "insertion_beats_random": True, "faithful": True,
+           "localisation_pass": False, "pointing_game": 0.0, "pointing_game_ci_low": 0.0, "pointing_game_ci_high": 0.0,
+           "pointing_game_chance": 0.0272}
+    sanity, faithful, place = content.verdicts(row, {"deletion_auc": 0.50068, "insertion_auc": 0.6}, 0.5)
+    assert sanity == "FAIL: Spearman 0.5034 > 0.5"
+    assert faithful == "pass: deletion 0.50071 ≥ 0.50068, insertion 0.8 > 0.6 (random order)"
+    assert place == "FAIL: pointing game 0 (95% CI 0–0) not above chance 0.0272"
+    row.update(localisation_pass=None)
+    assert content.verdicts(row, {"deletion_auc": 0.6, "insertion_auc": 0.6}, 0.5)[2] == \
+        "not applicable: no lesion masks"
+
+
+def test_rendered_explanations_state_the_decision_and_localisation(tiny_run, tmp_path):
+    page, _ = page_of(tiny_run, tmp_path)
+    section = page[page.index('<section id="explanations">'):page.index('<section id="privacy">')]
+    assert "Each map explains the model&#39;s decision" in section and "predicted class" not in section
+    assert "Localisation: the maps of lesion for 16 test images with a lesion mask" in section
+    assert "<th>sanity check</th><th>faithfulness</th><th>localisation</th>" in section
+
+
+# --- data, model, results -------------------------------------------------------------------------------
+
+def test_patient_overlap_with_no_patient_ids_is_not_applicable(records):
+    rows = dict(content.check_rows(records["data"]))
+    assert rows["patient_overlap"].startswith("not applicable: no split carries patient ids")
+    checked = changed(records)
+    checked["data"]["checks"]["patient_overlap"] = 0
+    assert dict(content.check_rows(checked["data"]))["patient_overlap"] == 0
+
+
+def test_identifiers_sentence_follows_the_source(records):
+    assert content.identifiers_text(records["data"]).startswith(
+        "Images are identified by serial numbers given by the generator")
+    assert "The data carry no patient ids." in content.identifiers_text(records["data"])
+    files = {"identifiers": {"images": "salted SHA-256 pseudonyms of the file paths (img-<16 hex digits>)",
+                             "patients": "salted SHA-256 pseudonyms of the patient ids (p-<16 hex digits>)",
+                             "salt": "set"}}
+    text = content.identifiers_text(files)
+    assert "the salt is secret and never written" in text and "Patient ids are replaced by salted" in text
+
+
+def test_model_card_claims_no_pseudonyms_the_run_did_not_make(tiny_run, tmp_path):
+    _, card = page_of(tiny_run, tmp_path)
+    assert "replaced by salted pseudonyms" not in card and "below" not in card
+    assert "serial numbers given by the generator" in card
+
+
+def test_intended_use_of_a_phantom_run_is_a_demonstration(tiny_run, records):
+    _, params = tiny_run
+    assert content.intended_use_text(params, records["data"]).startswith("This run is a demonstration on simulated "
+                                                                          "phantom scans")
+    npz = changed(records, data__input={"source": "npz", "path": "x.npz"})
+    assert content.intended_use_text(params, npz["data"]) == params.report.intended_use
+
+
+def test_determinism_sentence_states_the_recorded_scope(records):
+    timing = records["train_timing"]
+    text = content.determinism_text(timing)
+    assert f"({timing['kernels']['threads']}) give the same bytes on any x86-64 CPU with AVX2" in text
+    native = copy.deepcopy(timing)
+    native["kernels"]["mode"] = "native"
+    assert "CPUs with the same instruction sets as this one" in content.determinism_text(native)
+    gpu = content.determinism_text({"device": "cuda (NVIDIA H200)", "precision": "bf16"})
+    assert gpu.startswith("trained on cuda (NVIDIA H200) in bfloat16 autocast") and "not byte for byte" in gpu
+    assert "no reproducibility scope" in content.determinism_text({"device": "cpu"})
+
+
+def test_effective_params_say_what_ran(tiny_run, records):
+    _, params = tiny_run
+    notes = dict((k, n) for k, _, n in effective.rows(params, records))
+    assert notes["train.precision"] == "not used: trained in float32 on cpu"
+    assert notes["data.split.val"].startswith("not used: generated per split")
+    assert notes["data.phantom.n_train"] == "" and notes["train.lr"] == ""
+    assert notes["train.privacy.target_epsilon"] == "not used: train.privacy.enabled is false"
+    skipped = changed(records)
+    skipped["eval"]["baselines_skipped"] = {"svm": "1200 training images > evaluate.svm_max_train (1000)"}
+    notes = dict((k, n) for k, _, n in effective.rows(params, skipped))
+    assert notes["evaluate.baselines"] == ("ran: logistic_regression, random_forest, decision_tree; skipped: svm "
+                                           "(1200 training images > evaluate.svm_max_train (1000))")
+    npz = changed(records, data__input={"source": "npz", "path": "x.npz"},
+                  data__split_method="grouped by patient and stratified by label")
+    npz_params = dataclasses.replace(params, data=dataclasses.replace(params.data, source="npz", path="x.npz"))
+    notes = dict((k, n) for k, _, n in effective.rows(npz_params, npz))
+    assert notes["data.phantom.n_train"] == "not used: data.source is npz" and notes["data.split.val"] == ""
+
+
+def test_lock_table_leaves_out_the_reports_own_and_tracks_outputs(tiny_run, records):
+    root, params = tiny_run
+    records = changed(records)
+    records["dvc_lock"] = {"stages": {stage: {"outs": [{"path": f"{stage}.out", "md5": "0" * 32}]}
+                                      for stage in ("train", "explain", "report", "track")}}
+    lock = content.reproducibility_context(params, root, records)["lock"]
+    assert [row[0] for row in lock] == ["train", "explain"]
+
+
+def test_decision_curve_sentence(records):
+    curve = records["eval"]["decision_curve"]
+    text = content.decision_curve_text(curve, "lesion")
+    assert f"at the frozen threshold {content.fmt(curve['operating_threshold'])}" in text
+    none = {**curve, "useful_ranges": []}
+    assert content.decision_curve_text(none, "lesion").endswith("at no threshold probability from 0.01 to 0.99.")
+    two = {**curve, "useful_ranges": [[0.05, 0.3], [0.5, 0.5]]}
+    assert content.decision_curve_text(two, "lesion").endswith("for threshold probabilities 0.05–0.3, 0.5.")
+    assert content.decision_curve_text(None, "x").startswith("No decision curve: a multi-class model")
+
+
+def test_results_show_precision_skipped_baselines_and_validation_use(tiny_run, tmp_path):
+    def skip_svm(records):
+        records["eval"]["baselines_skipped"] = {"svm": "200 training images > evaluate.svm_max_train (100)"}
+
+    page, _ = page_of(tiny_run, tmp_path, mutate=skip_svm)
+    section = page[page.index('<section id="results">'):page.index('<section id="failures">')]
+    assert "svm was not fitted: 200 training images &gt; evaluate.svm_max_train (100)." in section
+    assert "<td>sensitivity</td>" in section and "from n images" in section
+    assert "reports/eval/val_predictions.csv" in section
+    assert "Decision curve (test split, calibrated P(lesion))" in section
