@@ -7,8 +7,11 @@ Every image goes through what evaluate did to the test split, all of it read fro
 preprocessing prepare applied, the network, the temperature and the frozen threshold. So the
 probabilities are evaluate's, to 1e-5, for the same pixels.
 
-One output row per input: a pseudonymous id, the calibrated probability of each class, the
-predicted class and a status: ``ok``; ``warning: out of distribution`` (scored, but the
+One output row per input: an id, the calibrated probability of each class, the predicted
+class and a status. A file's id is its path relative to INPUT hashed with the secret salt
+``$MEDCNN_PSEUDONYM_SALT`` (prepare's rule), which must then be set, or, with ``--ids path``,
+that path itself, for inputs that hold no patient data; an ``.npz`` row's id is its position.
+The status is ``ok``; ``warning: out of distribution`` (scored, but the
 image's intensities are unlike the training images', see
 :data:`pipeline.modeling.package.OOD_QUANTILES`); or ``error: <reason>`` (no probability)
 for a file that cannot become an image the model takes. The other rows are still scored, and
@@ -36,8 +39,8 @@ from pipeline.core.files import write_csv
 from pipeline.core.runtime import configure_logging, run_command
 from pipeline.data.dicom import ImageError
 from pipeline.data.images import preprocess
-from pipeline.data.inputs import Input, list_inputs
-from pipeline.data.privacy import resolve_salt
+from pipeline.data.inputs import Input, holds_files, list_inputs
+from pipeline.data.privacy import SALT_ENV, resolve_salt
 from pipeline.modeling.package import OOD_WARNING, ModelPackage, load_package
 
 log = logging.getLogger(__name__)
@@ -138,13 +141,42 @@ def write_overlays(package: ModelPackage, images: np.ndarray, predictions: np.nd
              f"{sample_id}: predicted {name}", folder / f"{sample_id}.png")
 
 
+def find_package(model_path: Path) -> ModelPackage:
+    """The model package; a missing default one is explained by where predict was run from."""
+    if not model_path.exists() and model_path == paths.MODEL:
+        raise PipelineError(f"no model package at {paths.MODEL} in {Path.cwd()}: run predict from the medcnn project "
+                            "folder (where `dvc repro` writes it), or name one with --model PATH")
+    return load_package(model_path)
+
+
+def id_salt(input_path: Path, ids: str) -> str | None:
+    """The salt the ids are hashed with, or None when ids are the inputs' own paths (``--ids path``).
+
+    Files' names and paths often carry patient names or record numbers, so their ids are salted
+    hashes, as prepare makes them; a hash without a secret salt hides nothing (anyone with the
+    files can recompute it), so predict refuses it instead of pretending."""
+    if ids == "path" or not holds_files(input_path):
+        return None if ids == "path" else ""
+    salt = resolve_salt("")
+    if not salt:
+        raise PipelineError(f"{input_path}: ids of files are salted hashes of their paths, and "
+                            f"${SALT_ENV} is not set: without a secret salt anyone holding the files can tell which "
+                            f"file an id names. Set ${SALT_ENV} (the data owner's secret), or pass --ids path to "
+                            "write each file's path as its id, for inputs that hold no patient data")
+    return salt
+
+
 def run(input_path: Path, output: Path, model_path: Path = paths.MODEL, explain_dir: Path | None = None,
-        params_path: Path = paths.PARAMS, batch_size: int = 64, workers: int = 0) -> dict[str, int]:
+        params_path: Path = paths.PARAMS, batch_size: int = 64, workers: int = 0,
+        ids: str = "pseudonym") -> dict[str, int]:
     """Score every input into ``output``; returns counts per status kind."""
     start = time.perf_counter()
-    package = load_package(model_path)
+    if not input_path.exists():
+        raise PipelineError(f"{input_path}: not found")
+    salt = id_salt(input_path, ids)
+    package = find_package(model_path)
     dicom = package.preprocessing["dicom"]
-    inputs = list_inputs(input_path, resolve_salt(""), (dicom["window_center"], dicom["window_width"]),
+    inputs = list_inputs(input_path, salt, (dicom["window_center"], dicom["window_width"]),
                          dicom["frames"], series=len(package.input_shape) == 4)
     explain = None
     if explain_dir is not None:
@@ -174,11 +206,16 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0,
                         help="processes that decode files while this one scores (pays for large JPEG/DICOM images; "
                              "on small PNGs the hand-over costs more than it saves)")
+    parser.add_argument("--ids", choices=("pseudonym", "path"), default="pseudonym",
+                        help=f"pseudonym (default): a file's id is a hash of its path salted with ${SALT_ENV}, which "
+                             "must be set; path: the file's path relative to INPUT, for inputs that hold no patient "
+                             "data")
     args = parser.parse_args()
     configure_logging()
 
     def work() -> int:
-        counts = run(args.input, args.output, args.model, args.explain, args.params, args.batch_size, args.workers)
+        counts = run(args.input, args.output, args.model, args.explain, args.params, args.batch_size, args.workers,
+                     args.ids)
         if counts["error"]:
             print(f"error: {counts['error']} input(s) could not be scored; see the status column of {args.output}",
                   file=sys.stderr)

@@ -16,6 +16,7 @@ from PIL import Image
 from pipeline import predict
 from pipeline.core.dataset import load_split
 from pipeline.core.errors import PipelineError
+from pipeline.data.privacy import SALT_ENV
 from pipeline.modeling.package import FORMAT, OOD_WARNING, load_package
 from tests.conftest import REPO
 
@@ -39,6 +40,12 @@ def export_pngs(images: np.ndarray, folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def test_split(tiny_run):
     return load_split(tiny_run[0] / "data/prepared", "test")
+
+
+@pytest.fixture(autouse=True)
+def salt(monkeypatch):
+    """The data owner's secret, which predict needs to hash file paths into ids."""
+    monkeypatch.setenv(SALT_ENV, "test-salt")
 
 
 def test_package_holds_everything_and_loads_weights_only(tiny_run):
@@ -130,7 +137,7 @@ def test_bad_inputs_get_error_rows_the_rest_is_scored_and_the_exit_code_says_so(
     (folder / "plan.dcm").write_bytes(Path(get_testdata_file("rtplan.dcm")).read_bytes())
     result = subprocess.run([sys.executable, "-m", "pipeline.predict", str(folder), "-o", str(tmp_path / "out.csv"),
                              "--model", str(root / "models/model.pt")], capture_output=True, text=True,
-                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, cwd=tmp_path)
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", SALT_ENV: "test-salt"}, cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: 6 input(s) could not be scored")
     assert "Traceback" not in result.stderr
@@ -153,7 +160,29 @@ def test_missing_input_is_one_clear_error_and_no_output(tiny_run, tmp_path):
         predict.run(tmp_path / "absent", tmp_path / "out.csv", root / "models/model.pt")
     with pytest.raises(PipelineError, match="model checkpoint not found"):
         predict.run(tmp_path, tmp_path / "out.csv", tmp_path / "no-model.pt")
+    # Run outside the project, the default package is not there: the message says why.
+    with pytest.raises(PipelineError, match=rf"no model package at models/model.pt in {tmp_path}: run predict from "
+                                            "the medcnn project folder"):
+        predict.run(tmp_path, tmp_path / "out.csv")
     assert not (tmp_path / "out.csv").exists()
+
+
+def test_file_ids_need_a_secret_salt_or_say_they_are_paths(tiny_run, test_split, tmp_path, monkeypatch):
+    root, _ = tiny_run
+    folder = export_pngs(test_split["images"][:2], tmp_path / "in")
+    monkeypatch.delenv(SALT_ENV)
+    with pytest.raises(PipelineError, match=rf"\${SALT_ENV} is not set: without a secret salt anyone"):
+        predict.run(folder, tmp_path / "out.csv", root / "models/model.pt")
+    assert not (tmp_path / "out.csv").exists()
+    predict.run(folder, tmp_path / "paths.csv", root / "models/model.pt", ids="path")
+    assert [r["id"] for r in read_rows(tmp_path / "paths.csv")] == ["00000.png", "00001.png"]
+    np.savez(tmp_path / "new.npz", test_images=test_split["images"][:2])  # positions are not patient data
+    predict.run(tmp_path / "new.npz", tmp_path / "npz.csv", root / "models/model.pt")
+    assert [r["id"] for r in read_rows(tmp_path / "npz.csv")] == ["test-000000", "test-000001"]
+    monkeypatch.setenv(SALT_ENV, "secret")
+    predict.run(folder, tmp_path / "hashed.csv", root / "models/model.pt")
+    hashed = [r["id"] for r in read_rows(tmp_path / "hashed.csv")]
+    assert all(i.startswith("img-") and len(i) == 20 for i in hashed) and "00000" not in "".join(hashed)
 
 
 def test_out_of_distribution_images_are_scored_but_flagged(tiny_run, test_split, tmp_path):

@@ -13,6 +13,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.files import load_npy, read_json
 from pipeline.data import phantom
 from pipeline.data.dicom import ImageError
+from pipeline.data.privacy import SALT_ENV
 from pipeline.data.volumes import preprocess_volume, read_nifti, read_series, window
 from pipeline.modeling import networks
 from pipeline.modeling.networks import ModelConfig, build_model
@@ -325,7 +326,7 @@ def test_private_training_on_volumes(volumes):
     assert any(v.ndim == 5 for v in state.values())  # Conv3d weights, trained privately
 
 
-def test_3d_evaluate_explain_and_predict(volumes):
+def test_3d_evaluate_explain_and_predict(volumes, monkeypatch):
     root, params = volumes
     metrics = read_json(root / "reports/eval/metrics.json")
     assert 0 <= metrics["test"]["roc_auc"] <= 1
@@ -351,6 +352,7 @@ def test_3d_evaluate_explain_and_predict(volumes):
         f"s{k}.dcm" for k in range(14)])  # a model of volumes reads a folder of .dcm files as one series
     flat = incoming / "flat.nii"
     write_nifti(flat, hu_volume(14, (1, 16, 16)))  # not a volume: that row fails, the others are scored
+    monkeypatch.setenv(SALT_ENV, "the data owner's secret")
     counts = predict.run(incoming, root / "scores.csv", root / "models/model.pt")
     assert counts["error"] == 1 and counts["ok"] + counts["warning"] == 3, counts
     # The served (MLflow pyfunc) model takes volumes as nested lists, as an HTTP request carries them.

@@ -37,14 +37,21 @@ class Input:
     where: str  # how a message names it on the user's screen; never written to the output
 
 
-def list_inputs(path: Path, salt: str, window: tuple[float | None, float | None] = (None, None),
+def holds_files(path: Path) -> bool:
+    """Whether ``path`` names files (whose names and paths can carry patient data), not an array file."""
+    return path.suffix.lower() != ".npz"
+
+
+def list_inputs(path: Path, salt: str | None, window: tuple[float | None, float | None] = (None, None),
                 frames: str = "error", series: bool = False) -> list[Input]:
-    """Every image in ``path`` (file, folder, manifest or npz), in a stable order."""
-    if not path.exists():
-        raise PipelineError(f"{path}: not found")
+    """Every image in ``path`` (file, folder, manifest or npz), in a stable order. A file's id is
+    the salted hash of its path relative to ``path`` (prepare's rule), or, with ``salt`` None,
+    that path itself (for inputs that hold no patient data)."""
+    def name(key: str) -> str:
+        return key if salt is None else pseudonym(key, salt, "img-")
 
     def from_file(file: Path, key: str) -> Input:
-        return Input(pseudonym(key, salt, "img-"), lambda: read_file(file, *window, frames), key)
+        return Input(name(key), lambda: read_file(file, *window, frames), key)
 
     if path.is_dir():
         keys = sorted(_image_files(path, series))
@@ -58,7 +65,7 @@ def list_inputs(path: Path, salt: str, window: tuple[float | None, float | None]
         return [Input(f"test-{i:06d}", lambda image=image: (image, {}), f"{path.name} test_images[{i}]")
                 for i, image in enumerate(images)]
     if path.suffix.lower() == ".csv":
-        return [from_file(file, key) if problem is None else Input(pseudonym(key, salt, "img-"), _failing(problem), key)
+        return [from_file(file, key) if problem is None else Input(name(key), _failing(problem), key)
                 for file, key, problem in _manifest(path)]
     return [from_file(path, path.name)]
 
