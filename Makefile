@@ -1,6 +1,6 @@
-# medcnn: `make run` (whole pipeline), `make verify`, `make test`, `make ui`, `make mlflow-server`. Everything runs inside .venv,
-# created and filled from requirements.lock by `make setup` (idempotent; instant when the
-# lock and pyproject.toml are unchanged).
+# medcnn: `make run` (whole pipeline), `make verify`, `make exps`, `make test`, `make docs`, `make ui`,
+# `make mlflow-server`. Everything runs inside .venv, created and filled from requirements.lock by
+# `make setup` (idempotent; instant when the lock and pyproject.toml are unchanged).
 
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +11,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup run verify test test-fast ui mlflow-server mlflow-server-stop lock clean
+.PHONY: setup run verify exps test test-fast docs docs-serve ui mlflow-server mlflow-server-stop lock clean
 
 setup: $(STAMP)
 
@@ -29,11 +29,23 @@ run: setup
 verify: setup
 	python -m pipeline.verify
 
+# DVC experiments in 120 columns: the params that differ between them and the headline test metrics
+# (dvc exp show drops every column but params and those; --only-changed drops the params that agree).
+exps: setup
+	dvc exp show --only-changed --md --keep 'test\.(roc_auc|accuracy|sensitivity|specificity)$$' --drop '^(?!(Experiment|seed|data\.|balance\.|train\.|evaluate\.|explain\.|report\.|track\.)).*|train\.(best_epoch|chance_loss|epochs_run|improved_after_first_epoch|left_chance|min_train_loss|parameters|val_.*|privacy\..*)|explain\.[a-z_]+\..*'
+
 test: setup
 	python -m pytest
 
 test-fast: setup
 	python -m pytest -m "not slow"
+
+# The documentation site (docs/, mkdocs.yml) into site/: open site/index.html, no network needed.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 mkdocs build --strict
+
+docs-serve: setup
+	NO_MKDOCS_2_WARNING=1 mkdocs serve
 
 ui: setup
 	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (model training, not GenAI)"

@@ -28,8 +28,9 @@ CAPPED = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_
 # QEMU 7.2's AVX2 emulation gets grid_sample's bilinear gathers wrong (off by up to 0.8, where
 # the real CPU agrees with a float64 reference to 1e-6): the emulated runs train without the
 # augmentation that uses it. Everything else a training step runs is emulated exactly.
-EMULATED = {"data.phantom.image_size": 16, "data.phantom.n_train": 96, "data.phantom.n_val": 32,
-            "data.phantom.n_test": 8, "train.aug_rotate": 0.0, "train.aug_scale": 0.0, "train.threads": 2}
+EMULATED = {"data.phantom.image_size": 16, "data.phantom.n_train": 64, "data.phantom.n_val": 16,
+            "data.phantom.n_test": 8, "train.epochs": 1, "train.aug_rotate": 0.0, "train.aug_scale": 0.0,
+            "train.threads": 2}
 TRAIN = """
 from pathlib import Path
 from pipeline import train

@@ -32,9 +32,22 @@ def sh(args: list[str], cwd: Path, env: dict[str, str]) -> str:
     return result.stdout + result.stderr
 
 
+# Tiny params with the lightest evaluate and explain that still run every stage's code path:
+# these tests check what DVC and MLflow do with the stages, which the stage tests check in depth.
+E2E = {**TINY, "explain.methods": ["saliency", "grad_cam"], "explain.localisation_images": 8,
+       "explain.class_image_steps": 0, "evaluate.corruptions": [], "evaluate.baselines": ["logistic_regression"]}
+
+
 def new_project(root: Path) -> tuple[Path, dict[str, str]]:
     """The project's files (as git sees them) in a fresh git repository at ``root``, tiny params committed."""
-    return root, copy_project(root, TINY)
+    return root, copy_project(root, E2E)
+
+
+def make_recipe(target: str) -> str:
+    """The shell command of a Makefile target (one line), so a test runs what `make <target>` runs."""
+    lines = (REPO / "Makefile").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"{target}:"))
+    return lines[start + 1].strip().replace("$$", "$")
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +92,11 @@ def test_repro_then_experiment(project):
     assert len(runs(root)[1]) == 1
 
     # An explain param reruns exactly explain, report and track.
-    write_params(root / "params.yaml", {**TINY, "explain.ig_steps": 6})
+    write_params(root / "params.yaml", {**E2E, "explain.ig_steps": 6})
     log = sh(["dvc", "repro"], root, env)
     ran = [s for s in STAGES if f"Running stage '{s}'" in log]
     assert ran == ["source", "explain", "report", "track"]
-    write_params(root / "params.yaml", TINY)
+    write_params(root / "params.yaml", E2E)
     sh(["dvc", "repro"], root, env)
 
     # An experiment: second run in the same store, visible to DVC's comparison commands.
@@ -96,6 +109,12 @@ def test_repro_then_experiment(project):
     shown = sh(["dvc", "exp", "show", "--json"], root, env)
     assert "train.lr" in shown or '"lr"' in shown
     assert "test" in sh(["dvc", "metrics", "diff", "--json"], root, env)
+    # make exps: the param that differs and the headline test metrics, narrow enough to read.
+    table = sh(["bash", "-c", make_recipe("exps")], root, env)
+    header = next(line for line in table.splitlines() if "Experiment" in line)
+    assert "train.lr" in header and "test.roc_auc" in header and "test.sensitivity" in header, table
+    assert "train.epochs" not in header and "balanced_accuracy" not in header and "brier" not in header, table
+    assert max(map(len, table.splitlines())) <= 120, table
     sh(["dvc", "plots", "show", "-o", str(root / "dvc_plots")], root, env)
     assert (root / "dvc_plots" / "index.html").is_file()
 
@@ -174,7 +193,7 @@ def test_a_colleague_pulls_from_a_dvc_remote_and_retrains_nothing(tmp_path_facto
     remote = tmp_path_factory.mktemp("remote-storage")
     sh(["dvc", "remote", "add", "-d", "shared", str(remote)], root, env)
     sh(["dvc", "repro"], root, env)
-    sh(["git", "add", "dvc.lock", ".dvc/config"], root, env)
+    sh(["git", "add", "-A"], root, env)  # dvc.lock, .dvc/config and the metrics and plot data git keeps
     sh(["git", "commit", "-qm", "results"], root, env)
     sh(["dvc", "push"], root, env)
     clone = tmp_path_factory.mktemp("colleague") / "medcnn"

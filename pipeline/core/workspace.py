@@ -2,8 +2,8 @@
 the end-to-end tests run the pipeline, so the user's workspace, outputs and MLflow store are
 never touched.
 
-The copy holds the files git sees (or the files of a commit), without ``dvc.lock`` (the
-pipeline it reruns writes its own), with params overridden, committed as a fresh repository
+The copy holds the files git sees (or the files of a commit), without ``dvc.lock`` and the
+outputs committed beside it (the pipeline it reruns writes its own), with params overridden, committed as a fresh repository
 (DVC experiments need a commit). Its environment runs this interpreter's tools, imports the
 copy's own code, and logs MLflow runs to the copy's own store: a team server exported in
 ``MLFLOW_TRACKING_URI`` is left out, as are the variables DVC sets for the experiment around it.
@@ -20,6 +20,9 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from pipeline.core import kernels
 from pipeline.core.config import write_params
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,10 +39,18 @@ def tracked_files(repo: Path = REPO) -> list[str]:
                           capture_output=True, text=True, check=True).stdout.split()
 
 
+def stage_outputs(root: Path) -> set[str]:
+    """Every path ``root``'s dvc.yaml declares as an output (outs, metrics, plots)."""
+    stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages", {})
+    return {next(iter(out)) if isinstance(out, dict) else out for stage in stages.values()
+            for kind in ("outs", "metrics", "plots") for out in stage.get(kind, [])}
+
+
 def copy_project(dest: Path, overrides: dict[str, Any] | None = None, revision: str | None = None,
                  repo: Path = REPO) -> dict[str, str]:
     """Copy the project into ``dest`` (the working tree as git sees it, or the commit ``revision``),
-    drop ``dvc.lock``, apply the params ``overrides`` (a ``*.path`` value is made absolute: it is
+    without ``dvc.lock`` and the stage outputs committed beside it (the pipeline the copy runs
+    writes its own), apply the params ``overrides`` (a ``*.path`` value is made absolute: it is
     relative to the repository, not to the copy), commit, and return the environment to run DVC
     and the stages in there."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -52,6 +63,11 @@ def copy_project(dest: Path, overrides: dict[str, Any] | None = None, revision: 
             if (repo / name).is_file():
                 (dest / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(repo / name, dest / name)
+    for output in map(dest.joinpath, stage_outputs(dest)):
+        if output.is_dir():
+            shutil.rmtree(output)
+        else:
+            output.unlink(missing_ok=True)
     (dest / "dvc.lock").unlink(missing_ok=True)
     values = {k: str((repo / str(v)).resolve()) if k.endswith(".path") and v else v
               for k, v in (overrides or {}).items()}
@@ -63,9 +79,12 @@ def copy_project(dest: Path, overrides: dict[str, Any] | None = None, revision: 
 
 
 def environment(root: Path) -> dict[str, str]:
-    """This process's environment, fitted to run the copy at ``root`` (see the module docstring)."""
+    """This process's environment, fitted to run the copy at ``root`` (see the module docstring).
+
+    The kernel switches this process set on itself (importing ``pipeline`` sets them) are left
+    out too: the copy's own code decides them, so an older revision runs as it did."""
     env = {**os.environ, **IDENTITY, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "PYTHONPATH": str(root), "DVC_NO_ANALYTICS": "1"}
-    for variable in FOREIGN:
+    for variable in (*FOREIGN, *kernels.PORTABLE_ENV):
         env.pop(variable, None)
     return env
