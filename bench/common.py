@@ -18,6 +18,23 @@ import yaml
 from pipeline.core.workspace import REPO
 
 
+def provenance() -> str:
+    """The line every benchmark prints above its table: when, on what, at which commit and with
+    which kernels it was measured, so a table pasted into the docs says where it came from."""
+    import datetime
+    import platform
+
+    from pipeline.core import kernels
+
+    cpu = kernels.cpu()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                           text=True).stdout.strip()
+    return (f"Measured {datetime.date.today().isoformat()} on {cpu['model']} ({os.cpu_count()} cores, "
+            f"{' '.join(cpu['flags'])}), {platform.system()} {platform.machine()}, medcnn {commit.strip()}"
+            f"{' with uncommitted changes' if dirty else ''}, {kernels.mode()} kernels.")
+
+
 def stage_names(root: Path = REPO) -> list[str]:
     """The stages of ``root``'s dvc.yaml, in pipeline order."""
     return list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO
+from common import REPO, provenance
 
 from pipeline import balance, prepare
 from pipeline.core.config import load_params, parse_overrides, write_params
@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="CPU vs CUDA, bf16 vs float32, workers, NCCL")
     parser.add_argument("--no-cpu-row", action="store_true", help="with --gpu: GPU rows only (for GPU-sized settings)")
     args = parser.parse_args()
+    print(provenance())
     base = {"train.epochs": 3, "train.patience": 3, **parse_overrides(args.overrides)}
     rows = gpu_rows(not args.no_cpu_row) if args.gpu else cpu_rows()
     table = []

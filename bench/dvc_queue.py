@@ -27,6 +27,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from pipeline.core.workspace import copy_project  # noqa: E402
+from common import provenance  # noqa: E402
 
 TINY = {"data.phantom.image_size": 32, "data.phantom.n_train": 160, "data.phantom.n_val": 60,
         "data.phantom.n_test": 80, "train.width": 4, "train.epochs": 2, "train.batch_size": 32, "train.threads": 1,
@@ -72,6 +73,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--server", help="tracking server URI (default: the copy's SQLite store)")
     args = parser.parse_args()
+    print(provenance())
     rows = []
     for jobs in (1, 2):
         results = []

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import provenance
 
 from pipeline import explain
 from pipeline.core.config import load_params
@@ -36,6 +37,7 @@ def rate(fn, n: int) -> float:
 
 
 def main() -> None:
+    print(provenance())
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 16
     params = load_params(REPO / "params.yaml")
     configure_torch(params.train.threads)
@@ -45,10 +47,10 @@ def main() -> None:
     with torch.no_grad():
         targets = model(inputs).argmax(1)
     cfg = params.explain
-    print(f"{'method':<34}{'maps/s':>10}")
+    print("| method | maps per second |\n|---|---|")
     for method in attributions.TITLES:
         speed = rate(lambda: attributions.attribute(model, inputs, targets, cfg, params.seed, (method,)), n)
-        print(f"{method:<34}{speed:>10.1f}")
+        print(f"| {method} | {speed:.1f} |")
     from captum.attr import IntegratedGradients
 
     ig = IntegratedGradients(model)
@@ -62,7 +64,7 @@ def main() -> None:
             else:
                 ig.attribute(inputs.clone().requires_grad_(True), baselines=0.0, target=targets, n_steps=cfg.ig_steps,
                              internal_batch_size=batch)
-        print(f"{label:<34}{rate(run_ig, n):>10.1f}")
+        print(f"| {label} | {rate(run_ig, n):.1f} |")
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         explain.run(params, REPO / "data/prepared", REPO / "models/model.pt", REPO / "reports/eval/failures.json", Path(tmp))

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from common import provenance
 
 from pipeline import balance, evaluate, prepare, train
 from pipeline.core.config import load_params, write_params
@@ -43,6 +44,7 @@ def params_for(folder: Path, overrides: dict):
 
 
 def main() -> None:
+    print(provenance())
     logging.basicConfig(level=logging.WARNING)
     chosen = sys.argv[1:] or list(DATASETS)
     rows = []

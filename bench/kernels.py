@@ -18,7 +18,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import alternate, print_stage_table
+from common import alternate, print_stage_table, provenance
 
 from pipeline.core import kernels
 from pipeline.core.config import parse_overrides
@@ -32,12 +32,12 @@ def main() -> None:
     parser.add_argument("-S", dest="overrides", action="append", default=[], help="params override key=value")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds")
     args = parser.parse_args()
+    print(provenance())
     with tempfile.TemporaryDirectory(prefix="medcnn-kernels-") as tmp:
         copies = {}
         for mode in MODES:
             root = Path(tmp) / mode
-            env = {k: v for k, v in copy_project(root, parse_overrides(args.overrides)).items()
-                   if k not in kernels.PORTABLE_ENV}
+            env = copy_project(root, parse_overrides(args.overrides))
             copies[mode] = (root, {**env, kernels.MODE_VARIABLE: mode})
         mean = alternate(copies, args.rounds)
         network = {mode: hashlib.md5((root / "models/network.pt").read_bytes()).hexdigest()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import REPO
+from common import REPO, provenance
 
 from pipeline.core.config import load_params
 from pipeline.core.dataset import ImageRows, TrainingSet
@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1024, help="training images per epoch")
     parser.add_argument("--rounds", type=int, default=3, help="timed epochs per layout")
     args = parser.parse_args()
+    print(provenance())
     base = load_params(REPO / "params.yaml").train
     configure_torch(base.threads)
     rows = []

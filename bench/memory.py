@@ -7,14 +7,14 @@ real train and evaluate stages on it in subprocesses, each recording its own hig
 (VmHWM). The network is the default small CNN at width 4 (the memory in question is the
 data's, and a narrow network keeps an epoch of 100k images to minutes); evaluate runs without
 the classical baselines. This tree runs twice: in the default NCHW layout and with
-``train.channels_last`` (what the README advises at this image size). Target: train's peak RSS
-≤ 0.5× the training image array at 100k.
+``train.channels_last`` (the layout that pays at this image size), and prints train's peak RSS
+beside the training image array's size.
 
 ``--baseline REV`` runs the same on the pipeline of another commit (its code and params), side
 by side: images/s of training then compare streaming with that commit's loop.
 
     python bench/memory.py                                # 20k and 100k (several minutes, ~4 GB disk)
-    python bench/memory.py --sizes 20000 --baseline ef8ad2a
+    python bench/memory.py --sizes 20000 --baseline HEAD~10   # beside an older revision of the code
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from common import REPO, run_stage
+from common import REPO, provenance, run_stage
 from prepare_scale import SIZE, synthetic
 
 from pipeline.core.config import override
@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 100_000])
     parser.add_argument("--baseline", help="also measure this commit's pipeline on the same data")
     args = parser.parse_args()
+    print(provenance())
     rows = []
     with tempfile.TemporaryDirectory(prefix="medcnn-memory-") as tmp:
         head, params = code_of(None, Path(tmp) / "head")

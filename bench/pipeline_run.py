@@ -14,7 +14,7 @@ both with the same overrides, stage by stage (`dvc repro -f -s`), rounds alterna
 (``--rounds``, 2 by default), and prints each stage's mean seconds and share, the ratio, and
 each side's test ROC AUC: nothing gets slower unnoticed.
 
-    python bench/pipeline_run.py --compare 0c8a55c
+    python bench/pipeline_run.py --compare v0.1.0     # any git revision: a tag, a branch, HEAD~3
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import alternate, print_stage_table
+from common import alternate, print_stage_table, provenance
 
 from pipeline.core.config import parse_overrides
 from pipeline.core.workspace import copy_project
@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--compare", metavar="REV", help="time REV's pipeline beside this tree's, stage by stage")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds for --compare")
     args = parser.parse_args()
+    print(provenance())
     if args.compare:
         compare(args.compare, parse_overrides(args.overrides), args.rounds)
         return
@@ -75,15 +76,15 @@ def main() -> None:
         train = json.loads((root / "reports/train/metrics.json").read_text())["train"]
         train_time = json.loads((root / "reports/train/timing.json").read_text())["seconds"]
         rows = [("params", " ".join(args.overrides) or "defaults"), ("dvc repro wall (s)", f"{wall:.1f}"),
-                ("  of which train (s)", f"{train_time:.1f}"), ("epochs run / best", f"{train['epochs_run']} / {train['best_epoch']}")]
+                ("of which train (s)", f"{train_time:.1f}"), ("epochs run / best", f"{train['epochs_run']} / {train['best_epoch']}")]
         rows += [(f"test {k}", f"{test[k]:.4f}") for k in ("roc_auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity")]
         if not args.no_rerun:
             subprocess.run(["dvc", "repro", "-f"], cwd=root, env=env, check=True, capture_output=True)
             second = digests(root)
             rows += [(f"identical after repro -f: {n}", str(first[n] == second[n])) for n in CHECKED]
-    width = max(len(r[0]) for r in rows)
+    print("| run | value |\n|---|---|")
     for name, value in rows:
-        print(f"{name:<{width}}  {value}")
+        print(f"| {name.strip()} | {value} |")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from common import provenance
 
 from pipeline import balance, evaluate, predict, prepare, train
 from pipeline.core.config import load_params, write_params
@@ -110,6 +111,7 @@ def measure(name: str, overrides: dict, tmp: Path) -> list[str]:
 
 
 def main() -> None:
+    print(provenance())
     logging.basicConfig(level=logging.WARNING)
     chosen = [d for d in DATASETS if not sys.argv[1:] or any(d.startswith(a) for a in sys.argv[1:])]
     rows = []

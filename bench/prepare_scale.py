@@ -3,7 +3,7 @@
 For each size, writes the images once as a PNG folder (two class folders) and once as a
 MedMNIST-format .npz, then runs the real prepare stage on each in a subprocess and prints
 wall time and the subprocess's peak RSS next to the size of the prepared image array.
-Target: peak RSS well below 2× the output array.
+A streaming prepare keeps its peak RSS well below 2× the output array.
 
     python bench/prepare_scale.py            # 10000 and 50000 images (several minutes, ~3 GB disk)
     python bench/prepare_scale.py 2000       # a quick check
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from common import REPO, run_stage
+from common import REPO, provenance, run_stage
 from PIL import Image
 
 SIZE = 128
@@ -64,6 +64,7 @@ def run_prepare(work: Path, data: dict) -> tuple[float, float]:
 
 
 def main() -> None:
+    print(provenance())
     sizes = [int(a) for a in sys.argv[1:]] or [10_000, 50_000]
     rows = []
     for n in sizes:

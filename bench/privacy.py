@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import REPO
+from common import REPO, provenance
 
 from pipeline import balance, evaluate, prepare, train
 from pipeline.core.config import load_params, write_params
@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="search the recipe on validation instead")
     parser.add_argument("targets", nargs="*", help="dataset names (pneumoniamnist, phantom) and seeds")
     args = parser.parse_args()
+    print(provenance())
     datasets = [a for a in args.targets if not a.isdigit()] or list(RECIPES)
     if args.tune:
         for dataset in datasets:

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import provenance
 
 from pipeline import balance, evaluate, prepare, train
 from pipeline.core.config import load_params, parse_overrides, write_params
@@ -93,6 +94,7 @@ def main() -> None:
     parser.add_argument("-S", dest="overrides", action="append", default=[], help="params override key=value")
     parser.add_argument("targets", nargs="*", help="dataset names and seeds")
     args = parser.parse_args()
+    print(provenance())
     overrides = parse_overrides(args.overrides)
     datasets = [a for a in args.targets if not a.isdigit()] or ["pneumoniamnist", "breastmnist"]
     seeds = [int(a) for a in args.targets if a.isdigit()] or [0, 1, 2]

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO, run_stage, stage_names
+from common import REPO, provenance, run_stage, stage_names
 
 from pipeline.core.config import parse_overrides, write_params
 
@@ -28,6 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-S", dest="overrides", action="append", default=[], help="params override key=value")
     args = parser.parse_args()
+    print(provenance())
     overrides = {k: str(Path(v).resolve()) if k.endswith(".path") and v else v
                  for k, v in parse_overrides(args.overrides).items()}
     measured = {}

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from common import provenance
 
 from pipeline.core.config import load_params
 from pipeline.core.dataset import ImageRows, TrainingSet
@@ -82,6 +83,7 @@ def matmul_gflops(n: int = 1024, repeat: int = 20) -> float:
 
 
 def main() -> None:
+    print(provenance())
     epochs = int(sys.argv[1]) if len(sys.argv) > 1 else 3
     params = load_params(REPO / "params.yaml")
     cfg = params.train

@@ -9,7 +9,7 @@ localisation per method with the sanity verdicts.
 
 ``memory``: writes N volumes of 64³ as ``.nii.gz`` files (int16 CT-like, two classes, in a
 temporary folder), runs `python -m pipeline.prepare` on them in a subprocess and reports its
-peak RSS (VmHWM) beside the size of the prepared uint8 array. Target: ≤ 1.5×.
+peak RSS (VmHWM) beside the size of the prepared uint8 array.
 
     python bench/volumes.py                      # pipeline, 1 round (about 12 minutes)
     python bench/volumes.py --rounds 2 --no-seed
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import REPO, alternate, print_stage_table, run_stage
+from common import REPO, alternate, print_stage_table, provenance, run_stage
 
 from pipeline.core.workspace import copy_project
 
@@ -99,6 +99,7 @@ def main() -> None:
     parser.add_argument("--volumes", type=int, default=2000)
     parser.add_argument("--no-seed", action="store_true", help="skip the 3-D seed_cnn run (about 6 minutes)")
     args = parser.parse_args()
+    print(provenance())
     pipeline(args.rounds, not args.no_seed) if args.what == "pipeline" else memory(args.volumes)
 
 
