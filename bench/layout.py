@@ -28,7 +28,10 @@ from pipeline.core.dataset import ImageRows, TrainingSet
 from pipeline.core.runtime import configure_torch
 from pipeline.modeling.networks import ModelConfig, build_model
 from pipeline.modeling.recipe import WeightAverage, layout, make_loss, make_optimizer
+from pipeline.tasks import for_data
 from pipeline.train import train_epoch
+
+BINARY = for_data("binary", ["normal", "lesion"])
 
 
 def streamed(folder: Path, size: int, images: int) -> TrainingSet:
@@ -67,7 +70,7 @@ def main() -> None:
                 for epoch in range(1, args.rounds + 2):
                     for cfg, model, optimizer, loss_fn, generator, average, rates in runs.values():
                         start = time.perf_counter()
-                        train_epoch(model, data, loss_fn, optimizer, cfg, generator, torch.device("cpu"), epoch,
+                        train_epoch(model, data, BINARY, loss_fn, optimizer, cfg, generator, torch.device("cpu"), epoch,
                                     average)
                         if epoch > 1:
                             rates.append(args.images / (time.perf_counter() - start))

@@ -37,7 +37,10 @@ from pipeline.core.runtime import configure_torch
 from pipeline.data.phantom import generate_split
 from pipeline.modeling.networks import ModelConfig, build_model
 from pipeline.modeling.recipe import WeightAverage, make_loss, make_optimizer
+from pipeline.tasks import for_data
 from pipeline.train import train_epoch
+
+BINARY = for_data("binary", ["normal", "lesion"])
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,7 +117,7 @@ def main() -> None:
             if loop_cfg is None:
                 bare_epoch(model, x, y, optimizer, loss_fn, cfg.batch_size, generator)
             else:
-                train_epoch(model, stream, loss_fn, optimizer, loop_cfg, generator, torch.device("cpu"), epoch, average)
+                train_epoch(model, stream, BINARY, loss_fn, optimizer, loop_cfg, generator, torch.device("cpu"), epoch, average)
             if epoch > 1:
                 rates[name].append(len(y) / (time.perf_counter() - start))
     median = {name: float(np.median(r)) for name, r in rates.items()}

@@ -19,6 +19,7 @@ from pipeline.core.config import Params
 from pipeline.core.dataset import load_meta, load_split, save_balanced
 from pipeline.core.files import staged_dir, write_json
 from pipeline.core.runtime import stage_main
+from pipeline.data.labels import counts
 from pipeline.data.resampling import class_weights, resample
 
 log = logging.getLogger(__name__)
@@ -34,15 +35,15 @@ def run(params: Params, prepared: Path = paths.PREPARED, out_dir: Path = paths.B
                                                     params.balance.smote_k_neighbors)
     weights = class_weights(strategy, labels, meta["num_classes"])
     names = meta["class_names"]
-    after = np.bincount(np.concatenate([labels[indices], synthetic_labels]), minlength=len(names))
+    after = np.concatenate([labels[indices], synthetic_labels])
     report = {
         "strategy": strategy,
-        "before": {n: int(c) for n, c in zip(names, np.bincount(labels, minlength=len(names)))},
-        "after": {n: int(c) for n, c in zip(names, after)},
-        "class_weights": dict(zip(names, weights)),
+        "before": counts(labels, names),  # multi-label: images with each finding
+        "after": counts(after, names),
+        "class_weights": dict(zip(names, weights)),  # multi-label: each finding's positive weight
         "synthetic_images": int(len(synthetic_labels)),
         "n_before": int(len(labels)),
-        "n_after": int(after.sum()),
+        "n_after": int(len(after)),
     }
     with staged_dir(out_dir) as tmp:
         save_balanced(tmp, indices, synthetic, synthetic_labels, weights)

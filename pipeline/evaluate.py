@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import precision_recall_curve, roc_curve
 
+from pipeline import tasks
 from pipeline.core import paths
 from pipeline.core.config import EvaluateParams, Params
 from pipeline.core.dataset import ImageRows, load_meta, load_split, load_training_set
@@ -46,6 +47,7 @@ from pipeline.evaluation.decision_curve import COLUMNS as DECISION_CURVE_COLUMNS
 from pipeline.evaluation.decision_curve import decision_curve
 from pipeline.evaluation.metrics import (
     HEADLINE,
+    bootstrap_ci,
     bootstrap_headline,
     choose_threshold,
     classification_metrics,
@@ -58,6 +60,7 @@ from pipeline.modeling import dp_sgd
 from pipeline.modeling.checkpoints import load_checkpoint
 from pipeline.modeling.networks import predict_proba
 from pipeline.modeling.package import ModelPackage, Scores, intensity_reference, save_package
+from pipeline.tasks import Task
 from pipeline.reporting.plots import (
     plot_calibration,
     plot_confusion,
@@ -125,20 +128,21 @@ def curves(labels: np.ndarray, probs: np.ndarray, names: list[str], positive: in
         yield names[c], (fpr, tpr, np.minimum(thr, 1.0)), (recall, precision)
 
 
-def freeze(params: Params, network_path: Path, prepared: Path, meta: dict[str, Any],
+def freeze(params: Params, task: Task, network_path: Path, prepared: Path, meta: dict[str, Any],
            val: dict[str, np.ndarray]) -> tuple[ModelPackage, np.ndarray]:
     """The model package: the trained network with every choice made on validation, frozen before
     the test; and the network's validation probabilities those choices were made on."""
     cfg = params.evaluate
     network, trained = load_checkpoint(network_path)
-    raw = predict_proba(network, val["images"], cfg.batch_size)
-    temperature = calibration.CALIBRATIONS[cfg.calibrate](val["labels"], raw)
-    threshold = choose_threshold(cfg.threshold, val["labels"], calibration.apply_temperature(raw, temperature),
-                                 cfg.positive_class)
-    log.info("validation choices: temperature %.4f, threshold %s (%s)", temperature, threshold, cfg.threshold)
+    raw = predict_proba(network, val["images"], cfg.batch_size, activation=task.probabilities)
+    temperature = task.fit_temperature(cfg.calibrate, val["labels"], raw)
+    threshold = task.thresholds(cfg.threshold, val["labels"], task.calibrate(raw, temperature), cfg.positive_class)
+    log.info("validation choices: temperature %s, threshold %s (%s)", temperature, threshold,
+             task.threshold_rule(cfg.threshold, threshold))
     package = ModelPackage(
         network=network, class_names=meta["class_names"], positive_class=cfg.positive_class, temperature=temperature,
-        threshold=threshold, threshold_rule=cfg.threshold if threshold is not None else "argmax",
+        threshold=threshold, threshold_rule=task.threshold_rule(cfg.threshold, threshold),
+        task=trained.get("task"),
         preprocessing={**meta["preprocessing"], "input_size": list(meta["image_size"]), "input_channels": meta["channels"]},
         intensity=intensity_reference(load_split(prepared, "train")["images"]),
         provenance={"data_sha256": meta["arrays_sha256"], "network_sha256": file_digest(network_path),
@@ -157,7 +161,8 @@ def privacy_audit(params: Params, prepared: Path, package: ModelPackage, non_mem
     rng = np.random.default_rng([params.seed, 31])
     pick = np.sort(rng.choice(n_train, min(n_train, len(non_members[1])), replace=False))
     members = package.uncalibrated(train["images"][pick], params.evaluate.batch_size)
-    result = membership.audit((members, train["labels"][pick]), non_members, reference,
+    view = package.kind.membership_view  # (probabilities, labels) as the attacks read them
+    result = membership.audit(view(members, train["labels"][pick]), view(*non_members), view(*reference),
                               dp_sgd.delta_for(params, n_train), params.evaluate.bootstrap, params.seed)
     log.info("membership audit: attack ROC AUC %s (loss), %s (calibrated)", result["attacks"]["loss"]["roc_auc"],
              result["attacks"]["calibrated"]["roc_auc"])
@@ -166,7 +171,8 @@ def privacy_audit(params: Params, prepared: Path, package: ModelPackage, non_mem
 
 def robustness(cfg: EvaluateParams, seed: int, package: ModelPackage, images: ImageRows, labels: np.ndarray
                ) -> dict[str, Any]:
-    """ROC AUC and accuracy (at the package's frozen threshold) of a seeded sample of at most
+    """The task's headline metrics (ROC AUC and accuracy at the package's frozen decision; and
+    kappa for grades) of a seeded sample of at most
     ``evaluate.robustness_images`` test images, clean and under every corruption and severity
     (:mod:`pipeline.evaluation.corruptions`), and the mean drop from clean."""
     rng = np.random.default_rng([seed, 37])
@@ -175,8 +181,7 @@ def robustness(cfg: EvaluateParams, seed: int, package: ModelPackage, images: Im
 
     def measure(x: np.ndarray) -> dict[str, float | None]:
         probs = package.calibrated(package.uncalibrated(x, cfg.batch_size))
-        metrics = classification_metrics(y, probs, cfg.positive_class, package.threshold)
-        return {"roc_auc": metrics["roc_auc"], "accuracy": metrics["accuracy"]}
+        return package.kind.headline(y, probs, package.threshold, cfg.positive_class)
 
     result: dict[str, Any] = {"images": len(y), "clean": measure(clean_images), "corruptions": {}}
     for number, name in enumerate(cfg.corruptions):
@@ -184,7 +189,7 @@ def robustness(cfg: EvaluateParams, seed: int, package: ModelPackage, images: Im
             str(severity): measure(corruptions.corrupt(clean_images, name, severity,
                                                        np.random.default_rng([seed, 41, number, severity])))
             for severity in cfg.severities}
-    for key in ("roc_auc", "accuracy"):
+    for key in result["clean"]:
         drops = [result["clean"][key] - row[key] for levels in result["corruptions"].values()
                  for row in levels.values() if row[key] is not None and result["clean"][key] is not None]
         result[f"mean_{key}_drop"] = rounded(float(np.mean(drops))) if drops else None
@@ -194,9 +199,20 @@ def robustness(cfg: EvaluateParams, seed: int, package: ModelPackage, images: Im
 def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.BALANCED,
         network_path: Path = paths.NETWORK, out_dir: Path = paths.EVAL_DIR,
         package_path: Path = paths.MODEL) -> dict[str, Any]:
-    cfg = params.evaluate
+    """Evaluate the task of the prepared data: one class per image (:func:`evaluate_single`), or
+    findings and grades (:func:`evaluate_multioutput`)."""
     configure_torch(params.train.threads)
     meta = load_meta(prepared)
+    task = tasks.for_data(meta.get("task"), meta["class_names"])
+    flow = {"single": evaluate_single, "multioutput": evaluate_multioutput}[task.family]
+    return flow(params, task, meta, prepared, balanced, network_path, out_dir, package_path)
+
+
+def evaluate_single(params: Params, task: Task, meta: dict[str, Any], prepared: Path, balanced: Path,
+                    network_path: Path, out_dir: Path, package_path: Path) -> dict[str, Any]:
+    """Binary and multi-class tasks, with the binary study's full set: sensitivity, specificity,
+    PPV/NPV with CIs, the decision curve, imblearn's per-class report, the classical baselines."""
+    cfg = params.evaluate
     names = meta["class_names"]
     positive = cfg.positive_class
     if positive >= len(names):
@@ -205,7 +221,7 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
     y_val, y_test = val["labels"], test["labels"]
 
     # 1. Choices on validation only, frozen into the model package before the test split is scored.
-    package, val_raw = freeze(params, network_path, prepared, meta, val)
+    package, val_raw = freeze(params, task, network_path, prepared, meta, val)
     temperature, threshold = package.temperature, package.threshold
     val_probs = package.calibrated(val_raw)
 
@@ -279,6 +295,148 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
     plot_decision_curve(curve or [], threshold, out_dir / paths.DECISION_CURVE_PNG)
     log.info("test: %s", ", ".join(f"{k} {test_metrics[k]}" for k in ("roc_auc", "accuracy", "sensitivity", "specificity")))
     return result
+
+
+def evaluate_multioutput(params: Params, task: Task, meta: dict[str, Any], prepared: Path, balanced: Path,
+                         network_path: Path, out_dir: Path, package_path: Path) -> dict[str, Any]:
+    """Multi-label findings and ordinal grades: the task's metrics (per finding, or kappa, MAE,
+    accuracy within one grade) with bootstrap CIs at the frozen decisions, calibration, the
+    out-of-distribution flags, the membership audit, subgroups, robustness and the classical
+    baselines (one-vs-rest per finding), as :func:`evaluate_single` reports them."""
+    cfg = params.evaluate
+    names = meta["class_names"]
+    val, test = load_split(prepared, "val"), load_split(prepared, "test")
+    y_val, y_test = val["labels"], test["labels"]
+    package, val_raw = freeze(params, task, network_path, prepared, meta, val)
+    scored = package.score(test["images"], cfg.batch_size)
+    patients = test.get("patients")
+
+    def with_ci(labels: np.ndarray, probs: np.ndarray, groups: np.ndarray | None,
+                threshold: Any = package.threshold) -> dict[str, Any]:
+        point = task.metrics(labels, probs, threshold)
+        intervals = bootstrap_ci(labels, probs, lambda y, p: task.metrics(y, p, threshold), cfg.bootstrap,
+                                 params.seed, groups)
+        out: dict[str, Any] = {"n": len(labels)}
+        for key, value in point.items():
+            low, high = intervals.get(key, (None, None))
+            out[key] = rounded(value) if isinstance(value, float) else value
+            if not key.endswith((".n", ".positives")):
+                out.update({f"{key}_ci_low": low, f"{key}_ci_high": high})
+        return out
+
+    test_metrics = {**with_ci(y_test, scored.probabilities, patients), "threshold": package.threshold,
+                    "threshold_rule": package.threshold_rule, "temperature": package.temperature}
+    if y_test.ndim == 1:  # grades: the ordinal confusion matrix, rows true, columns decided
+        matrix = confusion_matrix(y_test, scored.predictions, len(names))
+        test_metrics.update(confusion_matrix=matrix, confusion_matrix_normalized=normalised(matrix))
+    val_probs = package.calibrated(val_raw)
+    result: dict[str, Any] = {
+        "task": task.name, "test": test_metrics,
+        "val": {task.selection: rounded(task.epoch_scores(y_val, val_probs)[task.selection]), "n": len(y_val),
+                "used_for": validation_uses(cfg, package.threshold)},
+        "out_of_distribution": {"test_flagged": int(scored.out_of_distribution.sum()),
+                                "test_ids": [str(i) for i in test["ids"][scored.out_of_distribution]]},
+        "privacy_audit": privacy_audit(params, prepared, package, (val_raw, y_val), (scored.uncalibrated, y_test)),
+        "robustness": robustness(cfg, params.seed, package, test["images"], y_test),
+    }
+    if "groups" in test:
+        result["subgroups"] = {meta.get("group_name") or "group": {
+            str(g): with_ci(y_test[test["groups"] == g], scored.probabilities[test["groups"] == g],
+                            None if patients is None else patients[test["groups"] == g])
+            for g in np.unique(test["groups"])}}
+
+    timing: dict[str, float] = {}
+    if cfg.baselines:
+        training = load_training_set(prepared, balanced)
+        result["baselines"] = {}
+        for name in cfg.baselines:
+            if name == "svm" and len(training) > cfg.svm_max_train:
+                result.setdefault("baselines_skipped", {})[name] = (
+                    f"{len(training)} training images > evaluate.svm_max_train ({cfg.svm_max_train})")
+                continue
+            (val_probs_b, test_probs_b), timing[f"baseline_{name}_seconds"] = task_baseline(
+                task, name, training, val, test["images"], params)
+            chosen = task.thresholds(cfg.threshold, y_val, val_probs_b, cfg.positive_class)
+            result["baselines"][name] = {**with_ci(y_test, test_probs_b, patients, chosen), "threshold": chosen}
+    save_package(package_path, package)
+    for path, ids, labels, scores in ((out_dir / paths.PREDICTIONS, test["ids"], y_test, scored),
+                                      (out_dir / paths.VAL_PREDICTIONS, val["ids"], y_val,
+                                       package.score(val["images"], cfg.batch_size))):
+        header, rows = task.prediction_columns(labels, scores.probabilities, scores.uncalibrated, scores.predictions)
+        write_csv(path, ["id", *header, "out_of_distribution"],
+                  [[i, *row, int(o)] for i, row, o in zip(ids, rows, scores.out_of_distribution)])
+    roc_rows, pr_rows, roc_plot, pr_plot = [], [], {}, {}
+    for name, positive, score in task.curves(y_test, scored.probabilities):
+        fpr, tpr, thr = roc_curve(positive, score)
+        precision, recall, _ = precision_recall_curve(positive, score)
+        roc_rows += [[name, f"{a:.6f}", f"{b:.6f}", f"{c:.6f}"] for a, b, c in zip(fpr, tpr, np.minimum(thr, 1.0))]
+        pr_rows += [[name, f"{r:.6f}", f"{q:.6f}"] for r, q in zip(recall, precision)]
+        roc_plot[name], pr_plot[name] = (fpr, tpr, float(np.trapezoid(tpr, fpr))), (recall, precision)
+    write_csv(out_dir / paths.ROC_CSV, ["class", "fpr", "tpr", "threshold"], roc_rows)
+    write_csv(out_dir / paths.PR_CSV, ["class", "recall", "precision"], pr_rows)
+    result["calibration"] = {"method": cfg.calibrate, "temperature": package.temperature}
+    reliability = {}
+    for when, probs in (("before", scored.uncalibrated), ("after", scored.probabilities)):
+        pairs = task.calibration_pairs(y_test, probs)
+        result["calibration"][when] = calibration.summarise(*pairs)
+        reliability[when] = calibration.reliability(*pairs)
+    write_csv(out_dir / paths.CALIBRATION_CSV, ["calibration", "bin", "predicted", "observed", "count"],
+              [[when, r["bin"], r["predicted"], r["observed"], r["count"]] for when, rs in reliability.items() for r in rs])
+    write_csv(out_dir / paths.DECISION_CURVE_CSV, list(DECISION_CURVE_COLUMNS), [])
+    failures = task.failures(y_test, scored.probabilities, scored.predictions, test["ids"], cfg.failure_cases)
+    write_json(out_dir / paths.FAILURES, failures)
+    write_json(out_dir / paths.METRICS, result)
+    write_json(out_dir / paths.TIMING, {k: rounded(v, SECONDS_DECIMALS) for k, v in timing.items()})
+    plot_roc(roc_plot, out_dir / paths.ROC_PNG)
+    plot_pr(pr_plot, out_dir / paths.PR_PNG)
+    plot_confusion(test_metrics.get("confusion_matrix", [[0]]), names if y_test.ndim == 1 else ["-"],
+                   out_dir / paths.CONFUSION_PNG)
+    plot_calibration(reliability, result["calibration"], out_dir / paths.CALIBRATION_PNG)
+    plot_failures(test["images"], failures, out_dir / paths.FAILURES_PNG)
+    plot_robustness(result["robustness"], out_dir / paths.ROBUSTNESS_PNG)
+    plot_decision_curve([], None, out_dir / paths.DECISION_CURVE_PNG)
+    log.info("test (%s): %s", task.name, ", ".join(f"{k} {test_metrics[k]}" for k in task.headline(
+        y_test, scored.probabilities, package.threshold, cfg.positive_class)))
+    return result
+
+
+class Rows:
+    """Some rows of an image array (or training set), indexed like the whole: ``rows[a:b]`` and
+    ``rows[[i, j]]`` read only those rows, as the baselines read their inputs in chunks."""
+
+    def __init__(self, images: Any, index: np.ndarray) -> None:
+        self.images, self.index = images, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return np.asarray(self.images[self.index[key]])
+
+
+def task_baseline(task: Task, name: str, training: Any, val: dict[str, Any], test_images: Any, params: Params
+                  ) -> tuple[tuple[np.ndarray, np.ndarray], float]:
+    """A classical baseline for the task: validation and test probabilities shaped as the CNN's,
+    and the seconds it took. Each of the task's problems (one, or one per finding: one-vs-rest
+    on the images where the finding was assessed) is fitted on its own."""
+    cfg = params.evaluate
+    shape = (len(val["labels"]), len(test_images))
+    probs = {"val": None, "test": None}
+    seconds = 0.0
+    for train_rows, y_train, weights, val_rows, y_val, column in task.baseline_problems(
+            training.labels, np.asarray(training.weights), val["labels"]):
+        out, spent = classical.fit_predict(name, Rows(training, train_rows), y_train, weights,
+                                           Rows(val["images"], val_rows), y_val, test_images, params.seed,
+                                           params.train.threads, cfg.baseline_max_train)
+        seconds += spent
+        if column is None:
+            return (out["val"], out["test"]), seconds
+        for split, n in zip(("val", "test"), shape):
+            if probs[split] is None:
+                probs[split] = np.full((n, task.k), 0.5)
+        probs["val"][val_rows, column] = out["val"][:, 1]
+        probs["test"][:, column] = out["test"][:, 1]
+    return (probs["val"], probs["test"]), seconds
 
 
 def validation_uses(cfg: EvaluateParams, threshold: float | None) -> list[str]:

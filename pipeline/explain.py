@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from pipeline.reporting.plots import (
     plot_feature_maps,
     plot_volume_attributions,
 )
+from pipeline.tasks import Task
 from pipeline.xai import attributions, trust
 
 log = logging.getLogger(__name__)
@@ -54,29 +56,9 @@ log = logging.getLogger(__name__)
 SANITY_STAGES = {"top layer": 1e-9, "all layers": 1.0}
 
 
-def outcomes(labels: np.ndarray, decisions: np.ndarray, names: list[str], positive: int | None) -> np.ndarray:
-    """Each image's outcome: true/false positive/negative for binary tasks (``positive`` given),
-    ``correctly classified <class> image`` or ``misclassified <class> image`` otherwise."""
-    correct = labels == decisions
-    if positive is not None:
-        kinds = np.where(labels == positive, np.where(correct, "true positive", "false negative"),
-                         np.where(correct, "true negative", "false positive"))
-        return kinds.astype(object)
-    return np.array([outcome_name(names[y], ok) for y, ok in zip(labels, correct)], dtype=object)
-
-
-def outcome_name(name: str, correct: bool) -> str:
-    return f"{'correctly classified' if correct else 'misclassified'} {name} image"
-
-
-def outcome_order(names: list[str], positive: int | None) -> list[str]:
-    if positive is not None:
-        return ["true positive", "false negative", "true negative", "false positive"]
-    return [outcome_name(name, ok) for name in names for ok in (True, False)]
-
-
 def select_samples(kinds: np.ndarray, order: list[str], per_outcome: int, seed: int) -> list[tuple[int, str]]:
-    """Up to ``per_outcome`` test indices of each outcome, in ``order``, drawn with a seeded generator."""
+    """Up to ``per_outcome`` candidates (positions in ``kinds``) of each outcome, in ``order``,
+    drawn with a seeded generator."""
     rng = np.random.default_rng([seed, 5])
     chosen = []
     for kind in order:
@@ -86,24 +68,29 @@ def select_samples(kinds: np.ndarray, order: list[str], per_outcome: int, seed: 
     return chosen
 
 
-def choose(test: dict[str, np.ndarray], decisions: np.ndarray, names: list[str], positive: int | None,
-           params: Params, failures: dict[str, list[dict]]) -> list[tuple[int, str]]:
-    """(test index, why chosen) for every sample to explain, without repeats, in a fixed order."""
+def choose(task: Task, test: dict[str, np.ndarray], decisions: np.ndarray, positive: int | None, outputs: int,
+           params: Params, failures: dict[str, list[dict]]) -> list[tuple[int, str, int]]:
+    """(test index, why chosen, output explained) for every map to draw, without repeats, in a
+    fixed order: the task's outcomes (:meth:`pipeline.tasks.Task.explain_units`), evaluate's most
+    confident mistakes, images with the shortcut marker."""
     cfg = params.explain
-    picked = select_samples(outcomes(test["labels"], decisions, names, positive), outcome_order(names, positive),
-                            cfg.per_outcome, params.seed)
+    index, kinds, targets = task.explain_units(test["labels"], decisions, positive, outputs)
+    picked = [(int(index[u]), why, int(targets[u]))
+              for u, why in select_samples(kinds, task.outcome_order(positive), cfg.per_outcome, params.seed)]
+    explained = task.explained_output(decisions, outputs)
     for kind, rows in failures.items():
-        picked += [(row["index"], f"most confident {kind.replace('_', ' ')[:-1]}") for row in rows[:cfg.worst]]
+        picked += [(row["index"], f"most confident {kind.replace('_', ' ')[:-1]}",
+                    int(row.get("output", explained[row["index"]]))) for row in rows[:cfg.worst]]
     if "markers" in test:
         with_marker = np.flatnonzero(test["markers"] == 1)
         rng = np.random.default_rng([params.seed + 1, 5])
         picks = rng.choice(with_marker, size=min(cfg.per_outcome, len(with_marker)), replace=False)
-        picked += [(int(i), "image with the shortcut marker") for i in sorted(picks)]
+        picked += [(int(i), "image with the shortcut marker", int(explained[i])) for i in sorted(picks)]
     seen, unique = set(), []
-    for index, why in picked:
-        if index not in seen:
-            seen.add(index)
-            unique.append((index, why))
+    for index_, why, target in picked:
+        if (index_, target) not in seen:
+            seen.add((index_, target))
+            unique.append((index_, why, target))
     return unique
 
 
@@ -115,16 +102,21 @@ def localisation_set(masks: np.ndarray, limit: int, seed: int) -> np.ndarray:
     return masked
 
 
-def localise(model: torch.nn.Module, test: dict[str, np.ndarray], positive: int, params: Params
-             ) -> tuple[dict[str, dict[str, Any]], int]:
-    """Every method's localisation on the positive class's map of the masked test images; and how many."""
+def localise(task: Task, model: torch.nn.Module, test: dict[str, np.ndarray], positive: int, outputs: int,
+             params: Params) -> dict[str, tuple[dict[str, dict[str, Any]], int]]:
+    """Per localisation unit of the task (the positive class; each finding; the graded lesion):
+    every method's localisation of that unit's map against its mask, and on how many images."""
     masks = np.asarray(test["masks"])
-    index = localisation_set(masks, params.explain.localisation_images, params.seed)
-    inputs = images_to_tensor(np.asarray(test["images"][index]))
-    targets = torch.full((len(index),), positive, dtype=torch.long)
-    maps = attributions.attribute(model, inputs, targets, params.explain, params.seed)
-    return ({method: trust.localisation(maps[method], masks[index], params.seed) for method in params.explain.methods},
-            len(index))
+    found = {}
+    for name, selected, targets, value in task.localisation_units(test["labels"], positive, outputs):
+        marked = (masks if value is None else masks == value) * selected.reshape(-1, *[1] * (masks.ndim - 1))
+        index = localisation_set(marked, params.explain.localisation_images, params.seed)
+        inputs = images_to_tensor(np.asarray(test["images"][index]))
+        maps = attributions.attribute(model, inputs, torch.as_tensor(targets[index], dtype=torch.long),
+                                      params.explain, params.seed)
+        found[name] = ({method: trust.localisation(maps[method], marked[index], params.seed)
+                        for method in params.explain.methods}, len(index))
+    return found
 
 
 def measure(model: torch.nn.Module, network: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
@@ -171,21 +163,33 @@ def warnings_for(results: dict[str, Any], params: Params) -> list[str]:
                          "re-initialised, so they do not show what the model learned.")
         if not row["faithful"]:
             found.append(f"{title} is no more faithful than a random pixel order (neither deletion nor insertion).")
-        if row.get("localisation_pass") is False:
-            found.append(f"{title} does not localise the lesions: its pointing game {fmt(row['pointing_game'])} "
-                         f"(95% CI {fmt(row['pointing_game_ci_low'])}–{fmt(row['pointing_game_ci_high'])}, "
-                         f"{row['n_masks']} images) does not lie above chance ({fmt(row['pointing_game_chance'])}).")
+        for what, located in localisation_rows(row):
+            if located.get("localisation_pass") is False:
+                found.append(f"{title} does not localise {what}: its pointing game {fmt(located['pointing_game'])} "
+                             f"(95% CI {fmt(located['pointing_game_ci_low'])}–{fmt(located['pointing_game_ci_high'])}, "
+                             f"{located['n_masks']} images) does not lie above chance "
+                             f"({fmt(located['pointing_game_chance'])}).")
         if row.get("marker_mass", 0) > cfg.shortcut_threshold:
             found.append(f"Shortcut: {title} puts {row['marker_mass']:.0%} of its attribution magnitude on the corner marker "
                          f"(> {cfg.shortcut_threshold:.0%}): the model relies on a confounder, not the lesion.")
     return found
 
 
+def localisation_rows(row: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(what was localised, its numbers) of one method's metrics: the lesions, or each finding."""
+    if "localisation_by_finding" in row:
+        return [(f"the {name} findings", located) for name, located in row["localisation_by_finding"].items()]
+    return [("the lesions", row)] if "pointing_game" in row else []
+
+
 def decision_rule(package: ModelPackage) -> dict[str, Any]:
     """How the explained decisions were made, for samples.json and the report."""
     names = package.class_names
     if package.threshold is None:
-        return {"rule": "argmax", "temperature": package.temperature}
+        return {"rule": package.threshold_rule, "temperature": package.temperature}
+    if isinstance(package.threshold, list):
+        return {"rule": package.threshold_rule, "thresholds": dict(zip(names, package.threshold)),
+                "temperatures": dict(zip(names, package.temperature))}
     return {"rule": "threshold", "threshold": package.threshold, "threshold_rule": package.threshold_rule,
             "temperature": package.temperature, "positive_class": names[package.positive_class],
             "negative_class": names[1 - package.positive_class]}
@@ -196,21 +200,21 @@ def run(params: Params, prepared: Path = paths.PREPARED, model_path: Path = path
     configure_torch(params.train.threads)
     cfg = params.explain
     meta = load_meta(prepared)
-    names = meta["class_names"]
     package = load_package(model_path)
-    network = package.network
-    positive = package.positive_class if package.threshold is not None else None
+    task, network = package.kind, package.network
+    outputs = network.config.num_classes
+    positive = package.positive_class if isinstance(package.threshold, float) else None
     # Attributions and trust measures run on the network with batch norm folded into its
     # convolutions: the same function (outputs within 1e-5), one layer's work instead of two.
     # Feature maps and class images show the network as trained.
     model = folded(network)
     test = load_split(prepared, "test")
     scored = package.score(test["images"])
-    chosen = choose(test, scored.predictions, names, positive, params,
+    chosen = choose(task, test, scored.predictions, positive, outputs, params,
                     read_json(failures_path) if failures_path.is_file() else {})
-    index = np.array([i for i, _ in chosen])
+    index = np.array([i for i, _, _ in chosen])
     inputs = images_to_tensor(np.asarray(test["images"][index]))
-    targets = torch.from_numpy(scored.predictions[index])
+    targets = torch.from_numpy(np.array([target for _, _, target in chosen], dtype=np.int64))
     probs = scored.probabilities[index]
     log.info("explaining %d test images with %s", len(index), ", ".join(cfg.methods))
     start = time.perf_counter()
@@ -227,41 +231,55 @@ def run(params: Params, prepared: Path = paths.PREPARED, model_path: Path = path
     results, faith = measure(model, network, inputs, targets, maps, params, region, has_marker)
     localised = None
     if "masks" in test:
-        located, localised = localise(model, test, package.positive_class, params)
+        localised = localise(task, model, test, package.positive_class, outputs, params)
         for method in cfg.methods:
-            results[method].update(located[method])
+            if len(localised) == 1:  # the lesions: the method's own numbers
+                results[method].update(next(iter(localised.values()))[0][method])
+            else:  # one set per finding, and whether the method localises them all
+                by_finding = {name: located[method] for name, (located, _) in localised.items()}
+                results[method]["localisation_by_finding"] = by_finding
+                results[method]["localisation_pass"] = all(row["localisation_pass"] is not False
+                                                           for row in by_finding.values())
     warnings = warnings_for(results, params)
     metrics = {"explain": {m: results[m] for m in cfg.methods},
                "random": results["random"], "warnings": warnings, "n_samples": len(index)}
     samples = []
     with staged_dir(out_dir / paths.FIGURES) as tmp:
-        for row, (i, why) in enumerate(chosen):
+        repeated = Counter(i for i, _, _ in chosen)
+        for row, (i, why, target) in enumerate(chosen):
             sample_id = str(test["ids"][i])
-            label, pred = int(test["labels"][i]), int(targets[row])
-            title = f"{sample_id} ({why}): true {names[label]}, decided {names[pred]} (p={float(probs[row, pred]):.3f})"
+            figure = f"{sample_id}.png" if repeated[i] == 1 else f"{sample_id}-{target}.png"
+            label, decided = task.describe_label(test["labels"][i]), task.describe(scored.predictions[i])
+            probability = task.explained_probability(probs[row], scored.predictions[i], target)
+            explained = "" if task.family == "single" else f", map of {task.output_name(target, outputs)}"
+            title = f"{sample_id} ({why}): true {label}, decided {decided}{explained} (p={probability:.3f})"
             shown = {attributions.TITLES[m]: maps[m][row] for m in cfg.methods}
             mask = None if masks is None else masks[row]
             marked = has_marker is not None and has_marker[row]
             if inputs.ndim == 5:
-                plot_volume_attributions(channels_last(inputs[row]), shown, title, tmp / f"{sample_id}.png", mask,
+                plot_volume_attributions(channels_last(inputs[row]), shown, title, tmp / figure, mask,
                                          region if marked else None)
             else:
-                plot_attributions(channels_last(inputs[row]), shown, title, tmp / f"{sample_id}.png", mask,
+                plot_attributions(channels_last(inputs[row]), shown, title, tmp / figure, mask,
                                   marker if marked else None)
-            samples.append({"id": sample_id, "why": why, "label": names[label], "predicted": names[pred],
-                            "probability": rounded(float(probs[row, pred])), "figure": f"{sample_id}.png"})
+            samples.append({"id": sample_id, "why": why, "label": label, "predicted": decided,
+                            "probability": rounded(probability), "figure": figure,
+                            **({} if task.family == "single" else {"explained": task.output_name(target, outputs)})})
         plot_faithfulness({attributions.TITLES.get(k, k): v for k, v in faith.items()}, tmp / paths.FAITHFULNESS_PNG)
         plot_feature_maps(attributions.feature_maps(network, inputs[0]), tmp / paths.FEATURE_MAPS_PNG)
         if cfg.class_image_steps:
             shape = tuple(inputs.shape[1:])
-            plot_class_images({n: attributions.class_image(network, k, shape, cfg.class_image_steps, params.seed)
-                               for k, n in enumerate(names)}, tmp / paths.CLASS_IMAGES_PNG)
+            plot_class_images({task.output_name(k, outputs): attributions.class_image(network, k, shape,
+                                                                                      cfg.class_image_steps, params.seed)
+                               for k in range(outputs)}, tmp / paths.CLASS_IMAGES_PNG)
     save_npy(out_dir / paths.ATTRIBUTIONS, np.stack([maps[m] for m in cfg.methods]).astype(np.float32))
     write_json(out_dir / paths.SAMPLES, {
         "methods": list(cfg.methods), "decision": decision_rule(package), "samples": samples,
         "outcomes_available": {kind: int(n) for kind, n in zip(*np.unique(
-            outcomes(test["labels"], scored.predictions, names, positive), return_counts=True))},
-        "localisation": None if localised is None else {"class": names[package.positive_class], "images": localised},
+            task.explain_units(test["labels"], scored.predictions, positive, outputs)[1], return_counts=True))},
+        "localisation": None if localised is None else (
+            {"class": next(iter(localised)), "images": next(iter(localised.values()))[1]} if len(localised) == 1
+            else {"findings": {name: n for name, (_, n) in localised.items()}}),
         "settings": {k: v for k, v in vars(cfg).items() if k != "methods"}})
     write_json(out_dir / paths.TIMING, {"seconds_total": rounded(time.perf_counter() - start, SECONDS_DECIMALS),
                                          **{f"maps_per_second_{m}": rounded(len(index) / max(s, 1e-9), SECONDS_DECIMALS)

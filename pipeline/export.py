@@ -44,23 +44,21 @@ OPSET = 18
 
 
 class Deployable(nn.Module):
-    """The package from uint8 pixels to calibrated probabilities and decisions, as one module."""
+    """The package from uint8 pixels to calibrated probabilities and decisions, as one module:
+    the task's own graph (:meth:`pipeline.tasks.Task.graph`) after the folded network."""
 
     def __init__(self, package: ModelPackage) -> None:
         super().__init__()
         self.network = folded(package.network)
-        self.temperature = float(package.temperature)
-        self.threshold = package.threshold
+        self.task = package.kind
+        self.register_buffer("temperature", torch.tensor(package.temperature, dtype=torch.float32))
+        self.register_buffer("threshold", None if package.threshold is None
+                             else torch.tensor(package.threshold, dtype=torch.float32))
         self.positive = package.positive_class
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = images.to(torch.float32).div(255.0).movedim(-1, 1)
-        # The package calibrates softmax(log p / T) of the network's softmax p: softmax(logits / T).
-        probs = torch.softmax(self.network(x) / self.temperature, dim=1)
-        if self.threshold is None:
-            return probs, probs.argmax(dim=1)
-        positive = probs[:, self.positive] >= self.threshold
-        return probs, torch.where(positive, self.positive, 1 - self.positive).to(torch.int64)
+        return self.task.graph(self.network(x), self.temperature, self.threshold, self.positive)
 
 
 def metadata(package: ModelPackage, package_path: Path) -> dict[str, str]:

@@ -99,10 +99,11 @@ def score_inputs(package: ModelPackage, inputs: list[Input], batch_size: int = 6
         scores = package.score(batch, batch_size)
         for (index, _), probs, pred, ood in zip(pending, scores.probabilities, scores.predictions,
                                                 scores.out_of_distribution):
-            rows[index] = [inputs[index].id, *[f"{p:.6f}" for p in probs], package.class_names[pred],
+            rows[index] = [inputs[index].id, *[f"{p:.6f}" for p in probs], package.describe(pred),
                            OOD_WARNING if ood else "ok"]
         if explain:
-            write_overlays(package, batch, scores.predictions, [inputs[i].id for i, _ in pending], *explain)
+            write_overlays(package, batch, scores.probabilities, scores.predictions,
+                           [inputs[i].id for i, _ in pending], *explain)
         pending.clear()
 
     # Workers hand back whole batches (one message each), kept as lists: no tensor conversion.
@@ -123,9 +124,10 @@ def score_inputs(package: ModelPackage, inputs: list[Input], batch_size: int = 6
     return rows
 
 
-def write_overlays(package: ModelPackage, images: np.ndarray, predictions: np.ndarray, ids: list[str], folder: Path,
-                   cfg: ExplainParams, seed: int) -> None:
-    """A Grad-CAM and an Integrated Gradients map of the predicted class over each image (volume)."""
+def write_overlays(package: ModelPackage, images: np.ndarray, probabilities: np.ndarray, predictions: np.ndarray,
+                   ids: list[str], folder: Path, cfg: ExplainParams, seed: int) -> None:
+    """A Grad-CAM and an Integrated Gradients map of the decision over each image (volume): the
+    predicted class or grade; for findings, the most probable one."""
     import torch
 
     from pipeline.modeling.networks import channels_last, images_to_tensor
@@ -133,12 +135,14 @@ def write_overlays(package: ModelPackage, images: np.ndarray, predictions: np.nd
     from pipeline.xai.attributions import TITLES, attribute
 
     inputs = images_to_tensor(images)
-    maps = attribute(package.network, inputs, torch.as_tensor(predictions), cfg, seed, EXPLAIN_METHODS)
+    task, outputs = package.kind, package.network.config.num_classes
+    targets = task.overlay_outputs(probabilities, predictions, outputs)
+    maps = attribute(package.network, inputs, torch.as_tensor(targets), cfg, seed, EXPLAIN_METHODS)
     plot = plot_volume_attributions if inputs.ndim == 5 else plot_attributions
     for row, sample_id in enumerate(ids):
-        name = package.class_names[predictions[row]]
+        shown = "" if task.family == "single" else f", map of {task.output_name(int(targets[row]), outputs)}"
         plot(channels_last(inputs[row]), {TITLES[m]: maps[m][row] for m in EXPLAIN_METHODS},
-             f"{sample_id}: predicted {name}", folder / f"{sample_id}.png")
+             f"{sample_id}: predicted {package.describe(predictions[row])}{shown}", folder / f"{sample_id}.png")
 
 
 def find_package(model_path: Path) -> ModelPackage:

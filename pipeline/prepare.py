@@ -37,6 +37,9 @@ from pipeline.core.runtime import stage_main
 from pipeline.data import patient_split, phantom
 from pipeline.data.dicom import ImageError
 from pipeline.data.images import preprocess, resize_mask
+from pipeline.data.labels import counts as label_counts
+from pipeline.data.labels import detect as detect_task
+from pipeline.data.labels import unknown as label_unknown
 from pipeline.data.records import fail
 from pipeline.data.sources import Item, Source, check_classes, load_source
 
@@ -141,10 +144,13 @@ def summarise(source: Source, found: dict[str, Any], prepared: Path, data: DataP
                 if array_path(prepared, s, "patients").exists()}
     splits = {}
     for split in SPLITS:
-        counts = np.bincount(labels[split], minlength=len(names))
-        n = int(counts.sum())
-        splits[split] = {**found["stats"][split], "class_counts": dict(zip(names, map(int, counts))),
-                         "prevalence": {c: rounded(int(k) / n) for c, k in zip(names, counts)}}
+        counts, unknown = label_counts(labels[split], names), label_unknown(labels[split], names)
+        n = len(labels[split])
+        splits[split] = {**found["stats"][split], "class_counts": counts,
+                         # multi-label: of the images where the finding was assessed
+                         "prevalence": {c: rounded(k / max(n - (unknown or {}).get(c, 0), 1)) for c, k in counts.items()}}
+        if unknown is not None:
+            splits[split]["unknown_counts"] = unknown
     across = [d for d in found["duplicates"] if d["split"] != d["duplicate_of_split"]]
     shared = patient_split.overlap(patients) if len(patients) == len(SPLITS) else []
     checks = {
@@ -172,10 +178,12 @@ def run(params: Params, out_dir: Path = paths.PREPARED, summary_path: Path = pat
     with staged_dir(out_dir) as tmp:
         found = write_splits(source, data, tmp)
         arrays = {s: {"labels": np.load(array_path(tmp, s, "labels"))} for s in SPLITS}
-        names = check_classes(arrays, tuple(source.class_names), str(data.path or data.source))
+        where = str(data.path or data.source)
+        names = check_classes(arrays, tuple(source.class_names), where)
+        task = detect_task(data.task, arrays["train"]["labels"], len(names), source.known_task, where)
         first = np.load(array_path(tmp, "train", "images"), mmap_mode="r")
         has = {name: array_path(tmp, "train", name).exists() for name in ("masks", "groups", "markers")}
-        meta = {"class_names": names, "num_classes": len(names), "image_size": list(first.shape[1:-1]),
+        meta = {"task": task, "class_names": names, "num_classes": len(names), "image_size": list(first.shape[1:-1]),
                 "channels": int(first.shape[-1]), "has_masks": has["masks"],
                 "group_name": ("site" if data.source == "phantom" else data.group_column) if has["groups"] else None,
                 "marker_box": list(phantom.marker_box(int(first.shape[1]))) if has["markers"] else None,
@@ -188,7 +196,8 @@ def run(params: Params, out_dir: Path = paths.PREPARED, summary_path: Path = pat
         outputs = digest_tree(tmp)
     summary = {"input": source.provenance, **meta, **details, "outputs_sha256": outputs}
     write_json(summary_path, summary)
-    log.info("prepared %s, classes %s: %s", {s: summary["splits"][s]["n"] for s in SPLITS}, names,
+    log.info("prepared %s, %s task, %s %s: %s", {s: summary["splits"][s]["n"] for s in SPLITS}, task,
+             "findings" if task == "multilabel" else "classes", names,
              {s: summary["splits"][s]["class_counts"] for s in SPLITS})
     if found["duplicates"]:
         log.warning("%d exact duplicate image(s) found (data.duplicates=%s); see reports/data/summary.json",

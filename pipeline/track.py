@@ -34,7 +34,7 @@ from pipeline.core.config import Params, as_dict, flatten, leaves
 from pipeline.core.files import file_digest, read_csv, read_json, write_json
 from pipeline.core.runtime import stage_main
 from pipeline.data.privacy import public_params, redact, resolve_salt
-from pipeline.evaluation.metrics import SUMMARY
+from pipeline.evaluation.metrics import summary_keys
 from pipeline.reporting.mlflow_adapter import EXECUTION_TAG, ModelSpec, RunRecord, log_run, metric_key
 from pipeline.reporting.provenance import dvc_experiment, execution_started, git_state, versions
 
@@ -61,7 +61,7 @@ def collect_metrics(root: Path) -> tuple[dict[str, float], dict[str, str]]:
                     renamed[name] = dotted
     # The headline test metrics again, under a name that sorts first in MLflow's compare view
     # (it lists 400+ metrics by name, `baselines.*` first); every metric stays where it was.
-    for key in SUMMARY:
+    for key in summary_keys(read_json(root / paths.EVAL_DIR / paths.METRICS)):
         if f"test.{key}" in found:
             found[f"{HEADLINE_PREFIX}.test.{key}"] = found[f"test.{key}"]
     return found, renamed
@@ -117,14 +117,15 @@ def execution_id(root: Path, params: Params, experiment_name: str) -> str:
 
 def describe(name: str, params: Params, root: Path) -> str:
     """The run's note in the MLflow UI: what ran, and the headline test metrics first."""
-    test = read_json(root / paths.EVAL_DIR / paths.METRICS)["test"]
+    evaluation = read_json(root / paths.EVAL_DIR / paths.METRICS)
+    test = evaluation["test"]
     train = read_json(root / paths.TRAIN_DIR / paths.METRICS)["train"]
 
     def number(value: Any) -> str:
         return "n/a" if value is None else f"{value:.4f}"
 
     rows = "\n".join(f"| {k} | {number(test[k])} | {number(test.get(f'{k}_ci_low'))} – {number(test.get(f'{k}_ci_high'))} |"
-                     for k in SUMMARY)
+                     for k in summary_keys(evaluation))
     return (f"**{name}**: data.source {params.data.source}, {params.train.model}, best epoch {train['best_epoch']} of "
             f"{train['epochs_run']}; decision: {test['threshold_rule']}.\n\n"
             f"| test metric | value | 95% CI |\n|---|---|---|\n{rows}\n\n"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -38,7 +39,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.core import kernels, paths
-from pipeline.core.config import Params, TrainParams, as_dict, load_params
+from pipeline.core.config import Params, TrainParams, as_dict, effective_loss, load_params
 from pipeline.core.dataset import BALANCED_FILES, TrainingSet, load_meta, load_split, load_training_set
 from pipeline.core.errors import PipelineError
 from pipeline.core.files import SECONDS_DECIMALS, file_digest, rounded, write_csv, write_json
@@ -50,7 +51,8 @@ from pipeline.core.runtime import (
     seed_everything,
     select_device,
 )
-from pipeline.evaluation.metrics import roc_auc
+from pipeline import tasks
+from pipeline.data.labels import counts
 from pipeline.modeling import distributed, dp_sgd, loader
 from pipeline.modeling.checkpoints import load_progress, save_checkpoint, save_progress
 from pipeline.modeling.distributed import World
@@ -61,23 +63,29 @@ from pipeline.modeling.recipe import (
     epoch_order,
     layout,
     lr_factor,
-    make_loss,
     make_optimizer,
     precision,
 )
 from pipeline.reporting.plots import plot_history
+from pipeline.tasks import Task
 
 log = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_accuracy", "train_roc_auc", "val_loss", "val_accuracy", "val_roc_auc")
 
 
-def train_epoch(model: nn.Module, data: TrainingSet, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
+def history_columns(task: Task) -> tuple[str, ...]:
+    """``history.csv``'s columns: loss and the task's per-epoch metrics, in training and validation
+    (``HISTORY_COLUMNS`` for one class per image; ordinal tasks add kappa)."""
+    return ("epoch", *[f"{split}_{metric}" for split in ("train", "val") for metric in ("loss", *task.epoch_metrics)])
+
+
+def train_epoch(model: nn.Module, data: TrainingSet, task: Task, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
                 cfg: TrainParams, generator: torch.Generator, device: torch.device, epoch: int,
                 average: WeightAverage | None = None, world: World = distributed.ALONE,
                 private: dp_sgd.PrivateTraining | None = None) -> dict[str, float | None]:
     """One pass over the training set in a seeded order (permutation or class-balanced draw), with
-    seeded augmentation and the per-step learning rate; loss/accuracy/AUC as seen in training.
+    seeded augmentation and the per-step learning rate; loss and the task's metrics as seen in training.
     ``average``, when given, is updated after every optimiser step. With several workers,
     each trains on its share of every batch (see :mod:`pipeline.modeling.distributed`). With
     ``private``, batches are DP-SGD's Poisson samples (an empty draw is skipped: nothing is
@@ -107,7 +115,7 @@ def train_epoch(model: nn.Module, data: TrainingSet, loss_fn: nn.Module, optimiz
             # The batch's weighted mean loss, shared out: this worker's weighted sum over the
             # weight of the whole batch (known to all from the labels), times the number of
             # workers, whose gradients DDP averages.
-            batch_weight = float(weight[labels[chunk]].sum())
+            batch_weight = task.batch_weight(weight, labels[chunk])
             summed = loss_fn(logits.float(), y).sum()
             loss = summed / len(chunk) if private else summed * (world.size / batch_weight)
         optimizer.zero_grad(set_to_none=True)
@@ -118,38 +126,22 @@ def train_epoch(model: nn.Module, data: TrainingSet, loss_fn: nn.Module, optimiz
         if average is not None:
             average.update(average.source)
         total_loss += summed.item() * len(chunk) / batch_weight  # .item() syncs with the device; once per batch
-        probs.append(torch.softmax(logits.detach(), dim=1).double().cpu().numpy())
+        probs.append(task.probabilities(logits.detach().float()).double().cpu().numpy())
         positions.append(share)
     seen_probs = world.gather(np.concatenate(probs))
     seen = data.labels[world.gather(np.concatenate(positions))]
-    return {
-        "loss": world.total(total_loss) / sum(len(chunk) for chunk in chunks),
-        "accuracy": float((seen_probs.argmax(1) == seen).mean()),
-        "roc_auc": roc_auc(seen, seen_probs),
-    }
+    return {"loss": world.total(total_loss) / sum(len(chunk) for chunk in chunks), **task.epoch_scores(seen, seen_probs)}
 
 
-def evaluate_split(model: Classifier, images: np.ndarray, labels: np.ndarray, weights: np.ndarray,
+def evaluate_split(model: Classifier, task: Task, images: np.ndarray, labels: np.ndarray, weights: list[float],
                    device: torch.device) -> dict[str, float | None]:
-    """Validation loss (class-weighted cross-entropy of the probabilities, as training weighs its
-    loss), accuracy and ROC AUC. The logarithm is numpy's, in float64: ``torch.log`` runs in MKL's
-    vector math, whose last bits differ between CPU vendors (see :mod:`pipeline.core.kernels`)."""
-    probs = predict_proba(model, images, device=device)
-    weight = np.asarray(weights, dtype=np.float64)[labels]
-    picked = np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))
-    loss = float(-(weight * picked).sum() / weight.sum())
-    return {"loss": loss, "accuracy": float((probs.argmax(1) == labels).mean()), "roc_auc": roc_auc(labels, probs)}
+    """Validation loss (the task's, weighted as training weighs its loss) and the task's metrics."""
+    probs = predict_proba(model, images, device=device, activation=task.probabilities)
+    return {"loss": task.validation_loss(labels, probs, weights), **task.epoch_scores(labels, probs)}
 
 
 # Training "left chance" when its loss fell below this share of the loss of uniform predictions.
 LEFT_CHANCE = 0.95
-
-
-def chance_loss(cfg: TrainParams, num_classes: int) -> float:
-    """The training loss of a model that predicts every class with probability 1/K: ln K for
-    cross-entropy (class weights and label smoothing leave it so), less for focal loss."""
-    loss = make_loss(cfg, torch.ones(num_classes))(torch.zeros(1, num_classes), torch.zeros(1, dtype=torch.long))
-    return float(loss.sum())
 
 
 def learning_checks(history: list[dict[str, Any]], best_epoch: int, chance: float) -> dict[str, Any]:
@@ -189,98 +181,143 @@ def standardisation(data: TrainingSet, chunk: int = 64) -> tuple[float, float]:
     return mean, math.sqrt(max(float(counts @ values**2) / total - mean**2, 0.0))
 
 
-def fit(params: Params, data: TrainingSet, val: dict[str, Any], meta: dict[str, Any], key: str,
+def effective(cfg: TrainParams, task: Task) -> TrainParams:
+    """``train`` as it runs for ``task``: ``loss: auto`` resolved (:func:`effective_loss`)."""
+    return dataclasses.replace(cfg, loss=effective_loss(cfg.loss, task.name))
+
+
+class Training:
+    """One training run's state, built from params: the network (wrapped for DDP with several
+    workers, for DP-SGD with ``train.privacy``), the optimiser, the loss, the seeded generator,
+    the weight average (``train.ema``: what is validated, kept and saved), the history and the
+    best epoch. Each option is one part of the state here, so :func:`fit` reads as the loop it is.
+    """
+
+    def __init__(self, params: Params, task: Task, data: TrainingSet, meta: dict[str, Any], device: torch.device,
+                 world: World) -> None:
+        cfg = effective(params.train, task)
+        task.check(cfg)
+        dp_sgd.check(params)
+        configure_torch(max(1, cfg.threads // world.size))
+        size = meta["image_size"]  # [H, W], or [D, H, W] for volumes
+        if cfg.model == "seed_cnn" and len(set(size)) != 1:
+            raise PipelineError(f"train.model=seed_cnn needs square images (cubic volumes), got "
+                                f"{'x'.join(map(str, size))}")
+        self.cfg, self.task, self.data, self.device, self.world = cfg, task, data, device, world
+        self.generator = torch.Generator().manual_seed(params.seed)
+        mean, std = standardisation(data)
+        config = ModelConfig(name=cfg.model, in_channels=meta["channels"], num_classes=task.outputs(cfg),
+                             image_size=size[0], width=cfg.width, mean=rounded(mean), std=rounded(std) or 1.0,
+                             norm=cfg.norm, ndim=len(size))
+        torch.manual_seed(params.seed)  # weight initialisation draws from the global generator
+        self.network = build_model(config).to(device, memory_format=layout(cfg, len(size)))
+        self.model = self.network if world.size == 1 else nn.parallel.DistributedDataParallel(
+            self.network, device_ids=[device.index] if device.type == "cuda" else None)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.private = dp_sgd.make_private(params, self.network, self.optimizer, len(data), self.generator) \
+            if cfg.privacy.enabled else None
+        if self.private:
+            self.model, self.optimizer = self.private.model, self.private.optimizer
+        self.loss = task.loss(cfg, torch.tensor(data.weights, dtype=torch.float32, device=device))
+        self.average = WeightAverage(self.network, cfg.ema) if cfg.ema else None
+        self.evaluated = self.average.model if self.average else self.network
+        self.history: list[dict[str, Any]] = []
+        self.best_score, self.best_epoch, self.best_state = -math.inf, 0, None
+
+    @property
+    def done(self) -> bool:
+        """All epochs run, or ``train.patience`` epochs without a better validation score."""
+        epoch = len(self.history)
+        return epoch >= self.cfg.epochs or bool(self.history) and epoch - self.best_epoch >= self.cfg.patience
+
+    def epoch(self, val: dict[str, Any]) -> None:
+        """Train one epoch, validate, and keep the weights when the task's validation metric improved
+        (the loss decides when the metric is undefined)."""
+        number = len(self.history) + 1
+        tr = train_epoch(self.model, self.data, self.task, self.loss, self.optimizer, self.cfg, self.generator,
+                         self.device, number, self.average, self.world, self.private)
+        va = evaluate_split(self.evaluated, self.task, val["images"], val["labels"], self.data.weights, self.device)
+        self.history.append({"epoch": number, **{f"train_{k}": v for k, v in tr.items()},
+                             **{f"val_{k}": v for k, v in va.items()}})
+        score = va[self.task.selection] if va[self.task.selection] is not None else -va["loss"]
+        improved = score > self.best_score
+        if improved:
+            self.best_score, self.best_epoch = score, number
+            self.best_state = copy.deepcopy(self.evaluated.state_dict())
+        log.info("epoch %d/%d  train loss %.4f auc %s | val loss %.4f acc %.4f %s %s%s", number, self.cfg.epochs,
+                 tr["loss"], _fmt(tr["roc_auc"]), va["loss"], va["accuracy"], self.task.selection,
+                 _fmt(va[self.task.selection]), "  *best" if improved else "")
+
+    def state_dict(self, key: str) -> dict[str, Any]:
+        """Everything a resumed run needs, tagged with the run's fingerprint ``key``."""
+        return {"fingerprint": key, "model": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(), "history": json.dumps(self.history),
+                "best_auc": self.best_score, "best_epoch": self.best_epoch, "best_model": self.best_state,
+                **({"average": self.average.state_dict()} if self.average else {}),
+                **({"privacy": self.private.state_dict()} if self.private else {})}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.network.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        if self.average:
+            self.average.load_state_dict(state["average"])
+        if self.private:
+            self.private.load_state_dict(state["privacy"])
+        self.history, self.best_score = json.loads(state["history"]), state["best_auc"]
+        self.best_epoch, self.best_state = state["best_epoch"], state["best_model"]
+
+    def finish(self) -> tuple[Classifier, dict[str, Any] | None]:
+        """The best epoch's network on the CPU, and the DP-SGD guarantee spent (None without privacy)."""
+        if len(self.history) < self.cfg.epochs:
+            log.info("early stopping: no validation %s gain for %d epochs", self.task.selection, self.cfg.patience)
+        guarantee = None
+        if self.private:
+            guarantee = self.private.guarantee()
+            self.private.release()
+            log.info("DP-SGD spent ε = %.3f at δ = %.2e over %d steps", guarantee["epsilon"], guarantee["delta"],
+                     guarantee["steps"])
+        self.network.load_state_dict(self.best_state)
+        return self.network.to("cpu", memory_format=torch.contiguous_format), guarantee
+
+
+def fit(params: Params, task: Task, data: TrainingSet, val: dict[str, Any], meta: dict[str, Any], key: str,
         device: torch.device, checkpoint: Path | None = None, world: World = distributed.ALONE
         ) -> tuple[Classifier, list[dict[str, Any]], int, dict[str, Any] | None]:
-    """Train on ``device`` with early stopping on validation AUC; returns the best model,
-    history, best epoch and, with ``train.privacy.enabled``, the DP-SGD guarantee spent (None
-    otherwise).
+    """Train on ``device`` with early stopping on the task's validation metric (ROC AUC, or kappa
+    for grades); returns the best model, history, best epoch and, with ``train.privacy.enabled``,
+    the DP-SGD guarantee spent (None otherwise).
 
-    After every epoch the whole training state (weights, optimiser, random generator, history,
-    best weights) is saved to ``checkpoint`` (by the first worker); a run interrupted (Ctrl-C,
-    kill) and started again with the same params and data (``key``) resumes there and ends with
-    the same bytes as an uninterrupted run.
+    After every epoch the whole training state is saved to ``checkpoint`` (by the first worker);
+    a run interrupted (Ctrl-C, kill) and started again with the same params and data (``key``)
+    resumes there and ends with the same bytes as an uninterrupted run.
     """
-    cfg = params.train
-    dp_sgd.check(params)
-    configure_torch(max(1, cfg.threads // world.size))
-    size = meta["image_size"]  # [H, W], or [D, H, W] for volumes
-    if cfg.model == "seed_cnn" and len(set(size)) != 1:
-        raise PipelineError(f"train.model=seed_cnn needs square images (cubic volumes), got {'x'.join(map(str, size))}")
-    generator = torch.Generator().manual_seed(params.seed)
-    mean, std = standardisation(data)
-    config = ModelConfig(name=cfg.model, in_channels=meta["channels"], num_classes=meta["num_classes"],
-                         image_size=size[0], width=cfg.width, mean=rounded(mean), std=rounded(std) or 1.0,
-                         norm=cfg.norm, ndim=len(size))
-    torch.manual_seed(params.seed)  # weight initialisation draws from the global generator
-    network = build_model(config).to(device, memory_format=layout(cfg, len(size)))
-    model = network if world.size == 1 else nn.parallel.DistributedDataParallel(
-        network, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = make_optimizer(model, cfg)
-    private = None
-    if cfg.privacy.enabled:
-        private = dp_sgd.make_private(params, network, optimizer, len(data), generator)
-        model, optimizer = private.model, private.optimizer
-    train_loss = make_loss(cfg, torch.tensor(data.weights, dtype=torch.float32, device=device))
-    history: list[dict[str, Any]] = []
-    best_auc, best_epoch, best_state = -math.inf, 0, None
-    # With train.ema the weight average is what gets validated, kept and saved.
-    average = WeightAverage(network, cfg.ema) if cfg.ema else None
-    evaluated = average.model if average else network
+    training = Training(params, task, data, meta, device, world)
     state = load_progress(checkpoint, key) if checkpoint else None
     if state:
-        network.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if average:
-            average.load_state_dict(state["average"])
-        generator.set_state(state["generator"])
-        if private:
-            private.load_state_dict(state["privacy"])
-        history, best_auc, best_epoch = json.loads(state["history"]), state["best_auc"], state["best_epoch"]
-        best_state = state["best_model"]
-        log.info("resuming from the checkpoint of epoch %d (%s)", len(history), checkpoint)
-    epoch = len(history)
-    while epoch < cfg.epochs and not (history and epoch - best_epoch >= cfg.patience):
-        epoch += 1
-        tr = train_epoch(model, data, train_loss, optimizer, cfg, generator, device, epoch, average, world, private)
-        va = evaluate_split(evaluated, val["images"], val["labels"], data.weights, device)
-        history.append({"epoch": epoch, **{f"train_{k}": v for k, v in tr.items()}, **{f"val_{k}": v for k, v in va.items()}})
-        auc = va["roc_auc"] if va["roc_auc"] is not None else -va["loss"]
-        improved = auc > best_auc
-        if improved:
-            best_auc, best_epoch, best_state = auc, epoch, copy.deepcopy(evaluated.state_dict())
-        log.info("epoch %d/%d  train loss %.4f auc %s | val loss %.4f acc %.4f auc %s%s", epoch, cfg.epochs,
-                 tr["loss"], _fmt(tr["roc_auc"]), va["loss"], va["accuracy"], _fmt(va["roc_auc"]), "  *best" if improved else "")
+        training.load_state_dict(state)
+        log.info("resuming from the checkpoint of epoch %d (%s)", len(training.history), checkpoint)
+    while not training.done:
+        training.epoch(val)
         if checkpoint and world.is_main:
-            save_progress(checkpoint, {"fingerprint": key, "model": network.state_dict(),
-                                       "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                                       "history": json.dumps(history), "best_auc": best_auc, "best_epoch": best_epoch,
-                                       "best_model": best_state, **({"average": average.state_dict()} if average else {}),
-                                       **({"privacy": private.state_dict()} if private else {})})
-    if epoch < cfg.epochs:
-        log.info("early stopping: no validation AUC gain for %d epochs", cfg.patience)
-    guarantee = None
-    if private:
-        guarantee = private.guarantee()
-        private.release()
-        log.info("DP-SGD spent ε = %.3f at δ = %.2e over %d steps", guarantee["epsilon"], guarantee["delta"],
-                 guarantee["steps"])
-    network.load_state_dict(best_state)
-    return network.to("cpu", memory_format=torch.contiguous_format), history, best_epoch, guarantee
+            save_progress(checkpoint, training.state_dict(key))
+    network, guarantee = training.finish()
+    return network, training.history, training.best_epoch, guarantee
 
 
 def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.BALANCED,
         model_path: Path = paths.NETWORK, out_dir: Path = paths.TRAIN_DIR,
         checkpoint: Path | None = paths.CHECKPOINT, world: World = distributed.ALONE) -> dict[str, Any]:
     meta = load_meta(prepared)
+    task = tasks.for_data(meta.get("task"), meta["class_names"])
     data = load_training_set(prepared, balanced)
     val = load_split(prepared, "val")
-    log.info("training %s on %d images (%s), validating on %d%s", params.train.model, len(data),
-             np.bincount(data.labels).tolist(), len(val["labels"]),
+    log.info("training %s for a %s task on %d images (%s), validating on %d%s", params.train.model, task.name,
+             len(data), counts(data.labels, meta["class_names"]), len(val["labels"]),
              f", worker {world.rank + 1} of {world.size}" if world.size > 1 else "")
     device = world.device or select_device(params.train.device)  # torchrun's worker has its own GPU
     start = time.perf_counter()
-    model, history, best_epoch, guarantee = fit(params, data, val, meta, fingerprint(params, prepared, balanced),
+    model, history, best_epoch, guarantee = fit(params, task, data, val, meta, fingerprint(params, prepared, balanced),
                                                 device, checkpoint, world)
     seconds = time.perf_counter() - start
     best = history[best_epoch - 1]
@@ -291,15 +328,20 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
         "val_roc_auc": rounded(best["val_roc_auc"]),
         "val_accuracy": rounded(best["val_accuracy"]),
         "val_loss": rounded(best["val_loss"]),
-        **learning_checks(history, best_epoch, chance_loss(params.train, meta["num_classes"])),
+        **{f"val_{m}": rounded(best[f"val_{m}"]) for m in task.epoch_metrics if m not in ("accuracy", "roc_auc")},
+        **learning_checks(history, best_epoch, task.chance_loss(effective(params.train, task))),
     }}
     if guarantee is not None:
         metrics["train"]["privacy"] = guarantee
     if not world.is_main:
         return metrics
+    # A checkpoint names its task unless it has one class per image (as every checkpoint made
+    # before the other tasks existed): the single-label checkpoint keeps its bytes.
     save_checkpoint(model_path, model, {"class_names": meta["class_names"], "best_epoch": best_epoch,
+                                        **({"task": task.name} if task.family != "single" else {}),
                                         **({"privacy": guarantee} if guarantee else {})})
-    write_csv(out_dir / paths.HISTORY, HISTORY_COLUMNS, [[rounded(row[c]) for c in HISTORY_COLUMNS] for row in history])
+    columns = history_columns(task)
+    write_csv(out_dir / paths.HISTORY, columns, [[rounded(row[c]) for c in columns] for row in history])
     write_json(out_dir / paths.METRICS, metrics)
     write_json(out_dir / paths.TIMING, {"seconds": rounded(seconds, SECONDS_DECIMALS),
                                         "device": device_name(device),
@@ -311,7 +353,8 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
     plot_history(history, out_dir / paths.CURVES)
     if checkpoint and checkpoint.exists():
         checkpoint.unlink()  # finished: the next run starts fresh
-    log.info("best epoch %d, val AUC %s, %d parameters, %.1f s", best_epoch, _fmt(best["val_roc_auc"]),
+    log.info("best epoch %d, val %s %s, %d parameters, %.1f s", best_epoch, task.selection,
+             _fmt(best[f"val_{task.selection}"]),
              metrics["train"]["parameters"], seconds)
     return metrics
 

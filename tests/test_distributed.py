@@ -80,3 +80,15 @@ def test_an_interrupted_two_worker_run_resumes_to_the_same_bytes(data, tmp_path)
     train(data, tmp_path / "cut", 2, **longer)
     assert (tmp_path / "cut/models/network.pt").read_bytes() == (tmp_path / "whole/models/network.pt").read_bytes()
     assert not checkpoint.exists()
+
+
+def test_two_workers_train_findings_as_one_process(tmp_path_factory, tmp_path):
+    """Multi-label data: the positive-weighted, masked loss shared out over two workers is the
+    loss of one process."""
+    root = tmp_path_factory.mktemp("ddp-multilabel")
+    run_stages(root, tiny_params(root, **GROUP, **{"data.phantom.task": "multilabel"}), ("prepare", "balance"))
+    changes = {"data.phantom.task": "multilabel"}
+    train(root / "data", tmp_path / "one", 1, **changes)
+    train(root / "data", tmp_path / "two", 2, **changes)
+    losses = [first_epoch_loss(tmp_path / run / "reports/train/history.csv") for run in ("one", "two")]
+    assert abs(losses[1] - losses[0]) <= 1e-4

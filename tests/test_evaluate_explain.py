@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import evaluate, explain
+from pipeline import evaluate, explain, tasks
 from pipeline.core.files import load_npy, read_json, save_npy
 from pipeline.evaluation.metrics import HEADLINE, classification_metrics
 from pipeline.modeling.networks import ModelConfig, build_model
@@ -112,15 +112,18 @@ def test_explain_outputs(tiny_run):
 def test_samples_are_drawn_per_outcome_seeded():
     labels = np.array([1] * 10 + [0] * 50)
     decisions = np.array([1] * 7 + [0] * 3 + [0] * 48 + [1] * 2)
-    kinds = explain.outcomes(labels, decisions, ["normal", "lesion"], positive=1)
+    binary = tasks.for_data("binary", ["normal", "lesion"])
+    index, kinds, targets = binary.explain_units(labels, decisions, 1, 2)
+    assert np.array_equal(index, np.arange(60)) and np.array_equal(targets, decisions)
     assert list(kinds[[0, 7, 10, 58]]) == ["true positive", "false negative", "true negative", "false positive"]
-    order = explain.outcome_order(["normal", "lesion"], 1)
+    order = binary.outcome_order(1)
     first = explain.select_samples(kinds, order, 4, seed=1)
     assert first == explain.select_samples(kinds, order, 4, seed=1)
     assert first != explain.select_samples(kinds, order, 4, seed=2)
     counts = {kind: sum(why == kind for _, why in first) for kind in order}
     assert counts == {"true positive": 4, "false negative": 3, "true negative": 4, "false positive": 2}
-    multi = explain.outcomes(np.array([0, 1, 2, 2]), np.array([0, 2, 2, 1]), ["a", "b", "c"], positive=None)
+    multi = tasks.for_data("multiclass", ["a", "b", "c"]).explain_units(np.array([0, 1, 2, 2]), np.array([0, 2, 2, 1]),
+                                                                         None, 3)[1]
     assert list(multi) == ["correctly classified a image", "misclassified b image", "correctly classified c image",
                            "misclassified c image"]
 

@@ -155,7 +155,7 @@ def registries():
     return [
         (config.DataSource, sources.SOURCES), (config.MedmnistName, catalog.MEDMNIST),
         (config.BalanceStrategy, resampling.STRATEGIES), (config.Model, networks.NETWORKS),
-        (config.Optimizer, recipe.OPTIMIZERS), (config.Sampler, recipe.SAMPLERS), (config.Loss, recipe.LOSSES),
+        (config.Optimizer, recipe.OPTIMIZERS), (config.Sampler, recipe.SAMPLERS), (config.Loss, {**recipe.LOSSES, "auto": config.effective_loss}),
         (config.Schedule, recipe.SCHEDULES), (config.Calibration, calibration.CALIBRATIONS),
         (config.Baseline, baselines.BASELINES), (config.ThresholdRule, metrics.THRESHOLD_RULES),
         (config.ExplainMethod, attributions.METHODS), (config.Corruption, corruptions.CORRUPTIONS),

@@ -54,7 +54,7 @@ BAD_NPZ = {
     "float images": ({"train_images": np.zeros((40, 8, 8), np.float32)}, "expected uint8"),
     "nan images": ({"val_images": np.full((12, 8, 8), np.nan)}, "val_images contains NaN"),
     "nan labels": ({"val_labels": np.full((12, 1), np.nan)}, "val_labels contains NaN"),
-    "multi-label": ({"train_labels": np.zeros((40, 3), np.uint8)}, "multi-label is not supported"),
+    "multi-label": ({"train_labels": np.zeros((40, 3), np.uint8)}, "different numbers of label columns"),
     "one class": ({"train_labels": np.zeros((40, 1), np.uint8), "val_labels": np.zeros((12, 1), np.uint8),
                    "test_labels": np.zeros((16, 1), np.uint8)}, "at least 2 are needed"),
     "bad channels": ({"train_images": np.zeros((40, 8, 8, 2), np.uint8)}, "expected N×H×W, N×H×W×C with C in"),

@@ -1,5 +1,8 @@
 """DP-SGD with Opacus: refusals, the guarantee reported and carried, reproducibility."""
 
+import json
+import math
+
 import pytest
 import torch
 
@@ -49,3 +52,14 @@ def test_secure_mode_without_its_generator_is_one_clear_error(balanced):
     with pytest.raises(PipelineError, match="secure_mode=true needs the torchcsprng package"):
         run_train(balanced, "s", **{**PRIVATE, "train.privacy.secure_mode": True})
     assert not (balanced / "s" / "model.pt").exists()
+
+
+@pytest.mark.parametrize("task", ["multilabel", "ordinal"])
+def test_private_training_takes_findings_and_grades(tmp_path, task):
+    from tests.conftest import run_stages
+
+    params = tiny_params(tmp_path, **{**PRIVATE, "data.phantom.task": task})
+    run_stages(tmp_path, params, ("prepare", "balance", "train"))
+    metrics = json.loads((tmp_path / "reports/train/metrics.json").read_text())["train"]
+    assert metrics["privacy"]["epsilon"] <= params.train.privacy.target_epsilon
+    assert metrics["epochs_run"] == 3 and math.isfinite(metrics["val_loss"])

@@ -165,10 +165,10 @@ def test_training_sentences_follow_params(tiny_run, records):
 
 def test_imbalance_calibration_and_threshold_sentences(records):
     for strategy, text in content.STRATEGY_TEXT.items():
-        assert content.imbalance_text({**records["balance"], "strategy": strategy}).startswith(f"Imbalance handling: {text}")
+        assert content.imbalance_text({**records["balance"], "strategy": strategy}, content.TASK_WORDS[None]).startswith(f"Imbalance handling: {text}")
     calib = records["eval"]["calibration"]
-    assert f"temperature {fmt(calib['temperature'])}" in content.calibration_text(calib)
-    assert content.calibration_text({**calib, "method": "none"}).startswith("Calibration: none")
+    assert f"temperature {fmt(calib['temperature'])}" in content.calibration_text(calib, ["normal", "lesion"])
+    assert content.calibration_text({**calib, "method": "none"}, ["normal", "lesion"]).startswith("Calibration: none")
     test = records["eval"]["test"]
     assert f"rule '{test['threshold_rule']}'" in content.decision_text(test)
     assert "highest probability" in content.decision_text({**test, "threshold": None})

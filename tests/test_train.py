@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import train
+from pipeline import tasks, train
 from pipeline.core.config import TrainParams
 from pipeline.core.files import read_json
 from pipeline.modeling.networks import ModelConfig, build_model
@@ -65,7 +65,7 @@ def test_a_run_that_learns_leaves_chance():
                       "improved_after_first_epoch": True}
     assert train.learning_checks(history[:1], 1, 0.6931)["improved_after_first_epoch"] is None  # one epoch: no verdict
     cfg = tiny_params_train(loss="focal", focal_gamma=2.0)
-    assert train.chance_loss(cfg, 2) == pytest.approx(0.25 * math.log(2), abs=1e-6)  # (1 - 1/K)^γ ln K
+    assert tasks.for_data("binary", ["a", "b"]).chance_loss(cfg) == pytest.approx(0.25 * math.log(2), abs=1e-6)  # (1 - 1/K)^γ ln K
 
 
 @pytest.mark.parametrize("model", ["seed_cnn", "small_cnn", "resnet18"])

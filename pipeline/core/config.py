@@ -26,8 +26,10 @@ from pipeline.core.errors import PipelineError
 # Every choice in params.yaml is a Literal here and, where it selects an implementation, the
 # keys of one registry dict next to that implementation (a test checks that the two agree).
 DataSource = Literal["phantom", "npz", "medmnist", "folder", "csv"]  # data.sources.SOURCES
-MedmnistName = Literal["pathmnist", "dermamnist", "octmnist", "pneumoniamnist", "retinamnist", "breastmnist",
-                       "bloodmnist", "tissuemnist", "organamnist"]  # data.catalog.MEDMNIST
+MedmnistName = Literal["pathmnist", "chestmnist", "dermamnist", "octmnist", "pneumoniamnist", "retinamnist",
+                       "breastmnist", "bloodmnist", "tissuemnist", "organamnist"]  # data.catalog.MEDMNIST
+TaskName = Literal["binary", "multiclass", "multilabel", "ordinal"]  # tasks.TASKS
+Task = Literal["auto", "binary", "multiclass", "multilabel", "ordinal"]
 MedmnistSize = Literal[28, 64, 128, 224]
 DuplicatePolicy = Literal["error", "warn", "drop"]
 OnError = Literal["error", "skip"]
@@ -38,7 +40,7 @@ BalanceStrategy = Literal["none", "class_weight", "oversample", "undersample", "
 Model = Literal["seed_cnn", "small_cnn", "resnet18"]  # modeling.networks.NETWORKS
 Optimizer = Literal["sgd", "adamw"]  # modeling.recipe.OPTIMIZERS
 Sampler = Literal["none", "weighted"]  # modeling.recipe.SAMPLERS
-Loss = Literal["cross_entropy", "focal"]  # modeling.recipe.LOSSES
+Loss = Literal["auto", "cross_entropy", "focal", "corn"]  # modeling.recipe.LOSSES, and auto: effective_loss
 Schedule = Literal["none", "cosine", "onecycle"]  # modeling.recipe.SCHEDULES
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["bf16", "float32"]  # autocast on CUDA; the CPU trains in float32
@@ -51,6 +53,13 @@ Corruption = Literal["gaussian_noise", "blur", "contrast", "brightness", "gamma"
                      "pixelate"]  # evaluation.corruptions.CORRUPTIONS
 ExplainMethod = Literal["saliency", "integrated_gradients", "smoothgrad", "grad_cam", "guided_grad_cam", "occlusion",
                         "lime"]  # xai.attributions.METHODS
+
+
+def effective_loss(loss: str, task: str | None) -> str:
+    """``train.loss: auto`` is the loss that measured best for the task: CORN for ordinal grades
+    (higher validation kappa than cross-entropy on the ordinal phantom), cross-entropy otherwise
+    (binary cross-entropy per finding for multi-label data)."""
+    return ({"ordinal": "corn"}.get(task or "", "cross_entropy")) if loss == "auto" else loss
 
 
 def parse_threshold(rule: str) -> tuple[str, float | None]:
@@ -75,6 +84,7 @@ class PhantomParams:
     """Settings of the built-in simulated scans (see :mod:`pipeline.data.phantom`)."""
 
     ndim: Dimensions
+    task: TaskName
     image_size: Union[int, None]
     n_train: int
     n_val: int
@@ -89,6 +99,9 @@ class PhantomParams:
 
     def __post_init__(self) -> None:
         _check(self.image_size is None or self.image_size >= 16, "data.phantom.image_size", "must be null or at least 16")
+        _check(self.task != "multiclass", "data.phantom.task", "must be binary, multilabel or ordinal")
+        _check(self.task == "binary" or self.ndim == 2, "data.phantom.task",
+               f"{self.task} phantoms are images: needs data.phantom.ndim 2")
         for key in ("n_train", "n_val", "n_test"):
             _check(getattr(self, key) >= 4, f"data.phantom.{key}", "must be at least 4")
         _check(0.0 < self.prevalence < 1.0, "data.phantom.prevalence", "must lie in (0, 1)")
@@ -126,6 +139,7 @@ class DicomParams:
 @dataclasses.dataclass(frozen=True)
 class DataParams:
     source: DataSource
+    task: Task
     path: Union[str, None]
     name: Union[MedmnistName, None]
     size: MedmnistSize

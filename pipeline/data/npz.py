@@ -2,7 +2,9 @@
 
 Every problem is one :class:`PipelineError` naming the file and the key: a zero-byte or
 truncated file, a missing key, images and labels of different lengths, non-uint8 or NaN
-pixels, multi-label or non-integer labels, an empty split, splits of different shapes.
+pixels, non-integer labels, an empty split, splits of different shapes. Labels are one class
+index per image (N or N×1) or, for multi-label data such as ChestMNIST, one 0/1 column per
+finding (N×L, -1 where a finding was not assessed).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def read_npz(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
 
     Images may be N×H×W (grayscale) or N×H×W×C with C in {1, 3}; volumes, as MedMNIST 3-D
     stores them, N×D×H×W (a 4-D array whose last axis is 4 or longer) or N×D×H×W×C; labels N
-    or N×1 integers.
+    or N×1 integers, or N×L for L findings (multi-label).
     """
     path = Path(path)
     with _open(path) as archive:
@@ -96,8 +98,9 @@ def _check_images(path: Path, key: str, images: np.ndarray) -> np.ndarray:
 def _check_labels(path: Path, key: str, labels: np.ndarray) -> np.ndarray:
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
-    if labels.ndim != 1:
-        raise PipelineError(f"{path}: {key} has shape {labels.shape}; expected one label per image (multi-label is not supported)")
+    if labels.ndim not in (1, 2):
+        raise PipelineError(f"{path}: {key} has shape {labels.shape}; expected N class indices or an N×L "
+                            "matrix of findings (multi-label)")
     if labels.dtype.kind == "f":
         if np.isnan(labels).any():
             raise PipelineError(f"{path}: {key} contains NaN values")

@@ -7,6 +7,15 @@ can be checked against ground truth. Both classes carry benign look-alikes, smal
 dots and thin vessel-like lines, as bright as the lesion at their peak, so brightness alone
 does not separate the classes: a model has to learn the lesion's size and shape.
 
+``task: multilabel`` draws three findings of different shapes, each with its own
+prevalence and independent of the others (so they co-occur): a **nodule** (a small round
+blob, like the binary lesion), a **consolidation** (a large, faint, diffuse patch) and a
+**calcification** (a tight cluster of tiny, very bright dots, unlike the scattered single
+look-alike dots). The mask is a label map: pixel value k + 1 where finding k lies, each
+finding placed apart from the others. ``task: ordinal`` grades each scan 0-3 by the size of
+its lesion (grade 0: none; grades 1-3: the lesion radius range cut into three bands, with a
+gap between bands), as severity scores grade lesion size.
+
 With ``ndim: 3`` the scans are volumes built from the same idea: a soft ellipsoid organ with
 smooth variation and textured noise, a near-spherical lesion with its 3-D mask, benign dots
 and curved vessel-like tubes, two scanner sites and the optional shortcut marker (a cube in
@@ -34,6 +43,44 @@ from pipeline.core.config import PhantomParams
 from pipeline.core.dataset import SPLITS, marker_region
 
 CLASS_NAMES = ("normal", "lesion")
+FINDINGS = ("nodule", "consolidation", "calcification")
+# Each finding's prevalence as a multiple of data.phantom.prevalence (0.3, 0.2, 0.15 by default).
+FINDING_PREVALENCE = (1.5, 1.0, 0.75)
+GRADES = ("grade 0", "grade 1", "grade 2", "grade 3")
+# Share of scans per grade: grade 0 (no lesion) 1 - 2 x prevalence, the rest alike.
+BAND_GAP = 0.1  # of each radius band, left out at both of its ends
+
+
+def class_names(params: PhantomParams) -> tuple[str, ...]:
+    """The phantom's labels: normal/lesion, its three findings, or its four grades."""
+    return {"binary": CLASS_NAMES, "multilabel": FINDINGS, "ordinal": GRADES}[params.task]
+
+
+def _labels(params: PhantomParams, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Binary: exactly round(prevalence x n) lesions, shuffled. Multi-label: N×3, each finding
+    drawn on its own at its prevalence. Ordinal: grades with exact counts per grade, shuffled."""
+    if params.task == "multilabel":
+        rates = np.minimum(np.asarray(FINDING_PREVALENCE) * params.prevalence, 0.9)
+        return (rng.uniform(size=(n, len(FINDINGS))) < rates).astype(np.int64)
+    if params.task == "ordinal":
+        lesions = min(max(3, round(2 * params.prevalence * n)), n - 1)
+        labels = np.zeros(n, dtype=np.int64)
+        labels[:lesions] = 1 + np.arange(lesions) % (len(GRADES) - 1)
+        rng.shuffle(labels)
+        return labels
+    n_pos = max(1, round(params.prevalence * n))
+    labels = np.zeros(n, dtype=np.int64)
+    labels[:n_pos] = 1
+    rng.shuffle(labels)
+    return labels
+
+
+def grade_radius(params: PhantomParams, grade: int) -> tuple[float, float]:
+    """The radius band of an ordinal grade (1-3): a third of ``lesion_radius``, less the gaps."""
+    low, high = params.lesion_radius
+    width = (high - low) / (len(GRADES) - 1)
+    start = low + (grade - 1) * width
+    return start + BAND_GAP * width, start + (1 - BAND_GAP) * width
 REFERENCE_SIZE = {2: 64, 3: 32}  # side at which lesion_radius is given, and the default image_size
 
 
@@ -42,21 +89,23 @@ def side(params: PhantomParams) -> int:
 
 
 def generate_split(params: PhantomParams, seed: int, split: str) -> dict[str, np.ndarray]:
-    """Images (N×H×W×1 uint8; volumes N×D×H×W×1), labels (N,), ids (N,), lesion masks (N×H×W
-    or N×D×H×W uint8), sites (N,)."""
+    """Images (N×H×W×1 uint8; volumes N×D×H×W×1), labels (N, or N×3 for multi-label), ids (N,),
+    lesion masks (N×H×W or N×D×H×W uint8; multi-label: finding k + 1), sites (N,)."""
     n = {"train": params.n_train, "val": params.n_val, "test": params.n_test}[split]
     rng = np.random.default_rng([seed, SPLITS.index(split)])
-    n_pos = max(1, round(params.prevalence * n))
-    labels = np.zeros(n, dtype=np.int64)
-    labels[:n_pos] = 1
-    rng.shuffle(labels)
+    labels = _labels(params, n, rng)
     size = side(params)
     shape = (size,) * params.ndim
     images = np.empty((n, *shape, 1), dtype=np.uint8)
     masks = np.zeros((n, *shape), dtype=np.uint8)
     sites = rng.integers(0, len(params.site_noise), n)
     noise = params.noise * np.asarray(params.site_noise)[sites]
-    if params.ndim == 2:
+    if params.task == "multilabel":
+        scans = (_scan(params, rng, False, noise[i], findings=np.flatnonzero(label)) for i, label in enumerate(labels))
+    elif params.task == "ordinal":
+        scans = (_scan(params, rng, bool(label), noise[i], grade_radius(params, label) if label else None)
+                 for i, label in enumerate(labels))
+    elif params.ndim == 2:
         scans = (_scan(params, rng, bool(label), noise[i]) for i, label in enumerate(labels))
     else:
         scans = _volumes([(params, [seed, SPLITS.index(split), i], bool(label), noise[i]) for i, label in enumerate(labels)])
@@ -67,7 +116,8 @@ def generate_split(params: PhantomParams, seed: int, split: str) -> dict[str, np
     groups = np.array([f"site-{chr(ord('A') + s)}" for s in sites])
     out = {"images": images, "labels": labels, "ids": ids, "masks": masks, "groups": groups}
     if params.shortcut is not None:
-        out["markers"] = add_markers(images, labels, params.shortcut if split != "test" else 0.0, rng)
+        present = labels.max(axis=1) if labels.ndim == 2 else np.minimum(labels, 1)  # any finding, any grade
+        out["markers"] = add_markers(images, present, params.shortcut if split != "test" else 0.0, rng)
     return out
 
 
@@ -94,7 +144,10 @@ def add_markers(images: np.ndarray, labels: np.ndarray, strength: float, rng: np
     return markers
 
 
-def _scan(params: PhantomParams, rng: np.random.Generator, lesion: bool, noise: float) -> tuple[np.ndarray, np.ndarray]:
+def _scan(params: PhantomParams, rng: np.random.Generator, lesion: bool, noise: float,
+          radius: tuple[float, float] | None = None, findings: np.ndarray = ()) -> tuple[np.ndarray, np.ndarray]:
+    """One image and its mask: the organ, look-alikes, then the lesion (radius drawn from
+    ``radius``, default ``lesion_radius``) or the multi-label ``findings``."""
     size = side(params)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     organ = _organ(rng, yy, xx, size)
@@ -110,7 +163,7 @@ def _scan(params: PhantomParams, rng: np.random.Generator, lesion: bool, noise: 
     mask = np.zeros((size, size), dtype=np.uint8)
     if lesion:
         cy, cx = _point_inside(rng, organ, margin=0.6)
-        radius = rng.uniform(*params.lesion_radius) * size / 64
+        radius = rng.uniform(*(radius or params.lesion_radius)) * size / 64
         contrast = params.lesion_contrast * rng.uniform(0.6, 1.3)
         # Slightly elliptical, soft-edged blob with its own texture.
         stretch = rng.uniform(0.75, 1.3)
@@ -119,8 +172,42 @@ def _scan(params: PhantomParams, rng: np.random.Generator, lesion: bool, noise: 
         blob *= 1.0 + 0.25 * gaussian_filter(rng.standard_normal((size, size)), sigma=1.0)
         image += contrast * blob
         mask = (dist <= radius).astype(np.uint8)
+    taken: list[tuple[float, float, float]] = []  # centres and reach of the findings placed so far
+    for finding in findings:
+        found, (cy, cx), reach = _finding(params, rng, organ, yy, xx, size, int(finding), taken)
+        image += found
+        taken.append((cy, cx, reach))
+        mask[(found > 0.5 * found.max()) & (mask == 0)] = finding + 1
     image += noise * rng.standard_normal((size, size))
     return np.clip(image, 0.0, 1.0), mask
+
+
+def _finding(params: PhantomParams, rng: np.random.Generator, organ: np.ndarray, yy: np.ndarray, xx: np.ndarray,
+             size: int, kind: int, taken: list[tuple[float, float, float]]
+             ) -> tuple[np.ndarray, tuple[float, float], float]:
+    """The intensity added by one multi-label finding, its centre and its reach (pixels), at a
+    point of the organ clear of the findings already placed."""
+    scale = size / 64
+    reach = (4.5, 9.0, 4.0)[kind] * scale
+    for _ in range(50):
+        cy, cx = _point_inside(rng, organ, margin=0.6)
+        if all(np.hypot(cy - y, cx - x) > reach + r for y, x, r in taken):
+            break
+    contrast = params.lesion_contrast * rng.uniform(0.8, 1.2)
+    if kind == 0:  # nodule: a small, sharp, round blob
+        radius = rng.uniform(2.5, 4.0) * scale
+        dist = np.hypot(yy - cy, xx - cx)
+        return contrast / (1.0 + np.exp((dist - radius) / (0.15 * radius))), (cy, cx), reach
+    if kind == 1:  # consolidation: a large, elongated patch of raised density with a soft edge
+        sy, sx = rng.uniform(5.0, 8.0, 2) * scale
+        radius = np.sqrt((yy - cy) ** 2 / sy**2 + (xx - cx) ** 2 / sx**2)
+        return 0.8 * contrast * organ / (1.0 + np.exp((radius - 1.0) / 0.12)), (cy, cx), reach
+    # calcification: 3-5 tiny, very bright dots within a few pixels of each other
+    dots = np.zeros_like(yy)
+    for _ in range(rng.integers(3, 6)):
+        dy, dx = rng.uniform(-2.5, 2.5, 2) * scale
+        dots += np.exp(-((yy - cy - dy) ** 2 + (xx - cx - dx) ** 2) / (2 * (0.6 * scale) ** 2))
+    return 2.4 * contrast * np.minimum(dots, 1.0), (cy, cx), reach
 
 
 def _organ(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, size: int) -> np.ndarray:

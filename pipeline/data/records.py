@@ -7,7 +7,9 @@
 - ``csv``: columns ``path`` and ``label``, optional ``patient_id``, ``split`` and the
   ``data.group_column``; paths are relative to the manifest's folder and may not leave it;
   labels are class names or integer indices; with ``data.dicom.series`` a path may name a
-  series folder.
+  series folder. A multi-label manifest (CheXpert's layout) has no ``label`` column but one
+  column per finding, named by ``data.class_names``: 1 present, 0 absent, -1 or empty not
+  assessed.
 
 Every problem is collected, and reported at once by :func:`fail` as one error naming the
 first 10 offending entries and their count.
@@ -19,16 +21,19 @@ import csv
 import dataclasses
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.core.dataset import SPLITS
 from pipeline.core.errors import PipelineError
 from pipeline.data.dicom import is_dicom
 from pipeline.data.images import SUPPORTED, is_supported
+from pipeline.data.labels import UNKNOWN
 
 
 @dataclasses.dataclass(frozen=True)
 class Record:
     path: Path
-    label: int
+    label: int | np.ndarray  # class index; multi-label: 1/0/-1 per finding
     patient: str | None = None  # raw id; prepare pseudonymises it before anything is saved
     split: str | None = None
     group: str | None = None
@@ -82,17 +87,20 @@ def read_manifest(path: Path, class_names: tuple[str, ...], group_column: str | 
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
         rows = list(reader)
-    required = ["path", "label"] + ([group_column] if group_column else [])
+    # Multi-label: no label column, one column per finding named by data.class_names.
+    findings = "label" not in columns and bool(class_names) and all(name in columns for name in class_names)
+    required = ["path"] + ([] if findings else ["label"]) + ([group_column] if group_column else [])
     missing = [c for c in required if c not in columns]
     if missing:
-        raise PipelineError(f"{path}: missing column(s) {missing} (has: {columns})")
+        raise PipelineError(f"{path}: missing column(s) {missing} (has: {columns}); a multi-label manifest has a "
+                            "column per finding, named by data.class_names, instead of label")
     if not rows:
         raise PipelineError(f"{path}: manifest has no rows")
     base = path.parent.resolve()
-    names = _class_names([r["label"].strip() for r in rows], class_names, path)
+    names = list(class_names) if findings else _class_names([r["label"].strip() for r in rows], class_names, path)
     records, escaping, absent, unknown, seen, duplicates, bad_split = [], [], [], [], set(), [], []
     for line, row in enumerate(rows, start=2):
-        rel, label = row["path"].strip(), row["label"].strip()
+        rel = row["path"].strip()
         target = (base / rel).resolve()
         where = f"line {line}: {rel}"
         if not target.is_relative_to(base):
@@ -104,10 +112,16 @@ def read_manifest(path: Path, class_names: tuple[str, ...], group_column: str | 
         if target in seen:
             duplicates.append(where)
         seen.add(target)
-        index = _label_index(label, names)
-        if index is None:
-            unknown.append(f"line {line}: label '{label}'")
-            continue
+        if findings:
+            index = _finding_row([row[name] for name in names])
+            if index is None:
+                unknown.append(f"line {line}: findings {[row[name] for name in names]}")
+                continue
+        else:
+            index = _label_index(row["label"].strip(), names)
+            if index is None:
+                unknown.append(f"line {line}: label '{row['label'].strip()}'")
+                continue
         split = (row.get("split") or "").strip() or None
         if split is not None and split not in SPLITS:
             bad_split.append(f"line {line}: split '{split}'")
@@ -116,7 +130,8 @@ def read_manifest(path: Path, class_names: tuple[str, ...], group_column: str | 
     fail(path, "path leaves the manifest's folder", escaping)
     fail(path, "file does not exist", absent)
     fail(path, "duplicate path", duplicates)
-    fail(path, f"label not in the class list {names}", unknown)
+    fail(path, "finding values must be 1, 0, -1 or empty (not assessed)" if findings
+         else f"label not in the class list {names}", unknown)
     fail(path, f"split must be one of {SPLITS}", bad_split)
     given = [r.split is not None for r in records]
     if any(given) and not all(given):
@@ -130,6 +145,16 @@ def _class_names(labels: list[str], class_names: tuple[str, ...], source: Path) 
     if all(label.lstrip("-").isdigit() for label in labels):
         return [str(i) for i in range(max(int(label) for label in labels) + 1)]
     return sorted(set(labels))
+
+
+# A finding column's cells: present, absent, or not assessed (CheXpert's -1 "uncertain" and its
+# blank "not mentioned" both count as unknown, left out of the loss and of every metric).
+FINDING_VALUES = {"1": 1, "1.0": 1, "0": 0, "0.0": 0, "-1": UNKNOWN, "-1.0": UNKNOWN, "": UNKNOWN}
+
+
+def _finding_row(cells: list[str]) -> np.ndarray | None:
+    values = [FINDING_VALUES.get((cell or "").strip()) for cell in cells]
+    return None if any(v is None for v in values) else np.array(values, dtype=np.int64)
 
 
 def _label_index(label: str, names: list[str]) -> int | None:

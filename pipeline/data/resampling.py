@@ -5,6 +5,12 @@ repeated or dropped), synthetic images with their labels (SMOTE only), and the l
 of each class. imblearn samplers accept only 2-D inputs, so random over/undersampling
 resample sample *indices* (``fit_resample(idx.reshape(-1, 1), y)``) instead of 4-D images;
 SMOTE works on flattened pixels and blends images, which the report states.
+
+Multi-label data (one 0/1 column per finding) take ``none`` or ``class_weight`` only: the
+resamplers repeat, drop or blend whole images by their one class, and a multi-label image has
+several findings at once (repeating images with a rare finding repeats the common findings
+beside it). Their imbalance is met per finding instead: positive weights in the loss
+(``class_weight``) and the label-aware ``train.sampler: weighted``.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import numpy as np
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.files import rounded
+from pipeline.data.labels import is_matrix
 
 Resampled = tuple[np.ndarray, np.ndarray, np.ndarray]  # indices, synthetic images, synthetic labels
 
@@ -63,12 +70,23 @@ STRATEGIES: dict[str, Callable[[np.ndarray, np.ndarray, int, int], Resampled]] =
 
 def resample(strategy: str, images: np.ndarray, labels: np.ndarray, seed: int, k_neighbors: int) -> Resampled:
     """Training indices, synthetic images and synthetic labels for ``strategy``."""
+    if is_matrix(labels):
+        if strategy not in ("none", "class_weight"):
+            raise PipelineError(f"balance.strategy={strategy} cannot balance multi-label data: it resamples whole "
+                                "images by one class, and these images have several findings each; use class_weight "
+                                "(positive weights per finding) or train.sampler: weighted")
+        indices, synthetic, _ = _keep_all(images, labels[:, 0], seed, k_neighbors)
+        return indices, synthetic, np.zeros((0, labels.shape[1]), dtype=np.int64)
     return STRATEGIES[strategy](images, labels, seed, k_neighbors)
 
 
 def class_weights(strategy: str, labels: np.ndarray, num_classes: int) -> list[float]:
-    """'balanced' weights n / (K · n_k) for ``class_weight``; ones otherwise."""
+    """'balanced' weights n / (K · n_k) for ``class_weight``; ones otherwise. Multi-label data:
+    each finding's positive weight, absent / present among the images where it was assessed
+    (``BCEWithLogitsLoss``'s ``pos_weight``: a finding in 1 image of 10 counts 9 times)."""
     if strategy != "class_weight":
         return [1.0] * num_classes
+    if is_matrix(labels):
+        return [rounded(float((labels[:, c] == 0).sum() / (labels[:, c] == 1).sum())) for c in range(num_classes)]
     counts = np.bincount(labels, minlength=num_classes)
     return [rounded(float(len(labels) / (num_classes * c))) for c in counts]

@@ -23,9 +23,10 @@ from pipeline.core.config import DataParams, as_dict
 from pipeline.core.dataset import SPLITS
 from pipeline.core.errors import PipelineError
 from pipeline.core.files import file_digest
-from pipeline.data import patient_split, phantom
+from pipeline.data import catalog, patient_split, phantom
 from pipeline.data.dicom import ImageError, is_dicom, read_patient_id
 from pipeline.data.images import read_file
+from pipeline.data.labels import check_matrix, is_matrix, strata
 from pipeline.data.medmnist import fetch_medmnist
 from pipeline.data.npz import read_npz
 from pipeline.data.privacy import pseudonym, resolve_salt
@@ -40,7 +41,7 @@ class Item:
     """One image on its way to ``data/prepared``; ``load`` decodes it only when written."""
 
     id: str
-    label: int
+    label: int | np.ndarray  # class index or grade; a row of 1/0/-1 per finding (multi-label)
     load: Callable[[], tuple[np.ndarray, dict[str, Any]]]
     where: str  # how error messages name it (a path or a row); never saved
     patient: str | None = None  # already pseudonymised
@@ -59,13 +60,17 @@ class Source:
     # What identifies an image and a patient in the outputs, in words, and whether the salt was set
     # (None where nothing is hashed): the report states it instead of assuming pseudonyms.
     identifiers: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The task the source itself declares (the phantom's, a catalogued dataset's), for data.task: auto.
+    known_task: str | None = None
 
 
 def from_arrays(splits: dict[str, dict[str, np.ndarray]], where: str) -> dict[str, list[Item]]:
     """Items over in-memory arrays (phantom, npz)."""
     out = {}
     for split, data in splits.items():
-        out[split] = [Item(id=str(data["ids"][i]), label=int(data["labels"][i]), where=f"{where} {split}[{i}]",
+        matrix = is_matrix(data["labels"])
+        out[split] = [Item(id=str(data["ids"][i]), label=data["labels"][i] if matrix else int(data["labels"][i]),
+                           where=f"{where} {split}[{i}]",
                            load=lambda img=data["images"][i]: (img, {}),
                            group=str(data["groups"][i]) if "groups" in data else None,
                            mask=data["masks"][i] if "masks" in data else None,
@@ -77,25 +82,26 @@ def from_arrays(splits: dict[str, dict[str, np.ndarray]], where: str) -> dict[st
 def load_phantom(data: DataParams, seed: int) -> Source:
     log.info("generating phantom scans (%d/%d/%d)", data.phantom.n_train, data.phantom.n_val, data.phantom.n_test)
     arrays = {split: phantom.generate_split(data.phantom, seed, split) for split in SPLITS}
-    names = check_classes(arrays, data.class_names or phantom.CLASS_NAMES, "phantom")
+    names = check_classes(arrays, data.class_names or phantom.class_names(data.phantom), "phantom")
     return Source(from_arrays(arrays, "phantom"), names,
                   {"source": "phantom", "generator": "pipeline.data.phantom", "settings": as_dict(data.phantom),
                    "seed": seed},
                   f"generated per split with seed {seed}; every scan is a different simulated patient",
                   identifiers={"images": "serial numbers given by the generator (phantom-<split>-<n>)",
-                               "patients": None, "salt": None})
+                               "patients": None, "salt": None}, known_task=data.phantom.task)
 
 
 def load_npz(data: DataParams, seed: int, path: Path | None = None) -> Source:
     path = path or Path(data.path)
     log.info("reading %s", path)
     arrays = read_npz(path)
+    known = catalog.lookup(data.source, path.name)
     names = check_classes(arrays, data.class_names, str(path))
     return Source(from_arrays(arrays, path.name), names,
                   {"source": data.source, "path": path.name, "sha256": file_digest(path), "bytes": path.stat().st_size},
                   "the train/val/test splits given in the input file",
                   identifiers={"images": "split and position in the input file (<split>-<index>)", "patients": None,
-                               "salt": None})
+                               "salt": None}, known_task=(known or {}).get("task"))
 
 
 def load_medmnist(data: DataParams, seed: int) -> Source:
@@ -124,9 +130,9 @@ def load_files(data: DataParams, seed: int) -> Source:
         assigned, method = np.array([r.split for r in records]), "the train/val/test splits given in the manifest"
     else:
         groups = np.array([p or i for p, i in zip(patients, ids)])
-        assigned = patient_split.assign(labels, groups, data.split.val, data.split.test, seed)
+        assigned = patient_split.assign(strata(labels), groups, data.split.val, data.split.test, seed)
         unit = "patient" if any(patients) else "image (no patient ids: each image counts as its own patient)"
-        method = (f"grouped by {unit} and stratified by label (val {data.split.val}, test {data.split.test}, "
+        method = (f"grouped by {unit} and stratified by {'number of findings' if is_matrix(labels) else 'label'} (val {data.split.val}, test {data.split.test}, "
                   f"seed {seed}); no patient in two splits")
     items = {s: [] for s in SPLITS}
     for record, key, item_id, patient, split in zip(records, keys, ids, patients, assigned):
@@ -170,12 +176,15 @@ def _with_dicom_patient(record: Record) -> Record:
 
 
 def check_classes(splits: dict[str, dict[str, np.ndarray]], class_names: tuple[str, ...], source: str) -> list[str]:
-    """Check labels against the class list and return the class names.
+    """Check labels against the class list and return the class (finding, grade) names.
 
-    With ``class_names`` given, K is its length and every label must lie in 0..K-1. Without,
+    Multi-label matrices are checked by :func:`pipeline.data.labels.check_matrix`. With
+    ``class_names`` given, K is its length and every label must lie in 0..K-1. Without,
     K is the largest label + 1 and names are "0".."K-1". Either way every class must occur in
     the training split and there must be at least two classes.
     """
+    if is_matrix(splits["train"]["labels"]):
+        return check_matrix(splits, class_names, source)
     largest = max(int(s["labels"].max()) for s in splits.values())
     k = len(class_names) if class_names else largest + 1
     for split, data in splits.items():

@@ -27,6 +27,18 @@ HEADLINE = ("accuracy", "balanced_accuracy", "roc_auc", "average_precision", "se
             "ppv", "npv", "f1", "mcc", "g_mean", "brier", "log_loss")
 SUMMARY = ("roc_auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1")
 COMPARISON = ("roc_auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1")
+# The summary of the other tasks (evaluate's metrics.json names its task when it is not one class
+# per image); pipeline.tasks computes them.
+TASK_SUMMARY = {"multilabel": ("roc_auc", "roc_auc_micro", "accuracy", "exact_match"),
+                "ordinal": ("kappa", "mae", "accuracy", "within_one", "roc_auc")}
+
+
+def summary_keys(evaluation: dict[str, Any], full: bool = False) -> tuple[str, ...]:
+    """The test metrics that sum up a run's task, from evaluate's metrics: ``SUMMARY`` (with
+    ``full``, every ``HEADLINE`` metric) for one class per image, ``TASK_SUMMARY`` otherwise."""
+    if "task" in evaluation:
+        return TASK_SUMMARY[evaluation["task"]]
+    return HEADLINE if full else SUMMARY
 
 
 def average_ranks(values: np.ndarray) -> np.ndarray:

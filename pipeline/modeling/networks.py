@@ -270,8 +270,10 @@ def folded(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def predict_proba(model: nn.Module, images: np.ndarray, batch_size: int = 64,
-                  device: torch.device | None = None) -> np.ndarray:
-    """Softmax probabilities (N×K float64) for uint8 images, in batches, in eval mode, through
+                  device: torch.device | None = None,
+                  activation: Callable[[torch.Tensor], torch.Tensor] | None = None) -> np.ndarray:
+    """Probabilities (float64) for uint8 images: softmax over the logits (N×K), or the task's
+    ``activation`` (:mod:`pipeline.tasks`: sigmoid per finding, grade probabilities), in batches, in eval mode, through
     :func:`folded` (about 1.3× the images per second of the unfolded network on the reference CPU).
 
     Batches of 64 keep a 64-px batch's activations in the CPU's cache: about 1.8× the images
@@ -284,5 +286,6 @@ def predict_proba(model: nn.Module, images: np.ndarray, batch_size: int = 64,
     chunks = []
     for start in range(0, len(images), batch_size):
         batch = images_to_tensor(np.asarray(images[start:start + batch_size])).to(device)
-        chunks.append(torch.softmax(network(batch), dim=1).double().cpu().numpy())
+        logits = network(batch)
+        chunks.append((torch.softmax(logits, dim=1) if activation is None else activation(logits)).double().cpu().numpy())
     return np.concatenate(chunks)

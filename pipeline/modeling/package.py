@@ -9,8 +9,10 @@ scores an image the same way evaluate did:
 - the preprocessing prepare applied (``data.image_size`` with its centre-crop + bilinear
   rule, ``data.channels``, the DICOM window and frame policy), and the size and channels the
   network takes;
-- the class names and the positive class; the temperature and the operating threshold
-  fitted on validation, with the rule that chose it;
+- the task (:mod:`pipeline.tasks`; absent for one class per image, so that package keeps its
+  bytes), the class, finding or grade names and the positive class; the temperature and the
+  operating threshold fitted on validation (one of each per finding for multi-label tasks;
+  no threshold for grades, decided by the median grade), with the rule that chose it;
 - the training images' intensity statistics, for the out-of-distribution flag;
 - provenance: sha256 of the prepared data and of the trained network's file, and the DP-SGD
   guarantee the training spent (ε, δ, accountant, clipping, noise; None without privacy).
@@ -29,10 +31,9 @@ import numpy as np
 from pipeline.core.dataset import ImageRows
 from pipeline.core.errors import PipelineError
 from pipeline.core.files import rounded
-from pipeline.evaluation.calibration import apply_temperature
-from pipeline.evaluation.metrics import decide
 from pipeline.modeling.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.modeling.networks import Classifier, predict_proba
+from pipeline.tasks import Task, for_data
 
 FORMAT = "medcnn-package/1"
 HISTOGRAM_BINS = 32
@@ -80,9 +81,9 @@ def intensity_reference(train_images: np.ndarray | ImageRows, batch: int = 1024)
 
 @dataclasses.dataclass
 class Scores:
-    probabilities: np.ndarray  # calibrated, N×K
+    probabilities: np.ndarray  # calibrated, N×K (multi-label: N×L, one probability per finding)
     uncalibrated: np.ndarray
-    predictions: np.ndarray  # class index at the frozen threshold (binary) or arg-max
+    predictions: np.ndarray  # class index at the frozen threshold (binary), arg-max, median grade; N×L 0/1 findings
     out_of_distribution: np.ndarray  # bool per image
 
 
@@ -91,12 +92,18 @@ class ModelPackage:
     network: Classifier
     class_names: list[str]
     positive_class: int
-    temperature: float
-    threshold: float | None
+    temperature: float | list[float]
+    threshold: float | list[float] | None
     threshold_rule: str
     preprocessing: dict[str, Any]
     intensity: dict[str, Any]
     provenance: dict[str, Any]
+    task: str | None = None  # None: one class per image (binary or multi-class)
+
+    @property
+    def kind(self) -> Task:
+        """The task object (:mod:`pipeline.tasks`) that turns outputs into probabilities and decisions."""
+        return for_data(self.task, self.class_names)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -108,18 +115,23 @@ class ModelPackage:
         images: an array, or rows read from disk batch by batch."""
         raw = self.uncalibrated(images, batch_size)
         probs = self.calibrated(raw)
-        return Scores(probs, raw, decide(probs, self.threshold, self.positive_class), self.out_of_distribution(images))
+        return Scores(probs, raw, self.kind.decide(probs, self.threshold, self.positive_class),
+                      self.out_of_distribution(images))
+
+    def describe(self, decision: np.ndarray | int) -> str:
+        """One image's decision in words: the class or grade, or the findings present."""
+        return self.kind.describe(decision)
 
     def uncalibrated(self, images: np.ndarray | ImageRows, batch_size: int = 64) -> np.ndarray:
-        """The network's softmax alone (no temperature, no decision, no out-of-distribution check)."""
+        """The network's probabilities alone (no temperature, no decision, no out-of-distribution check)."""
         if tuple(images.shape[1:]) != self.input_shape:
             raise PipelineError(f"images of shape {tuple(images.shape)}; the model takes N×"
                                 f"{'×'.join(map(str, self.input_shape))} uint8")
-        return predict_proba(self.network, images, batch_size)
+        return predict_proba(self.network, images, batch_size, activation=self.kind.probabilities)
 
     def calibrated(self, raw: np.ndarray) -> np.ndarray:
-        """The network's softmax (:meth:`uncalibrated`) after the validation-fitted temperature."""
-        return apply_temperature(raw, self.temperature)
+        """The network's probabilities (:meth:`uncalibrated`) after the validation-fitted temperature(s)."""
+        return self.kind.calibrate(raw, self.temperature)
 
     def out_of_distribution(self, images: np.ndarray | ImageRows, chunk: int = 1024) -> np.ndarray:
         reference = np.asarray(self.intensity["histogram"])
@@ -133,7 +145,8 @@ class ModelPackage:
     def state(self) -> dict[str, Any]:
         return {"format": FORMAT, "class_names": self.class_names, "positive_class": self.positive_class,
                 "temperature": self.temperature, "threshold": self.threshold, "threshold_rule": self.threshold_rule,
-                "preprocessing": self.preprocessing, "intensity": self.intensity, "provenance": self.provenance}
+                "preprocessing": self.preprocessing, "intensity": self.intensity, "provenance": self.provenance,
+                **({"task": self.task} if self.task else {})}
 
 
 def save_package(path: str | Path, package: ModelPackage) -> None:
@@ -147,4 +160,4 @@ def load_package(path: str | Path) -> ModelPackage:
         raise PipelineError(f"{path}: not a medcnn model package (format {state.get('format')!r}, expected "
                             f"{FORMAT!r}); the evaluate stage writes models/model.pt")
     fields = {f.name for f in dataclasses.fields(ModelPackage)} - {"network"}
-    return ModelPackage(network=network, **{key: state[key] for key in fields})
+    return ModelPackage(network=network, **{key: state[key] for key in fields if key in state})

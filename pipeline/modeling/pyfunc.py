@@ -39,7 +39,7 @@ class PackagePredictor:
         scores = self.package.score(images)
         names = self.package.class_names
         frame = pd.DataFrame(scores.probabilities, columns=output_columns(names)[:len(names)])
-        frame["prediction"] = [names[k] for k in scores.predictions]
+        frame["prediction"] = [self.package.describe(k) for k in scores.predictions]
         frame["status"] = [OOD_WARNING if flag else "ok" for flag in scores.out_of_distribution]
         return frame
 

@@ -49,6 +49,23 @@ class FocalLoss(nn.Module):
         return (1 - p_true).pow(self.gamma) * ce * self.weight[target]
 
 
+class CornLoss(nn.Module):
+    """CORN's loss per image: binary cross-entropy of each conditional output k on the images it
+    applies to (grade >= k), target grade > k, summed over the outputs that apply and divided by
+    K-1; weighted by the image's grade weight."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        steps = torch.arange(logits.shape[1], device=logits.device)
+        applies = (target[:, None] >= steps).to(logits.dtype)
+        above = (target[:, None] > steps).to(logits.dtype)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, above, reduction="none")
+        return (loss * applies).sum(dim=1) / logits.shape[1] * self.weight[target]
+
+
 # Each gives the class-weighted loss of every image (reduction "none"): the training step divides
 # their sum by the batch's total weight, which is a weighted mean in one process and stays
 # exactly that when a batch is shared out over several (see pipeline.train).
@@ -56,6 +73,7 @@ LOSSES: dict[str, Callable[[TrainParams, torch.Tensor], nn.Module]] = {
     "cross_entropy": lambda cfg, weight: nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing,
                                                              reduction="none"),
     "focal": lambda cfg, weight: FocalLoss(cfg.focal_gamma, weight, cfg.label_smoothing),
+    "corn": lambda cfg, weight: CornLoss(weight),  # ordinal grades: K-1 outputs (pipeline.tasks.ordinal)
 }
 
 
@@ -65,9 +83,20 @@ def make_loss(cfg: TrainParams, weight: torch.Tensor) -> nn.Module:
 
 def _class_balanced_draw(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """``torch.utils.data.WeightedRandomSampler`` with weights 1/n_class: every class is drawn
-    equally often in expectation, with replacement, and the epoch keeps its length."""
-    counts = torch.bincount(labels).double()
-    weights = (1.0 / counts)[labels]
+    equally often in expectation, with replacement, and the epoch keeps its length.
+
+    Multi-label data (N×L, label-aware): an image weighs the mean of 1/n over the findings it
+    has (n: images with that finding), and images with none 1/(images with none), so rare
+    findings are drawn about as often as common ones and normal images as often as each."""
+    if labels.ndim == 2:
+        present = (labels == 1).double()
+        rarity = 1.0 / present.sum(dim=0).clamp(min=1)
+        normal = present.sum(dim=1) == 0
+        weights = torch.where(normal, 1.0 / normal.sum().clamp(min=1),
+                              (present * rarity).sum(dim=1) / present.sum(dim=1).clamp(min=1))
+    else:
+        counts = torch.bincount(labels).double()
+        weights = (1.0 / counts)[labels]
     draw = torch.utils.data.WeightedRandomSampler(weights, len(labels), replacement=True, generator=generator)
     return torch.tensor(list(draw))
 

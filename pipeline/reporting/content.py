@@ -10,6 +10,7 @@ strings, rows or mappings, so tests can flip one record and check that the sente
 from __future__ import annotations
 
 import base64
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,54 @@ from typing import Any
 import yaml
 
 from pipeline.core import kernels, paths
-from pipeline.core.config import Params, TrainParams, flatten
+from pipeline.core.config import Params, TrainParams, effective_loss, flatten
 from pipeline.core.dataset import SPLITS
 from pipeline.core.files import file_digest, fmt, read_csv, read_json
 from pipeline.data import catalog
-from pipeline.evaluation.metrics import COMPARISON, HEADLINE, SUMMARY
+from pipeline.evaluation.metrics import COMPARISON, summary_keys
+
+METRIC_NAMES = {"roc_auc_micro": "micro ROC AUC", "exact_match": "exact match (every finding right)",
+                "kappa": "quadratic weighted kappa", "mae": "mean absolute error (grades)",
+                "within_one": "accuracy within one grade"}
+FINDING_METRICS = ("roc_auc", "average_precision", "sensitivity", "specificity")
+
+
+# What the report calls things in each task (a run's data summary names its task; none: one
+# class per image, as data prepared before tasks existed).
+TASK_WORDS: dict[str | None, dict[str, str]] = {
+    None: {"unit": "classes", "item": "class", "weight": "loss weight", "selection": "ROC AUC",
+           "failures": "The test images the model got wrong with the most confidence (score: P(positive) for binary "
+                       "tasks, else the predicted class's probability)."},
+    "multilabel": {"unit": "findings", "item": "finding", "weight": "positive weight", "selection": "macro ROC AUC",
+                   "class_weight": "positive weights per finding: images without it / images with it, among the "
+                                   "training images where it was assessed (binary cross-entropy's pos_weight)",
+                   "roc_auc": "macro ROC AUC", "accuracy": "accuracy (MedMNIST ACC: mean over findings at 0.5)",
+                   "failures": "The findings the model called or missed with the most confidence, over every "
+                               "(image, finding) pair (score: the calibrated P(finding))."},
+    "ordinal": {"unit": "grades", "item": "grade", "weight": "loss weight", "selection": "quadratic weighted kappa",
+                "roc_auc": "macro ROC AUC (one grade vs the rest)",
+                "failures": "The worst-graded test images: farthest from the true grade first, then the most "
+                            "confident (score: the calibrated probability of the decided grade)."},
+}
+
+
+def words(records: dict[str, Any]) -> dict[str, str]:
+    task = records["data"].get("task")
+    return {**TASK_WORDS[None], **TASK_WORDS.get(task if task in TASK_WORDS else None, {})}
+
+
+def metric_name(key: str, records: dict[str, Any]) -> str:
+    return words(records).get(key) or METRIC_NAMES.get(key, key)
+
+
+def finding_rows(ev: dict[str, Any], names: list[str]) -> list[list[Any]]:
+    """Multi-label: [finding, assessed, present, each metric with its CI, threshold] per finding."""
+    if ev.get("task") != "multilabel":
+        return []
+    test = ev["test"]
+    return [[name, test[f"{name}.n"], test[f"{name}.positives"],
+             *[f"{fmt(test[f'{name}.{m}'])} ({fmt_ci(test, f'{name}.{m}')})" for m in FINDING_METRICS], threshold]
+            for name, threshold in zip(names, test["threshold"])]
 from pipeline.reporting import effective
 from pipeline.reporting.limitations import limitations
 from pipeline.reporting.provenance import git_state, versions
@@ -159,11 +203,19 @@ def preprocessing_facts(params: Params, records: dict[str, Any]) -> list[str]:
     return [f for f in facts if f]
 
 
-def imbalance_text(balance: dict[str, Any]) -> str:
-    return f"Imbalance handling: {STRATEGY_TEXT[balance['strategy']]}; applied to the training split only."
+def imbalance_text(balance: dict[str, Any], said: dict[str, str]) -> str:
+    text = said.get(balance["strategy"], STRATEGY_TEXT[balance["strategy"]])
+    return f"Imbalance handling: {text}; applied to the training split only."
 
 
-def loss_text(cfg: TrainParams) -> str:
+def loss_text(cfg: TrainParams, task: str | None) -> str:
+    cfg = dataclasses.replace(cfg, loss=effective_loss(cfg.loss, task))
+    if task == "multilabel":
+        return ("binary cross-entropy per finding with the balance stage's positive weights; findings not assessed "
+                "(-1) left out of the loss")
+    if cfg.loss == "corn":
+        return ("CORN (conditional ordinal regression): output k is the logit of P(grade > k | grade ≥ k), trained on "
+                "the images of grade ≥ k, weighted by the balance stage's grade weights")
     loss = f"focal (gamma {cfg.focal_gamma})" if cfg.loss == "focal" else "cross-entropy"
     return (loss + " with the balance stage's class weights"
             + (f", label smoothing {cfg.label_smoothing}" if cfg.label_smoothing else ""))
@@ -192,18 +244,22 @@ def model_rows(params: Params, records: dict[str, Any]) -> list[list[Any]]:
     optimizer = f"{cfg.optimizer} (lr {cfg.lr}, weight decay {cfg.weight_decay}" + (
         f", momentum {cfg.momentum})" if cfg.optimizer == "sgd" else ")")
     config = records["model_config"]
+    said = words(records)
     return [["architecture", config["name"] + (f" (width {config['width']})" if config["name"] != "seed_cnn" else "")],
             ["input", (f"{config['image_size']} px" if config.get("ndim", 2) == 2 else
                        f"{config['image_size']}³ voxels (volumes, 3-D layers)")
-             + f", {config['in_channels']} channel(s), {config['num_classes']} classes"],
+             + f", {config['in_channels']} channel(s), {len(records['data']['class_names'])} {said['unit']}"
+            + (f" ({config['num_classes']} outputs)" if config["num_classes"] != len(records["data"]["class_names"])
+               else "")],
             ["parameters", train["parameters"]],
             ["initialisation", "PyTorch defaults (Kaiming-uniform), drawn from the run's seed"],
             ["optimizer", optimizer],
             ["learning-rate schedule", schedule_text(cfg)],
-            ["loss", loss_text(cfg)],
+            ["loss", loss_text(cfg, records["data"].get("task"))],
             ["batches", f"{cfg.batch_size} images, {SAMPLER_TEXT[cfg.sampler]}; at most {cfg.epochs} epochs"],
             ["augmentation", augmentation_text(cfg)],
-            ["stopping and selection", f"stop after {cfg.patience} epochs without a better validation ROC AUC; keep the best "
+            ["stopping and selection", f"stop after {cfg.patience} epochs without a better validation "
+                                       f"{said['selection']}; keep the best "
                                        "epoch's weights" + (f" (of the exponential moving average of the weights, decay {cfg.ema})"
                                                             if cfg.ema else "")],
             ["epochs run / selected", f"{train['epochs_run']} / {train['best_epoch']}"],
@@ -221,13 +277,22 @@ def model_rows(params: Params, records: dict[str, Any]) -> list[list[Any]]:
 
 
 def decision_text(test: dict[str, Any]) -> str:
+    if test["threshold_rule"] == "median grade":
+        return ("Decision: the median grade, the first grade whose cumulative probability reaches 0.5 (calibrated "
+                "on validation, frozen before the test split was scored).")
+    if isinstance(test["threshold"], list):
+        return (f"Operating points: one threshold per finding on P(finding), chosen on the validation split by rule "
+                f"'{test['threshold_rule']}' and frozen before the test split was scored (see the table per finding).")
     if test["threshold"] is None:
         return "Decision: the class with the highest probability (multi-class)."
     return (f"Operating point: threshold {fmt(test['threshold'])} on P(positive), chosen on the validation split by "
             f"rule '{test['threshold_rule']}' and frozen before the test split was scored.")
 
 
-def calibration_text(calib: dict[str, Any]) -> str:
+def calibration_text(calib: dict[str, Any], names: list[str]) -> str:
+    if calib["method"] == "temperature" and isinstance(calib["temperature"], list):
+        return ("Calibration: temperature scaling per finding, fitted on validation: "
+                + ", ".join(f"{n} {fmt(v)}" for n, v in zip(names, calib["temperature"])) + ".")
     if calib["method"] == "temperature":
         return f"Calibration: temperature scaling, temperature {fmt(calib['temperature'])} fitted on validation."
     return "Calibration: none (evaluate.calibrate: none); probabilities are the network's softmax."
@@ -257,6 +322,14 @@ def decision_sentence(decision: dict[str, Any]) -> str:
     if decision["rule"] == "argmax":
         return (f"Each map explains the model's decision: the class with the highest probability (temperature "
                 f"{fmt(decision['temperature'])}).")
+    if decision["rule"] == "median grade":
+        return (f"Each map explains the model's grade, the median grade after temperature "
+                f"{fmt(decision['temperature'])}: the map of the output that decides \"this grade or above\" (a "
+                "grade-0 decision: the map of \"grade 1 or above\", which it turned down).")
+    if "thresholds" in decision:
+        return ("Each map explains one finding: the map of that finding's own output, for images where the finding "
+                "was found, missed or falsely called at its threshold frozen on validation ("
+                + ", ".join(f"{name} {fmt(v)}" for name, v in decision["thresholds"].items()) + ").")
     return (f"Each map explains the model's decision: P({decision['positive_class']}) after temperature "
             f"{fmt(decision['temperature'])}, against the threshold {fmt(decision['threshold'])} frozen on validation "
             f"({decision['positive_class']} at or above it, else {decision['negative_class']}), as pipeline.predict "
@@ -315,7 +388,7 @@ def context(params: Params, root: Path, records: dict[str, Any]) -> dict[str, An
         "title": params.report.title, "intended_use": intended_use_text(params, data), "params": params,
         "warnings": warnings, "names": names, "test": test, "ev": ev, "train": records["train"],
         "model_sha256": records["model_sha256"],
-        "summary_rows": [[k, test[k], fmt_ci(test, k)] for k in SUMMARY],
+        "summary_rows": [[metric_name(k, records), test[k], fmt_ci(test, k)] for k in summary_keys(ev)],
         "decision": decision_text(test),
         "data": {
             "provenance": [[k, v] for k, v in flatten(data["input"]).items()],
@@ -332,13 +405,15 @@ def context(params: Params, root: Path, records: dict[str, Any]) -> dict[str, An
             "evaluation_set": f"{known['name'] if known else data['input'].get('path', data['input']['source'])}",
         },
         "preprocessing": preprocessing_facts(params, records),
-        "imbalance": {"text": imbalance_text(balance),
+        "imbalance": {"text": imbalance_text(balance, words(records)),
+                      "header": [words(records)["item"], "train before", "train after", words(records)["weight"]],
                       "rows": [[n, balance["before"][n], balance["after"][n], balance["class_weights"][n]] for n in names],
                       "synthetic": balance["synthetic_images"]},
         "model": {"rows": model_rows(params, records), "curves": data_uri(root / paths.TRAIN_DIR / paths.CURVES),
                   "history": [list(r.values()) for r in records["history"]], "history_header": list(records["history"][0])},
         "results": results_context(root, records),
-        "failures": {"rows": [[kind.replace("_", " "), r["id"], r["label"], r["predicted"], r["score"]]
+        "failures": {"intro": words(records)["failures"], "rows": [[kind.replace("_", " ") + (f": {r['finding']}" if "finding" in r else ""), r["id"], r["label"],
+                               r["predicted"], r["score"]]
                               for kind, items in records["failures"].items() for r in items],
                      "figure": data_uri(root / paths.EVAL_DIR / paths.FAILURES_PNG)},
         "explanations": explanations_context(root, records),
@@ -359,9 +434,11 @@ def precision_rows(test: dict[str, Any]) -> list[list[Any]]:
              "n/a" if found[key]["half_width"] is None else f"±{fmt(found[key]['half_width'])}"] for key in order]
 
 
-def decision_curve_text(curve: dict[str, Any] | None, positive: str) -> str:
+def decision_curve_text(curve: dict[str, Any] | None, positive: str, rule: str = "argmax") -> str:
     if curve is None:
-        return "No decision curve: a multi-class model decides by arg-max, not at a threshold probability."
+        how = {"argmax": "a multi-class model decides by arg-max", "median grade": "grades are decided by the median "
+               "grade"}.get(rule, "a multi-label model decides each finding at its own threshold")
+        return f"No decision curve: {how}, not at one threshold probability."
     ranges = curve["useful_ranges"]
     where = ("at no threshold probability from 0.01 to 0.99" if not ranges else
              "for threshold probabilities " + ", ".join(f"{fmt(lo)}–{fmt(hi)}" if lo != hi else fmt(lo)
@@ -379,23 +456,29 @@ def results_context(root: Path, records: dict[str, Any]) -> dict[str, Any]:
     positive = records["data"]["class_names"][records["package"]["positive_class"]]
     skipped = ev.get("baselines_skipped", {})
     flagged = ev.get("out_of_distribution", {}).get("test_flagged", 0)
+    subgroup_keys = summary_keys(ev)[:2] if "task" in ev else ("roc_auc", "sensitivity", "specificity")
+    compared = summary_keys(ev) if "task" in ev else COMPARISON
     return {
-        "metrics": [[k, test[k], fmt_ci(test, k)] for k in HEADLINE],
+        "metrics": [[metric_name(k, records), test[k], fmt_ci(test, k)] for k in summary_keys(ev, full=True)],
+        "per_finding": finding_rows(ev, records["data"]["class_names"]),
+        "per_finding_header": ["finding", "assessed", "present", *[f"{m.replace('_', ' ')} (95% CI)"
+                                                                   for m in FINDING_METRICS], "threshold"],
         "precision": precision_rows(test),
         "per_class_auc": [[k, v] for k, v in test.get("roc_auc_per_class", {}).items()],
-        "comparison_header": ["model", *COMPARISON],
-        "comparison": [[name, *[f"{fmt(m[k])} ({fmt_ci(m, k)})" for k in COMPARISON]] for name, m in models.items()]
+        "comparison_header": ["model", *[metric_name(k, records) for k in compared]],
+        "comparison": [[name, *[f"{fmt(m[k])} ({fmt_ci(m, k)})" for k in compared]] for name, m in models.items()]
         if ev.get("baselines") else [],
         "comparison_inputs": (f"same volumes, average-pooled in {ev['baseline_voxel_pooling']}³-voxel blocks for the "
                               "baselines" if ev.get("baseline_voxel_pooling") else "same pixels"),
         "skipped": [f"{name} was not fitted: {why}." for name, why in skipped.items()],
-        "subgroups": {group: [[g, m["n"], m["roc_auc"], fmt_ci(m, "roc_auc"), m["sensitivity"], m["specificity"]]
+        "subgroup_header": ["n", *[f"{METRIC_NAMES.get(k, k)}{c}" for k in subgroup_keys for c in ("", " 95% CI")]],
+        "subgroups": {group: [[g, m["n"], *[c for k in subgroup_keys for c in (m[k], fmt_ci(m, k))]]
                               for g, m in rows.items()] for group, rows in ev.get("subgroups", {}).items()},
         "calibration": [[when, calib[when]["ece"], fmt_ci(calib[when], "ece"), calib[when]["slope"],
                          fmt_ci(calib[when], "slope"), calib[when]["intercept"], fmt_ci(calib[when], "intercept"),
-                         calib[when]["brier"], calib[when]["log_loss"]] for when in ("before", "after")],
-        "calibration_text": calibration_text(calib),
-        "decision_curve": decision_curve_text(ev.get("decision_curve"), positive),
+                         calib[when].get("brier"), calib[when].get("log_loss")] for when in ("before", "after")],
+        "calibration_text": calibration_text(calib, records["data"]["class_names"]),
+        "decision_curve": decision_curve_text(ev.get("decision_curve"), positive, test["threshold_rule"]),
         "decision_curve_figure": data_uri(root / paths.EVAL_DIR / paths.DECISION_CURVE_PNG)
         if ev.get("decision_curve") else None,
         "out_of_distribution": (f"{flagged} of {test['n']} test images were flagged out of distribution by the model "
@@ -403,23 +486,25 @@ def results_context(root: Path, records: dict[str, Any]) -> dict[str, Any]:
         "figures": [(data_uri(root / paths.EVAL_DIR / f), alt) for f, alt in (
             (paths.ROC_PNG, "ROC curves"), (paths.PR_PNG, "precision-recall curves"),
             (paths.CONFUSION_PNG, "confusion matrix"), (paths.CALIBRATION_PNG, "reliability diagram"))],
-        "confusion": [[n, *row] for n, row in zip(records["data"]["class_names"], test["confusion_matrix_normalized"])],
-        "robustness": robustness_context(root, ev["robustness"]),
+        "confusion": [[n, *row] for n, row in zip(records["data"]["class_names"],
+                                                   test.get("confusion_matrix_normalized", []))],
+        "robustness": robustness_context(root, ev["robustness"], records),
         "validation": (f"The validation split ({ev['val']['n']} images) was used for: "
                        f"{'; '.join(ev['val'].get('used_for', []))}. Its predictions are in "
                        f"reports/eval/{paths.VAL_PREDICTIONS}, so the temperature and threshold can be recomputed."),
     }
 
 
-def robustness_context(root: Path, robustness: dict[str, Any]) -> dict[str, Any]:
+def robustness_context(root: Path, robustness: dict[str, Any], records: dict[str, Any]) -> dict[str, Any]:
     severities = list(next(iter(robustness["corruptions"].values()), {}))
     clean = robustness["clean"]
     if not robustness["corruptions"]:
         return {"text": "The corruption benchmark was off (evaluate.corruptions: []).", "header": [], "rows": [],
                 "figure": data_uri(root / paths.EVAL_DIR / paths.ROBUSTNESS_PNG)}
     return {
-        "text": (f"{robustness['images']} test images, clean: ROC AUC {fmt(clean['roc_auc'])}, accuracy "
-                 f"{fmt(clean['accuracy'])} at the frozen threshold. Under {len(robustness['corruptions'])} "
+        "text": (f"{robustness['images']} test images, clean: {metric_name('roc_auc', records)} "
+                 f"{fmt(clean['roc_auc'])}, {metric_name('accuracy', records)} {fmt(clean['accuracy'])} at the "
+                 f"frozen decision ({records['eval']['test']['threshold_rule']}). Under {len(robustness['corruptions'])} "
                  f"corruption(s) at severities {', '.join(severities)}, ROC AUC changes by "
                  f"{signed(robustness['mean_roc_auc_drop'])} and accuracy by {signed(robustness['mean_accuracy_drop'])} "
                  "on average."),
@@ -457,7 +542,12 @@ def verdicts(row: dict[str, Any], random: dict[str, Any], threshold: float) -> l
         ">" if row["insertion_beats_random"] else "≤")
     deletion, insertion = f"deletion {deletion}", f"insertion {insertion}"
     faithful = f"{'pass' if row['faithful'] else 'FAIL'}: {deletion}, {insertion} (random order)"
-    if row.get("localisation_pass") is None:
+    if "localisation_by_finding" in row:
+        place = "; ".join(f"{name} {'pass' if r['localisation_pass'] else 'FAIL'}: pointing game "
+                          f"{fmt(r['pointing_game'])} (95% CI {fmt(r['pointing_game_ci_low'])}–"
+                          f"{fmt(r['pointing_game_ci_high'])}, chance {fmt(r['pointing_game_chance'])})"
+                          for name, r in row["localisation_by_finding"].items() if r["localisation_pass"] is not None)
+    elif row.get("localisation_pass") is None:
         place = "not applicable: no lesion masks"
     else:
         place = (f"{'pass' if row['localisation_pass'] else 'FAIL'}: pointing game {fmt(row['pointing_game'])} "
@@ -470,6 +560,12 @@ def localisation_text(explain: dict[str, Any]) -> str | None:
     found = explain.get("localisation")
     if not found:
         return None
+    if "findings" in found:
+        return ("Localisation per finding: the map of each finding's output for every test image that has it ("
+                + ", ".join(f"{name}: {n} images" for name, n in found["findings"].items())
+                + f"; explain.localisation_images {explain['settings']['localisation_images']} at most), whatever "
+                "the model decided, against that finding's own mask. A method localises a finding when the 95% CI "
+                "of its pointing game (its peak within 1 px of the mask) lies above chance.")
     return (f"Localisation: the maps of {found['class']} for {found['images']} test images with a {found['class']} mask "
             f"(explain.localisation_images {explain['settings']['localisation_images']}), whatever the model decided, "
             "against the masks. A method localises when the 95% CI of its pointing game (its peak within 1 px of the "
@@ -580,7 +676,7 @@ def card_context(params: Params, records: dict[str, Any]) -> dict[str, Any]:
     data, ev = records["data"], records["eval"]
     known = catalog.lookup(data["input"]["source"], data["input"].get("path"))
     return {
-        "metrics": [[k, fmt(ev["test"][k]), fmt_ci(ev["test"], k)] for k in SUMMARY],
+        "metrics": [[metric_name(k, records), fmt(ev["test"][k]), fmt_ci(ev["test"], k)] for k in summary_keys(ev)],
         "groups": [[g, m["n"], fmt(m["roc_auc"]), fmt_ci(m, "roc_auc")]
                    for rows in ev.get("subgroups", {}).values() for g, m in rows.items()],
         "group_names": ", ".join(ev.get("subgroups", {})) or "none available in this dataset",
@@ -588,6 +684,7 @@ def card_context(params: Params, records: dict[str, Any]) -> dict[str, Any]:
                             for s, d in ((s, data["splits"][s]) for s in SPLITS)),
         "license": f"License: {known['license']}." if known else "License of the data: not known to the pipeline.",
         "identifiers": identifiers_text(data),
-        "stopping": f"early stopping after {params.train.patience} epochs without a better validation ROC AUC",
+        "stopping": f"early stopping after {params.train.patience} epochs without a better validation "
+                    f"{words(records)['selection']}",
         "ood": records["package"]["intensity"]["rule"],
     }

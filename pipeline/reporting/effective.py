@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.core.config import Params, as_dict, flatten
+from pipeline.core.config import Params, as_dict, effective_loss, flatten
 from pipeline.data.privacy import public_params
 
 
@@ -19,6 +19,8 @@ def notes(params: Params, records: dict[str, Any]) -> dict[str, str]:
     data, timing, ev = records["data"], records["train_timing"], records["eval"]
     source, cfg = params.data.source, params.train
     found: dict[str, str] = {}
+    if params.data.task == "auto" and data.get("task"):
+        found["data.task"] = f"{data['task']} (auto, from the data)"
     if source != "medmnist":
         for key in ("data.name", "data.size", "data.raw_dir"):
             found[key] = f"not used: data.source is {source}, not medmnist"
@@ -40,8 +42,11 @@ def notes(params: Params, records: dict[str, Any]) -> dict[str, str]:
         found["balance.smote_k_neighbors"] = f"not used: balance.strategy is {params.balance.strategy}"
     if cfg.optimizer != "sgd":
         found["train.momentum"] = f"not used: train.optimizer is {cfg.optimizer}"
-    if cfg.loss != "focal":
-        found["train.focal_gamma"] = f"not used: train.loss is {cfg.loss}"
+    loss = effective_loss(cfg.loss, data.get("task"))
+    if cfg.loss != loss:
+        found["train.loss"] = f"{loss} (auto, for a {data.get('task')} task)"
+    if loss != "focal":
+        found["train.focal_gamma"] = f"not used: train.loss is {loss}"
     if timing.get("precision") and timing["precision"] != cfg.precision:
         found["train.precision"] = f"not used: trained in {timing['precision']} on {timing.get('device', 'the CPU')}"
     if not cfg.privacy.enabled:
@@ -50,7 +55,10 @@ def notes(params: Params, records: dict[str, Any]) -> dict[str, str]:
     if cfg.channels_last and len(data["image_size"]) == 3:
         found["train.channels_last"] = "not used: volumes keep their own layout"
     if ev["test"]["threshold"] is None:
-        found["evaluate.positive_class"] = found["evaluate.threshold"] = "not used: multi-class, decided by arg-max"
+        how = "grades, decided by the median grade" if ev.get("task") == "ordinal" else "multi-class, decided by arg-max"
+        found["evaluate.positive_class"] = found["evaluate.threshold"] = f"not used: {how}"
+    elif isinstance(ev["test"]["threshold"], list):
+        found["evaluate.positive_class"] = "not used: multi-label, every finding is decided at its own threshold"
     skipped = ev.get("baselines_skipped", {})
     if skipped:
         ran = [name for name in params.evaluate.baselines if name not in skipped]

@@ -144,7 +144,11 @@ def untrustworthy_explanations(records: dict[str, Any]) -> list[str]:
 
 
 def membership_leakage(records: dict[str, Any]) -> list[str]:
-    for attack in records["eval"]["privacy_audit"]["attacks"].values():
+    audit = records["eval"]["privacy_audit"]
+    if "not_run" in audit:
+        return [f"No membership audit: {audit['not_run']}; how much the model leaks about its training images is "
+                "unmeasured."]
+    for attack in audit["attacks"].values():
         if (attack["roc_auc_ci_low"] or 0) > 0.5:
             return [f"Membership leakage: an attack tells training images from unseen ones (ROC AUC "
                     f"{fmt(attack['roc_auc'])}, 95% CI from {fmt(attack['roc_auc_ci_low'])})."]
