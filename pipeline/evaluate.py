@@ -318,10 +318,13 @@ def evaluate_multioutput(params: Params, task: Task, meta: dict[str, Any], prepa
                                  params.seed, groups)
         out: dict[str, Any] = {"n": len(labels)}
         for key, value in point.items():
+            # (finding, metric) keys go under test.findings.<finding>: one MLflow and DVC name each
+            where, name = (out.setdefault("findings", {}).setdefault(key[0], {}), key[1]) if isinstance(key, tuple) \
+                else (out, key)
             low, high = intervals.get(key, (None, None))
-            out[key] = rounded(value) if isinstance(value, float) else value
-            if not key.endswith((".n", ".positives")):
-                out.update({f"{key}_ci_low": low, f"{key}_ci_high": high})
+            where[name] = rounded(value) if isinstance(value, float) else value
+            if name not in ("n", "positives"):
+                where.update({f"{name}_ci_low": low, f"{name}_ci_high": high})
         return out
 
     test_metrics = {**with_ci(y_test, scored.probabilities, patients), "threshold": package.threshold,

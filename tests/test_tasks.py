@@ -38,10 +38,10 @@ def test_multilabel_metrics_match_scikit_learn():
     assert metrics["roc_auc"] == pytest.approx(roc_auc_score(labels, probs, average="macro"), abs=1e-12)
     assert metrics["roc_auc_micro"] == pytest.approx(roc_auc_score(labels, probs, average="micro"), abs=1e-12)
     for c, name in enumerate(FINDINGS):
-        assert metrics[f"{name}.average_precision"] == pytest.approx(average_precision_score(labels[:, c], probs[:, c]))
+        assert metrics[name, "average_precision"] == pytest.approx(average_precision_score(labels[:, c], probs[:, c]))
         decided = probs[:, c] >= 0.5
-        assert metrics[f"{name}.sensitivity"] == pytest.approx(decided[labels[:, c] == 1].mean())
-        assert metrics[f"{name}.specificity"] == pytest.approx((~decided)[labels[:, c] == 0].mean())
+        assert metrics[name, "sensitivity"] == pytest.approx(decided[labels[:, c] == 1].mean())
+        assert metrics[name, "specificity"] == pytest.approx((~decided)[labels[:, c] == 0].mean())
     # MedMNIST's ACC: the mean over findings of the accuracy at 0.5
     assert metrics["accuracy"] == pytest.approx(((probs > 0.5) == labels).mean(axis=0).mean())
 
@@ -53,8 +53,8 @@ def test_partial_labels_are_left_out_of_every_metric_and_of_the_loss():
     metrics = task.metrics(labels, probs, [0.5, 0.5, 0.5])
     for c, name in enumerate(FINDINGS):
         known = labels[:, c] != -1
-        assert metrics[f"{name}.n"] == known.sum()
-        assert metrics[f"{name}.roc_auc"] == pytest.approx(roc_auc_score(labels[known, c], probs[known, c]))
+        assert metrics[name, "n"] == known.sum()
+        assert metrics[name, "roc_auc"] == pytest.approx(roc_auc_score(labels[known, c], probs[known, c]))
     # an unknown entry's logit gets no gradient and does not move the loss
     logits = torch.randn(len(labels), 3, dtype=torch.float64, requires_grad=True)
     loss = MaskedBCE(torch.tensor([2.0, 3.0, 1.0], dtype=torch.float64))(logits, torch.from_numpy(labels))
@@ -145,7 +145,7 @@ def test_phantom_findings_have_their_own_masks_and_grades_grow_with_the_lesion(p
 
 
 @pytest.mark.parametrize("task", ["multilabel", "ordinal"])
-def test_both_tasks_run_through_the_stages_and_predict_scores_as_evaluate(tmp_path, task):
+def test_both_tasks_run_through_the_stages_and_predict_scores_as_evaluate(tmp_path, task, mlflow_store):
     extra = {"train.loss": "corn"} if task == "ordinal" else {}
     params = tiny_params(tmp_path, **{"data.phantom.task": task, "evaluate.baselines": ["logistic_regression"],
                                       **extra})
@@ -174,13 +174,27 @@ def test_both_tasks_run_through_the_stages_and_predict_scores_as_evaluate(tmp_pa
     baseline = metrics["baselines"]["logistic_regression"]
     assert baseline["n"] == 80 and baseline[headline] is not None
     assert (len(baseline["threshold"]) == 3) if task == "multilabel" else baseline["threshold"] is None
+    # MLflow: every per-finding metric under its own name, the task's headline first
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import track
+
+    record = track.run(params, tmp_path, tmp_path / "reports/mlflow_run.json")
+    logged = MlflowClient(record["tracking_uri"]).get_run(record["run_id"]).data.metrics
+    assert logged[f"Headline.test.{headline}"] == pytest.approx(metrics["test"][headline])
     if task == "multilabel":
+        for finding in phantom.FINDINGS:
+            found = metrics["test"]["findings"][finding]
+            assert logged[f"test.findings.{finding}.n"] == found["n"]
+            value = found["average_precision"]
+            assert logged.get(f"test.findings.{finding}.average_precision") == (
+                None if value is None else pytest.approx(value))
         # each finding's map, and its localisation against that finding's own mask
         assert {s["explained"] for s in explained["samples"]} <= set(phantom.FINDINGS)
         assert set(located["localisation_by_finding"]) == set(phantom.FINDINGS)
         assert set(explained["localisation"]["findings"]) == set(phantom.FINDINGS)
         assert scored.probabilities.shape == (5, 3) and len(package.threshold) == 3
-        assert header[:3] == ["id", "label", "prediction"] and "nodule.roc_auc" in metrics["test"]
+        assert header[:3] == ["id", "label", "prediction"] and "roc_auc" in metrics["test"]["findings"]["nodule"]
     else:
         assert scored.probabilities.shape == (5, 4) and np.allclose(scored.probabilities.sum(1), 1)
         assert package.threshold is None and package.threshold_rule == "median grade"
@@ -230,7 +244,40 @@ def test_medmnist_layouts_run_end_to_end_by_params_alone(tmp_path, name, labels,
     metrics = json.loads((tmp_path / "reports/eval/metrics.json").read_text())
     assert metrics["task"] == task
     if task == "multilabel":
-        assert "13.roc_auc" in metrics["test"] and metrics["test"]["0.n"] == 60  # findings named as data.class_names says
+        assert set(metrics["test"]["findings"]) == {str(k) for k in range(14)}  # named as data.class_names says
+        assert metrics["test"]["findings"]["0"]["n"] == 60
     else:
         assert 0 <= metrics["test"]["mae"] <= 4 and len(metrics["test"]["confusion_matrix"]) == 5
     assert (tmp_path / "reports/report.html").stat().st_size > 10_000
+
+
+def test_the_label_aware_sampler_draws_rare_findings_as_often_as_common_ones():
+    from pipeline.modeling.recipe import epoch_order
+
+    labels = np.zeros((1000, 2), dtype=np.int64)
+    labels[:400, 0] = 1   # a common finding
+    labels[400:450, 1] = 1  # a rare one; the other 550 images have none
+    order = epoch_order(torch.from_numpy(labels), "weighted", torch.Generator().manual_seed(0)).numpy()
+    drawn = labels[order]
+    common, rare, normal = (drawn[:, 0] == 1).mean(), (drawn[:, 1] == 1).mean(), (drawn.sum(1) == 0).mean()
+    assert len(order) == 1000 and abs(common - rare) < 0.06 and abs(rare - normal) < 0.06  # about a third each
+    assert (labels[torch.randperm(1000, generator=torch.Generator().manual_seed(0)).numpy()][:, 1] == 1).mean() == 0.05
+
+
+def test_predict_and_the_mlflow_model_answer_with_findings(tmp_path):
+    from pipeline import predict
+    from pipeline.modeling import pyfunc
+
+    params = tiny_params(tmp_path, **{"data.phantom.task": "multilabel", "evaluate.baselines": [],
+                                      "evaluate.corruptions": []})
+    run_stages(tmp_path, params, ("prepare", "balance", "train", "evaluate"))
+    images = np.load(tmp_path / "data/prepared/test/images.npy")[:6]
+    np.savez(tmp_path / "new.npz", test_images=images)
+    predict.run(tmp_path / "new.npz", tmp_path / "out.csv", tmp_path / "models/model.pt")
+    rows = (tmp_path / "out.csv").read_text().splitlines()
+    assert rows[0] == "id,prob_nodule,prob_consolidation,prob_calcification,prediction,status"
+    served = pyfunc._load_pyfunc(str(tmp_path / "models/model.pt")).predict(images)
+    for row, (_, answer) in zip(rows[1:], served.iterrows()):
+        cells = row.split(",")
+        assert float(cells[1]) == pytest.approx(answer["prob_nodule"], abs=1e-6)
+        assert cells[4] == answer["prediction"] and set(cells[4].split("|")) <= {*phantom.FINDINGS, "none"}

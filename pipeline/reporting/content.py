@@ -62,10 +62,10 @@ def finding_rows(ev: dict[str, Any], names: list[str]) -> list[list[Any]]:
     """Multi-label: [finding, assessed, present, each metric with its CI, threshold] per finding."""
     if ev.get("task") != "multilabel":
         return []
-    test = ev["test"]
-    return [[name, test[f"{name}.n"], test[f"{name}.positives"],
-             *[f"{fmt(test[f'{name}.{m}'])} ({fmt_ci(test, f'{name}.{m}')})" for m in FINDING_METRICS], threshold]
-            for name, threshold in zip(names, test["threshold"])]
+    found = ev["test"]["findings"]
+    return [[name, found[name]["n"], found[name]["positives"],
+             *[f"{fmt(found[name][m])} ({fmt_ci(found[name], m)})" for m in FINDING_METRICS], threshold]
+            for name, threshold in zip(names, ev["test"]["threshold"])]
 from pipeline.reporting import effective
 from pipeline.reporting.limitations import limitations
 from pipeline.reporting.provenance import git_state, versions

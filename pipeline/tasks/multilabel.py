@@ -168,18 +168,19 @@ class MultiLabel(Task):
     def headline(self, labels: np.ndarray, probs: np.ndarray, threshold: Any, positive: int) -> dict[str, Any]:
         return {"roc_auc": macro_auc(labels, probs), "accuracy": medmnist_accuracy(labels, probs)}
 
-    def metrics(self, labels: np.ndarray, probs: np.ndarray, threshold: list[float]) -> dict[str, float | None]:
-        """Flat: ``<finding>.<metric>`` per finding, then the metrics over findings."""
+    def metrics(self, labels: np.ndarray, probs: np.ndarray, threshold: list[float]
+                ) -> dict[str | tuple[str, str], float | None]:
+        """(finding, metric) per finding, then the metrics over findings by name."""
         decisions = self.decide(probs, threshold, 1)
         out: dict[str, float | None] = {}
         for c, name in enumerate(self.names):
             known = _known(labels, c)
             y, p, d = labels[known, c] == 1, probs[known, c], decisions[known, c] == 1
             positives, negatives = int(y.sum()), int((~y).sum())
-            out.update({f"{name}.n": int(known.sum()), f"{name}.positives": positives,
-                        f"{name}.roc_auc": binary_auc(y, p), f"{name}.average_precision": average_precision(y, p),
-                        f"{name}.sensitivity": float((d & y).sum() / positives) if positives else None,
-                        f"{name}.specificity": float((~d & ~y).sum() / negatives) if negatives else None})
+            out.update({(name, "n"): int(known.sum()), (name, "positives"): positives,
+                        (name, "roc_auc"): binary_auc(y, p), (name, "average_precision"): average_precision(y, p),
+                        (name, "sensitivity"): float((d & y).sum() / positives) if positives else None,
+                        (name, "specificity"): float((~d & ~y).sum() / negatives) if negatives else None})
         out.update({"roc_auc": macro_auc(labels, probs), "roc_auc_micro": micro_auc(labels, probs),
                     "accuracy": medmnist_accuracy(labels, probs),
                     "exact_match": float((decisions == np.where(labels == UNKNOWN, decisions, labels)).all(1).mean())})
