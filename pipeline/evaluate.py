@@ -64,6 +64,7 @@ from pipeline.tasks import Task
 from pipeline.reporting.plots import (
     plot_calibration,
     plot_confusion,
+    plot_confusions,
     plot_decision_curve,
     plot_failures,
     plot_pr,
@@ -304,7 +305,6 @@ def evaluate_multioutput(params: Params, task: Task, meta: dict[str, Any], prepa
     out-of-distribution flags, the membership audit, subgroups, robustness and the classical
     baselines (one-vs-rest per finding), as :func:`evaluate_single` reports them."""
     cfg = params.evaluate
-    names = meta["class_names"]
     val, test = load_split(prepared, "val"), load_split(prepared, "test")
     y_val, y_test = val["labels"], test["labels"]
     package, val_raw = freeze(params, task, network_path, prepared, meta, val)
@@ -329,9 +329,10 @@ def evaluate_multioutput(params: Params, task: Task, meta: dict[str, Any], prepa
 
     test_metrics = {**with_ci(y_test, scored.probabilities, patients), "threshold": package.threshold,
                     "threshold_rule": package.threshold_rule, "temperature": package.temperature}
-    if y_test.ndim == 1:  # grades: the ordinal confusion matrix, rows true, columns decided
-        matrix = confusion_matrix(y_test, scored.predictions, len(names))
-        test_metrics.update(confusion_matrix=matrix, confusion_matrix_normalized=normalised(matrix))
+    confusions = task.confusions(y_test, scored.predictions)  # grades: one matrix; findings: one each
+    for title, matrix, _ in confusions:
+        (test_metrics["findings"][title] if title else test_metrics).update(
+            confusion_matrix=matrix, confusion_matrix_normalized=normalised(matrix))
     val_probs = package.calibrated(val_raw)
     result: dict[str, Any] = {
         "task": task.name, "test": test_metrics,
@@ -392,8 +393,7 @@ def evaluate_multioutput(params: Params, task: Task, meta: dict[str, Any], prepa
     write_json(out_dir / paths.TIMING, {k: rounded(v, SECONDS_DECIMALS) for k, v in timing.items()})
     plot_roc(roc_plot, out_dir / paths.ROC_PNG)
     plot_pr(pr_plot, out_dir / paths.PR_PNG)
-    plot_confusion(test_metrics.get("confusion_matrix", [[0]]), names if y_test.ndim == 1 else ["-"],
-                   out_dir / paths.CONFUSION_PNG)
+    plot_confusions(confusions, out_dir / paths.CONFUSION_PNG)
     plot_calibration(reliability, result["calibration"], out_dir / paths.CALIBRATION_PNG)
     plot_failures(test["images"], failures, out_dir / paths.FAILURES_PNG)
     plot_robustness(result["robustness"], out_dir / paths.ROBUSTNESS_PNG)

@@ -58,8 +58,8 @@ def test_secure_mode_without_its_generator_is_one_clear_error(balanced):
 def test_private_training_takes_findings_and_grades(tmp_path, task):
     from tests.conftest import run_stages
 
-    params = tiny_params(tmp_path, **{**PRIVATE, "data.phantom.task": task})
+    params = tiny_params(tmp_path, **{**PRIVATE, "data.phantom.task": task, "train.epochs": 1})
     run_stages(tmp_path, params, ("prepare", "balance", "train"))
     metrics = json.loads((tmp_path / "reports/train/metrics.json").read_text())["train"]
-    assert metrics["privacy"]["epsilon"] <= params.train.privacy.target_epsilon
-    assert metrics["epochs_run"] == 3 and math.isfinite(metrics["val_loss"])
+    assert 0 < metrics["privacy"]["epsilon"] <= params.train.privacy.target_epsilon
+    assert metrics["epochs_run"] == 1 and math.isfinite(metrics["val_loss"])

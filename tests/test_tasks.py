@@ -183,6 +183,19 @@ def test_both_tasks_run_through_the_stages_and_predict_scores_as_evaluate(tmp_pa
     logged = MlflowClient(record["tracking_uri"]).get_run(record["run_id"]).data.metrics
     assert logged[f"Headline.test.{headline}"] == pytest.approx(metrics["test"][headline])
     if task == "multilabel":
+        # pipeline.predict and the MLflow model (what `mlflow models serve` runs) answer alike
+        from pipeline import predict
+        from pipeline.modeling import pyfunc
+
+        np.savez(tmp_path / "new.npz", test_images=images)
+        predict.run(tmp_path / "new.npz", tmp_path / "out.csv", tmp_path / "models/model.pt")
+        answers = (tmp_path / "out.csv").read_text().splitlines()
+        assert answers[0] == "id,prob_nodule,prob_consolidation,prob_calcification,prediction,status"
+        served = pyfunc._load_pyfunc(str(tmp_path / "models/model.pt")).predict(images)
+        for row, (_, answer) in zip(answers[1:], served.iterrows()):
+            cells = row.split(",")
+            assert float(cells[1]) == pytest.approx(answer["prob_nodule"], abs=1e-6)
+            assert cells[4] == answer["prediction"] and set(cells[4].split("|")) <= {*phantom.FINDINGS, "none"}
         for finding in phantom.FINDINGS:
             found = metrics["test"]["findings"][finding]
             assert logged[f"test.findings.{finding}.n"] == found["n"]
@@ -239,7 +252,8 @@ def test_medmnist_layouts_run_end_to_end_by_params_alone(tmp_path, name, labels,
         path = make_npz(tmp_path / name, n=tuple(n for _, n in sizes), size=16, **arrays)
     else:
         path = make_npz(tmp_path / name, n=tuple(n for _, n in sizes), classes=5, size=16, channels=3)
-    params = tiny_params(tmp_path, **{"data.source": "npz", "data.path": str(path), "evaluate.baselines": []})
+    params = tiny_params(tmp_path, **{"data.source": "npz", "data.path": str(path), "evaluate.baselines": [],
+                                      "evaluate.corruptions": [], "explain.methods": ["saliency"]})
     run_stages(tmp_path, params, ("prepare", "balance", "train", "evaluate", "explain", "report"))
     metrics = json.loads((tmp_path / "reports/eval/metrics.json").read_text())
     assert metrics["task"] == task
@@ -262,22 +276,3 @@ def test_the_label_aware_sampler_draws_rare_findings_as_often_as_common_ones():
     common, rare, normal = (drawn[:, 0] == 1).mean(), (drawn[:, 1] == 1).mean(), (drawn.sum(1) == 0).mean()
     assert len(order) == 1000 and abs(common - rare) < 0.06 and abs(rare - normal) < 0.06  # about a third each
     assert (labels[torch.randperm(1000, generator=torch.Generator().manual_seed(0)).numpy()][:, 1] == 1).mean() == 0.05
-
-
-def test_predict_and_the_mlflow_model_answer_with_findings(tmp_path):
-    from pipeline import predict
-    from pipeline.modeling import pyfunc
-
-    params = tiny_params(tmp_path, **{"data.phantom.task": "multilabel", "evaluate.baselines": [],
-                                      "evaluate.corruptions": []})
-    run_stages(tmp_path, params, ("prepare", "balance", "train", "evaluate"))
-    images = np.load(tmp_path / "data/prepared/test/images.npy")[:6]
-    np.savez(tmp_path / "new.npz", test_images=images)
-    predict.run(tmp_path / "new.npz", tmp_path / "out.csv", tmp_path / "models/model.pt")
-    rows = (tmp_path / "out.csv").read_text().splitlines()
-    assert rows[0] == "id,prob_nodule,prob_consolidation,prob_calcification,prediction,status"
-    served = pyfunc._load_pyfunc(str(tmp_path / "models/model.pt")).predict(images)
-    for row, (_, answer) in zip(rows[1:], served.iterrows()):
-        cells = row.split(",")
-        assert float(cells[1]) == pytest.approx(answer["prob_nodule"], abs=1e-6)
-        assert cells[4] == answer["prediction"] and set(cells[4].split("|")) <= {*phantom.FINDINGS, "none"}

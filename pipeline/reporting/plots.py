@@ -103,6 +103,25 @@ def plot_confusion(matrix: Sequence[Sequence[int]], class_names: Sequence[str], 
     save_figure(fig, path)
 
 
+def plot_confusions(panels: Sequence[tuple[str, Sequence[Sequence[int]], Sequence[str]]], path: str | Path) -> None:
+    """One confusion matrix (:func:`plot_confusion`), or a row of titled ones: one per finding."""
+    if len(panels) == 1:
+        plot_confusion(panels[0][1], panels[0][2], path)
+        return
+    fig, axes = new_figure(1, len(panels), figsize=(2.4 * len(panels), 2.6), squeeze=False)
+    for number, (ax, (title, matrix, names)) in enumerate(zip(axes[0], panels)):
+        cm = np.asarray(matrix)
+        ax.imshow(cm, cmap="Blues")
+        for (i, j), value in np.ndenumerate(cm):
+            ax.text(j, i, str(value), ha="center", va="center", color="white" if value > cm.max() / 2 else "black")
+        ax.set_xticks(range(len(cm)), names)
+        ax.set_yticks(range(len(cm)), names if number == 0 else [])  # the rows are the same in every panel
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("decided")
+    axes[0][0].set_ylabel("true")
+    save_figure(fig, path)
+
+
 def thumbnail(image: np.ndarray) -> np.ndarray:
     """What ``imshow`` gets for an H×W×C image or a D×H×W×C volume (its middle axial slice):
     H×W for grayscale, H×W×3 for RGB."""

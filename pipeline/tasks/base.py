@@ -174,6 +174,12 @@ class Task:
         that marks it or None for any non-zero mask): the positive class's map of every image."""
         return [(self.names[positive], np.ones(len(labels), dtype=bool), np.full(len(labels), positive), None)]
 
+    def confusions(self, labels: np.ndarray, decisions: np.ndarray) -> list[tuple[str, list[list[int]], list[str]]]:
+        """(title, matrix with rows true and columns decided, tick names): the classes' (grades') one."""
+        from pipeline.evaluation.metrics import confusion_matrix
+
+        return [("", confusion_matrix(labels, decisions, self.k), self.names)]
+
     def curves(self, labels: np.ndarray, probs: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
         """(name, positive, score) of each one-vs-rest ROC and PR curve: every class (grade) present."""
         return [(name, labels == c, probs[:, c]) for c, name in enumerate(self.names)

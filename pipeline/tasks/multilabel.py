@@ -248,6 +248,13 @@ class MultiLabel(Task):
         """Each finding's map on the images that have it, against that finding's mask (value k + 1)."""
         return [(name, labels[:, c] == 1, np.full(len(labels), c), c + 1) for c, name in enumerate(self.names)]
 
+    def confusions(self, labels: np.ndarray, decisions: np.ndarray) -> list[tuple[str, list[list[int]], list[str]]]:
+        """Each finding's 2×2 matrix over the images where it was assessed."""
+        from pipeline.evaluation.metrics import confusion_matrix
+
+        return [(name, confusion_matrix(labels[known, c], decisions[known, c], 2), ["absent", "present"])
+                for c, name in enumerate(self.names) for known in [_known(labels, c)]]
+
     def curves(self, labels: np.ndarray, probs: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
         """Each finding's ROC and PR curve over its assessed images."""
         return [(name, labels[known, c] == 1, probs[known, c]) for c, name in enumerate(self.names)
