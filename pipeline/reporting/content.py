@@ -497,13 +497,13 @@ def results_context(root: Path, records: dict[str, Any]) -> dict[str, Any]:
 
 def robustness_context(root: Path, robustness: dict[str, Any], records: dict[str, Any]) -> dict[str, Any]:
     severities = list(next(iter(robustness["corruptions"].values()), {}))
-    clean = robustness["clean"]
+    clean, said = robustness["clean"], words(records)
     if not robustness["corruptions"]:
         return {"text": "The corruption benchmark was off (evaluate.corruptions: []).", "header": [], "rows": [],
                 "figure": data_uri(root / paths.EVAL_DIR / paths.ROBUSTNESS_PNG)}
     return {
-        "text": (f"{robustness['images']} test images, clean: {metric_name('roc_auc', records)} "
-                 f"{fmt(clean['roc_auc'])}, {metric_name('accuracy', records)} {fmt(clean['accuracy'])} at the "
+        "text": (f"{robustness['images']} test images, clean: {said.get('roc_auc', 'ROC AUC')} "
+                 f"{fmt(clean['roc_auc'])}, {said.get('accuracy', 'accuracy')} {fmt(clean['accuracy'])} at the "
                  f"frozen decision ({records['eval']['test']['threshold_rule']}). Under {len(robustness['corruptions'])} "
                  f"corruption(s) at severities {', '.join(severities)}, ROC AUC changes by "
                  f"{signed(robustness['mean_roc_auc_drop'])} and accuracy by {signed(robustness['mean_accuracy_drop'])} "
