@@ -495,9 +495,13 @@ def results_context(root: Path, records: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+ROBUSTNESS_NAMES = {"roc_auc": "ROC AUC"}
+
+
 def robustness_context(root: Path, robustness: dict[str, Any], records: dict[str, Any]) -> dict[str, Any]:
     severities = list(next(iter(robustness["corruptions"].values()), {}))
     clean, said = robustness["clean"], words(records)
+    measured = ["roc_auc", "accuracy", *[key for key in clean if key not in ("roc_auc", "accuracy")]]
     if not robustness["corruptions"]:
         return {"text": "The corruption benchmark was off (evaluate.corruptions: []).", "header": [], "rows": [],
                 "figure": data_uri(root / paths.EVAL_DIR / paths.ROBUSTNESS_PNG)}
@@ -508,9 +512,10 @@ def robustness_context(root: Path, robustness: dict[str, Any], records: dict[str
                  f"corruption(s) at severities {', '.join(severities)}, ROC AUC changes by "
                  f"{signed(robustness['mean_roc_auc_drop'])} and accuracy by {signed(robustness['mean_accuracy_drop'])} "
                  "on average."),
-        "header": ["corruption", *[f"ROC AUC, severity {s}" for s in severities],
-                   *[f"accuracy, severity {s}" for s in severities]],
-        "rows": [[name, *[levels[s]["roc_auc"] for s in severities], *[levels[s]["accuracy"] for s in severities]]
+        # every metric the benchmark measured: ROC AUC and accuracy, and kappa for grades
+        "header": ["corruption", *[f"{ROBUSTNESS_NAMES.get(key, key)}, severity {s}" for key in measured
+                                   for s in severities]],
+        "rows": [[name, *[levels[s][key] for key in measured for s in severities]]
                  for name, levels in robustness["corruptions"].items()],
         "figure": data_uri(root / paths.EVAL_DIR / paths.ROBUSTNESS_PNG),
     }
