@@ -120,19 +120,19 @@ def imbalanced_report(labels: np.ndarray, preds: np.ndarray, names: list[str]) -
             if str(k_) in report}
 
 
-def curves(labels: np.ndarray, probs: np.ndarray, names: list[str], positive: int):
-    """(class name, ROC (fpr, tpr, thr), PR (recall, precision)) for the positive class or each class."""
-    classes = [positive] if probs.shape[1] == 2 else [c for c in range(probs.shape[1]) if (labels == c).any()]
-    for c in classes:
-        fpr, tpr, thr = roc_curve(labels == c, probs[:, c])
-        precision, recall, _ = precision_recall_curve(labels == c, probs[:, c])
-        yield names[c], (fpr, tpr, np.minimum(thr, 1.0)), (recall, precision)
+def curves(task: Task, labels: np.ndarray, probs: np.ndarray, positive: int):
+    """(name, ROC (fpr, tpr, thr), PR (recall, precision)) of each of the task's curves
+    (:meth:`pipeline.tasks.Task.curves`: the positive class, each class or grade, each finding)."""
+    for name, positive_, score_ in task.curves(labels, probs, positive):
+        fpr, tpr, thr = roc_curve(positive_, score_)
+        precision, recall, _ = precision_recall_curve(positive_, score_)
+        yield name, (fpr, tpr, np.minimum(thr, 1.0)), (recall, precision)
 
 
 def freeze(params: Params, task: Task, network_path: Path, prepared: Path, meta: dict[str, Any],
-           val: dict[str, np.ndarray]) -> tuple[ModelPackage, np.ndarray]:
+           val: dict[str, np.ndarray]) -> tuple[ModelPackage, Scores]:
     """The model package: the trained network with every choice made on validation, frozen before
-    the test; and the network's validation probabilities those choices were made on."""
+    the test; and the validation scores those choices were made on (as the package scores them)."""
     cfg = params.evaluate
     network, trained = load_checkpoint(network_path)
     raw = predict_proba(network, val["images"], cfg.batch_size, activation=task.probabilities)
@@ -148,7 +148,7 @@ def freeze(params: Params, task: Task, network_path: Path, prepared: Path, meta:
         intensity=intensity_reference(load_split(prepared, "train")["images"]),
         provenance={"data_sha256": meta["arrays_sha256"], "network_sha256": file_digest(network_path),
                     "privacy": trained.get("privacy")})
-    return package, raw
+    return package, package.scores(raw, val["images"])
 
 
 def privacy_audit(params: Params, prepared: Path, package: ModelPackage, non_members: tuple[np.ndarray, np.ndarray],
@@ -222,9 +222,9 @@ def evaluate_single(params: Params, task: Task, meta: dict[str, Any], prepared: 
     y_val, y_test = val["labels"], test["labels"]
 
     # 1. Choices on validation only, frozen into the model package before the test split is scored.
-    package, val_raw = freeze(params, task, network_path, prepared, meta, val)
+    package, val_scored = freeze(params, task, network_path, prepared, meta, val)
     temperature, threshold = package.temperature, package.threshold
-    val_probs = package.calibrated(val_raw)
+    val_raw, val_probs = val_scored.uncalibrated, val_scored.probabilities
 
     # 2. Test, scored once, exactly as pipeline.predict scores an image.
     patients = test.get("patients")
@@ -289,9 +289,8 @@ def evaluate_single(params: Params, task: Task, meta: dict[str, Any], prepared: 
             baseline_probs[name] = out["test"]
 
     save_package(package_path, package)
-    write_outputs(out_dir, result, test, scored, names, positive, baseline_probs, cfg, timing)
-    write_csv(out_dir / paths.VAL_PREDICTIONS, *prediction_table(val["ids"], y_val, package.score(val["images"],
-                                                                                                cfg.batch_size), names))
+    write_outputs(out_dir, task, result, test, scored, names, positive, baseline_probs, cfg, timing)
+    write_predictions(out_dir / paths.VAL_PREDICTIONS, task, val["ids"], y_val, val_scored)
     write_csv(out_dir / paths.DECISION_CURVE_CSV, list(DECISION_CURVE_COLUMNS), [list(r.values()) for r in curve or []])
     plot_decision_curve(curve or [], threshold, out_dir / paths.DECISION_CURVE_PNG)
     log.info("test: %s", ", ".join(f"{k} {test_metrics[k]}" for k in ("roc_auc", "accuracy", "sensitivity", "specificity")))
@@ -307,7 +306,7 @@ def evaluate_multioutput(params: Params, task: Task, meta: dict[str, Any], prepa
     cfg = params.evaluate
     val, test = load_split(prepared, "val"), load_split(prepared, "test")
     y_val, y_test = val["labels"], test["labels"]
-    package, val_raw = freeze(params, task, network_path, prepared, meta, val)
+    package, val_scored = freeze(params, task, network_path, prepared, meta, val)
     scored = package.score(test["images"], cfg.batch_size)
     patients = test.get("patients")
 
@@ -333,14 +332,15 @@ def evaluate_multioutput(params: Params, task: Task, meta: dict[str, Any], prepa
     for title, matrix, _ in confusions:
         (test_metrics["findings"][title] if title else test_metrics).update(
             confusion_matrix=matrix, confusion_matrix_normalized=normalised(matrix))
-    val_probs = package.calibrated(val_raw)
     result: dict[str, Any] = {
         "task": task.name, "test": test_metrics,
-        "val": {task.selection: rounded(task.epoch_scores(y_val, val_probs)[task.selection]), "n": len(y_val),
+        "val": {task.selection: rounded(task.epoch_scores(y_val, val_scored.probabilities)[task.selection]),
+                "n": len(y_val),
                 "used_for": validation_uses(cfg, package.threshold)},
         "out_of_distribution": {"test_flagged": int(scored.out_of_distribution.sum()),
                                 "test_ids": [str(i) for i in test["ids"][scored.out_of_distribution]]},
-        "privacy_audit": privacy_audit(params, prepared, package, (val_raw, y_val), (scored.uncalibrated, y_test)),
+        "privacy_audit": privacy_audit(params, prepared, package, (val_scored.uncalibrated, y_val),
+                                       (scored.uncalibrated, y_test)),
         "robustness": robustness(cfg, params.seed, package, test["images"], y_test),
     }
     if "groups" in test:
@@ -363,36 +363,18 @@ def evaluate_multioutput(params: Params, task: Task, meta: dict[str, Any], prepa
             chosen = task.thresholds(cfg.threshold, y_val, val_probs_b, cfg.positive_class)
             result["baselines"][name] = {**with_ci(y_test, test_probs_b, patients, chosen), "threshold": chosen}
     save_package(package_path, package)
-    for path, ids, labels, scores in ((out_dir / paths.PREDICTIONS, test["ids"], y_test, scored),
-                                      (out_dir / paths.VAL_PREDICTIONS, val["ids"], y_val,
-                                       package.score(val["images"], cfg.batch_size))):
-        header, rows = task.prediction_columns(labels, scores.probabilities, scores.uncalibrated, scores.predictions)
-        write_csv(path, ["id", *header, "out_of_distribution"],
-                  [[i, *row, int(o)] for i, row, o in zip(ids, rows, scores.out_of_distribution)])
-    roc_rows, pr_rows, roc_plot, pr_plot = [], [], {}, {}
-    for name, positive, score in task.curves(y_test, scored.probabilities):
-        fpr, tpr, thr = roc_curve(positive, score)
-        precision, recall, _ = precision_recall_curve(positive, score)
-        roc_rows += [[name, f"{a:.6f}", f"{b:.6f}", f"{c:.6f}"] for a, b, c in zip(fpr, tpr, np.minimum(thr, 1.0))]
-        pr_rows += [[name, f"{r:.6f}", f"{q:.6f}"] for r, q in zip(recall, precision)]
-        roc_plot[name], pr_plot[name] = (fpr, tpr, float(np.trapezoid(tpr, fpr))), (recall, precision)
-    write_csv(out_dir / paths.ROC_CSV, ["class", "fpr", "tpr", "threshold"], roc_rows)
-    write_csv(out_dir / paths.PR_CSV, ["class", "recall", "precision"], pr_rows)
-    result["calibration"] = {"method": cfg.calibrate, "temperature": package.temperature}
-    reliability = {}
-    for when, probs in (("before", scored.uncalibrated), ("after", scored.probabilities)):
-        pairs = task.calibration_pairs(y_test, probs)
-        result["calibration"][when] = calibration.summarise(*pairs)
-        reliability[when] = calibration.reliability(*pairs)
-    write_csv(out_dir / paths.CALIBRATION_CSV, ["calibration", "bin", "predicted", "observed", "count"],
-              [[when, r["bin"], r["predicted"], r["observed"], r["count"]] for when, rs in reliability.items() for r in rs])
+    write_predictions(out_dir / paths.PREDICTIONS, task, test["ids"], y_test, scored)
+    write_predictions(out_dir / paths.VAL_PREDICTIONS, task, val["ids"], y_val, val_scored)
+    write_curves(out_dir, task, y_test, scored.probabilities, cfg.positive_class, {})
+    result["calibration"] = {"method": cfg.calibrate, "temperature": package.temperature,
+                             **{when: calibration.summarise(*task.calibration_pairs(y_test, p, cfg.positive_class))
+                                for when, p in (("before", scored.uncalibrated), ("after", scored.probabilities))}}
+    reliability = write_reliability(out_dir, task, y_test, scored, cfg.positive_class)
     write_csv(out_dir / paths.DECISION_CURVE_CSV, list(DECISION_CURVE_COLUMNS), [])
     failures = task.failures(y_test, scored.probabilities, scored.predictions, test["ids"], cfg.failure_cases)
     write_json(out_dir / paths.FAILURES, failures)
     write_json(out_dir / paths.METRICS, result)
     write_json(out_dir / paths.TIMING, {k: rounded(v, SECONDS_DECIMALS) for k, v in timing.items()})
-    plot_roc(roc_plot, out_dir / paths.ROC_PNG)
-    plot_pr(pr_plot, out_dir / paths.PR_PNG)
     plot_confusions(confusions, out_dir / paths.CONFUSION_PNG)
     plot_calibration(reliability, result["calibration"], out_dir / paths.CALIBRATION_PNG)
     plot_failures(test["images"], failures, out_dir / paths.FAILURES_PNG)
@@ -454,44 +436,56 @@ def validation_uses(cfg: EvaluateParams, threshold: float | None) -> list[str]:
     return uses
 
 
-def prediction_table(ids: np.ndarray, labels: np.ndarray, scored: Scores, names: list[str]) -> tuple[list[str], list]:
-    """Header and rows of a predictions file: id, true label, calibrated and uncalibrated
-    probabilities, the decision at the frozen threshold and the out-of-distribution flag."""
-    header = ["id", "label", *[f"prob_{n}" for n in names], *[f"uncalibrated_prob_{n}" for n in names], "prediction",
-              "out_of_distribution"]
-    rows = [[i, names[y], *[f"{v:.6f}" for v in p], *[f"{v:.6f}" for v in r], names[d], int(o)]
-            for i, y, p, r, d, o in zip(ids, labels, scored.probabilities, scored.uncalibrated, scored.predictions,
-                                        scored.out_of_distribution)]
-    return header, rows
+def write_predictions(path: Path, task: Task, ids: np.ndarray, labels: np.ndarray, scored: Scores) -> None:
+    """A predictions file: id, the task's columns (true label, calibrated and uncalibrated
+    probabilities, the decision at the frozen threshold) and the out-of-distribution flag."""
+    header, rows = task.prediction_columns(labels, scored.probabilities, scored.uncalibrated, scored.predictions)
+    write_csv(path, ["id", *header, "out_of_distribution"],
+              [[i, *row, int(o)] for i, row, o in zip(ids, rows, scored.out_of_distribution)])
 
 
-def write_outputs(out_dir: Path, result: dict[str, Any], test: dict[str, np.ndarray], scored: Scores,
-                  names: list[str], positive: int, baseline_probs: dict[str, np.ndarray], cfg: EvaluateParams,
-                  timing: dict[str, float]) -> None:
-    labels, probs, raw, preds = test["labels"], scored.probabilities, scored.uncalibrated, scored.predictions
-    write_csv(out_dir / paths.PREDICTIONS, *prediction_table(test["ids"], labels, scored, names))
+def write_curves(out_dir: Path, task: Task, labels: np.ndarray, probs: np.ndarray, positive: int,
+                 baseline_probs: dict[str, np.ndarray]) -> None:
+    """``roc.csv`` and ``pr.csv`` (DVC plot data) of the task's curves, and their figures: the
+    CNN's curves, with each baseline's where the CNN has one (a binary task)."""
     roc_rows, pr_rows, roc_plot, pr_plot = [], [], {}, {}
-    for name, (fpr, tpr, thr), (recall, precision) in curves(labels, probs, names, positive):
+    found = list(curves(task, labels, probs, positive))
+    for name, (fpr, tpr, thr), (recall, precision) in found:
         roc_rows += [[name, f"{a:.6f}", f"{b:.6f}", f"{t:.6f}"] for a, b, t in zip(fpr, tpr, thr)]
         pr_rows += [[name, f"{r:.6f}", f"{p:.6f}"] for r, p in zip(recall, precision)]
         roc_plot[f"CNN {name}"] = (fpr, tpr, float(np.trapezoid(tpr, fpr)))
         pr_plot[f"CNN {name}"] = (recall, precision)
-    for model_name, p in baseline_probs.items():
-        for _, (fpr, tpr, _), (recall, precision) in curves(labels, p, names, positive):
-            if len(names) == 2:
-                roc_plot[model_name] = (fpr, tpr, float(np.trapezoid(tpr, fpr)))
-                pr_plot[model_name] = (recall, precision)
+    for model_name, p in baseline_probs.items() if len(found) == 1 else ():
+        for _, (fpr, tpr, _), (recall, precision) in curves(task, labels, p, positive):
+            roc_plot[model_name] = (fpr, tpr, float(np.trapezoid(tpr, fpr)))
+            pr_plot[model_name] = (recall, precision)
     write_csv(out_dir / paths.ROC_CSV, ["class", "fpr", "tpr", "threshold"], roc_rows)
     write_csv(out_dir / paths.PR_CSV, ["class", "recall", "precision"], pr_rows)
-    reliability = {when: calibration.reliability(labels, p, positive) for when, p in (("before", raw), ("after", probs))}
+    plot_roc(roc_plot, out_dir / paths.ROC_PNG)
+    plot_pr(pr_plot, out_dir / paths.PR_PNG)
+
+
+def write_reliability(out_dir: Path, task: Task, labels: np.ndarray, scored: Scores, positive: int
+                      ) -> dict[str, list[dict[str, Any]]]:
+    """The reliability diagrams' data before and after calibration, written to ``calibration.csv``."""
+    reliability = {when: calibration.reliability(*task.calibration_pairs(labels, p, positive))
+                   for when, p in (("before", scored.uncalibrated), ("after", scored.probabilities))}
     write_csv(out_dir / paths.CALIBRATION_CSV, ["calibration", "bin", "predicted", "observed", "count"],
               [[when, r["bin"], r["predicted"], r["observed"], r["count"]] for when, rs in reliability.items() for r in rs])
+    return reliability
+
+
+def write_outputs(out_dir: Path, task: Task, result: dict[str, Any], test: dict[str, np.ndarray], scored: Scores,
+                  names: list[str], positive: int, baseline_probs: dict[str, np.ndarray], cfg: EvaluateParams,
+                  timing: dict[str, float]) -> None:
+    labels, probs, preds = test["labels"], scored.probabilities, scored.predictions
+    write_predictions(out_dir / paths.PREDICTIONS, task, test["ids"], labels, scored)
+    write_curves(out_dir, task, labels, probs, positive, baseline_probs)
+    reliability = write_reliability(out_dir, task, labels, scored, positive)
     failures = failure_cases(labels, probs, preds, test["ids"], names, positive, cfg.failure_cases)
     write_json(out_dir / paths.FAILURES, failures)
     write_json(out_dir / paths.METRICS, result)
     write_json(out_dir / paths.TIMING, {k: rounded(v, SECONDS_DECIMALS) for k, v in timing.items()})
-    plot_roc(roc_plot, out_dir / paths.ROC_PNG)
-    plot_pr(pr_plot, out_dir / paths.PR_PNG)
     plot_confusion(result["test"]["confusion_matrix"], names, out_dir / paths.CONFUSION_PNG)
     plot_calibration(reliability, result["calibration"], out_dir / paths.CALIBRATION_PNG)
     plot_failures(test["images"], failures, out_dir / paths.FAILURES_PNG)

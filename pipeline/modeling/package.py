@@ -113,7 +113,10 @@ class ModelPackage:
     def score(self, images: np.ndarray | ImageRows, batch_size: int = 64) -> Scores:
         """Calibrated probabilities, decisions and out-of-distribution flags for N×H×W×C uint8
         images: an array, or rows read from disk batch by batch."""
-        raw = self.uncalibrated(images, batch_size)
+        return self.scores(self.uncalibrated(images, batch_size), images)
+
+    def scores(self, raw: np.ndarray, images: np.ndarray | ImageRows) -> Scores:
+        """:meth:`score` from the network's probabilities ``raw`` already computed for ``images``."""
         probs = self.calibrated(raw)
         return Scores(probs, raw, self.kind.decide(probs, self.threshold, self.positive_class),
                       self.out_of_distribution(images))

@@ -495,26 +495,26 @@ def results_context(root: Path, records: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-ROBUSTNESS_NAMES = {"roc_auc": "ROC AUC"}
-
-
 def robustness_context(root: Path, robustness: dict[str, Any], records: dict[str, Any]) -> dict[str, Any]:
     severities = list(next(iter(robustness["corruptions"].values()), {}))
     clean, said = robustness["clean"], words(records)
     measured = ["roc_auc", "accuracy", *[key for key in clean if key not in ("roc_auc", "accuracy")]]
+
+    def named(key: str) -> str:  # the task's word for a metric; ROC AUC and the metric's key otherwise
+        return said.get(key) or {"roc_auc": "ROC AUC"}.get(key, key)
+
     if not robustness["corruptions"]:
         return {"text": "The corruption benchmark was off (evaluate.corruptions: []).", "header": [], "rows": [],
                 "figure": data_uri(root / paths.EVAL_DIR / paths.ROBUSTNESS_PNG)}
     return {
-        "text": (f"{robustness['images']} test images, clean: {said.get('roc_auc', 'ROC AUC')} "
-                 f"{fmt(clean['roc_auc'])}, {said.get('accuracy', 'accuracy')} {fmt(clean['accuracy'])} at the "
+        "text": (f"{robustness['images']} test images, clean: {named('roc_auc')} "
+                 f"{fmt(clean['roc_auc'])}, {named('accuracy')} {fmt(clean['accuracy'])} at the "
                  f"frozen decision ({records['eval']['test']['threshold_rule']}). Under {len(robustness['corruptions'])} "
                  f"corruption(s) at severities {', '.join(severities)}, ROC AUC changes by "
                  f"{signed(robustness['mean_roc_auc_drop'])} and accuracy by {signed(robustness['mean_accuracy_drop'])} "
                  "on average."),
         # every metric the benchmark measured: ROC AUC and accuracy, and kappa for grades
-        "header": ["corruption", *[f"{ROBUSTNESS_NAMES.get(key, key)}, severity {s}" for key in measured
-                                   for s in severities]],
+        "header": ["corruption", *[f"{named(key)}, severity {s}" for key in measured for s in severities]],
         "rows": [[name, *[levels[s][key] for key in measured for s in severities]]
                  for name, levels in robustness["corruptions"].items()],
         "figure": data_uri(root / paths.EVAL_DIR / paths.ROBUSTNESS_PNG),

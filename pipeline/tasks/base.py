@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from pipeline.core.config import TrainParams
+from pipeline.evaluation.metrics import confusion_matrix
 from pipeline.modeling.recipe import make_loss
 
 
@@ -52,7 +53,8 @@ class Task:
         return torch.from_numpy(labels)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The network's outputs as probabilities: a softmax over the classes (grades)."""
+        return torch.softmax(logits, dim=1)
 
     def chance_loss(self, cfg: TrainParams) -> float:
         """The training loss of a model that knows nothing (all-zero logits), unweighted: ln K for
@@ -176,19 +178,19 @@ class Task:
 
     def confusions(self, labels: np.ndarray, decisions: np.ndarray) -> list[tuple[str, list[list[int]], list[str]]]:
         """(title, matrix with rows true and columns decided, tick names): the classes' (grades') one."""
-        from pipeline.evaluation.metrics import confusion_matrix
-
         return [("", confusion_matrix(labels, decisions, self.k), self.names)]
 
-    def curves(self, labels: np.ndarray, probs: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    def curves(self, labels: np.ndarray, probs: np.ndarray, positive: int
+               ) -> list[tuple[str, np.ndarray, np.ndarray]]:
         """(name, positive, score) of each one-vs-rest ROC and PR curve: every class (grade) present."""
-        return [(name, labels == c, probs[:, c]) for c, name in enumerate(self.names)
-                if (labels == c).any() and (labels != c).any()]
+        return [(name, labels == c, probs[:, c]) for c, name in enumerate(self.names) if (labels == c).any()]
 
-    def calibration_pairs(self, labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(labels, probabilities) that :mod:`pipeline.evaluation.calibration` judges: the top-label
-        confidence against accuracy."""
-        return labels, probs
+    def calibration_pairs(self, labels: np.ndarray, probs: np.ndarray, positive: int
+                          ) -> tuple[np.ndarray, np.ndarray, int]:
+        """(labels, probabilities, positive class) as :mod:`pipeline.evaluation.calibration` judges
+        them: P(positive) against the positive rate for two classes, else the top-label confidence
+        against accuracy."""
+        return labels, probs, positive
 
     def prediction_columns(self, labels: np.ndarray, probs: np.ndarray, raw: np.ndarray, decisions: np.ndarray
                            ) -> tuple[list[str], list[list[Any]]]:

@@ -20,7 +20,7 @@ from pipeline.core.config import TrainParams
 from pipeline.core.errors import PipelineError
 from pipeline.core.files import rounded
 from pipeline.data.labels import UNKNOWN
-from pipeline.evaluation.metrics import average_precision, binary_auc, choose_threshold
+from pipeline.evaluation.metrics import average_precision, binary_auc, choose_threshold, confusion_matrix
 from pipeline.tasks.base import Task
 
 
@@ -250,21 +250,21 @@ class MultiLabel(Task):
 
     def confusions(self, labels: np.ndarray, decisions: np.ndarray) -> list[tuple[str, list[list[int]], list[str]]]:
         """Each finding's 2×2 matrix over the images where it was assessed."""
-        from pipeline.evaluation.metrics import confusion_matrix
-
         return [(name, confusion_matrix(labels[known, c], decisions[known, c], 2), ["absent", "present"])
                 for c, name in enumerate(self.names) for known in [_known(labels, c)]]
 
-    def curves(self, labels: np.ndarray, probs: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    def curves(self, labels: np.ndarray, probs: np.ndarray, positive: int
+               ) -> list[tuple[str, np.ndarray, np.ndarray]]:
         """Each finding's ROC and PR curve over its assessed images."""
         return [(name, labels[known, c] == 1, probs[known, c]) for c, name in enumerate(self.names)
                 for known in [_known(labels, c)] if len(np.unique(labels[known, c])) == 2]
 
-    def calibration_pairs(self, labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def calibration_pairs(self, labels: np.ndarray, probs: np.ndarray, positive: int
+                          ) -> tuple[np.ndarray, np.ndarray, int]:
         """Every assessed (image, finding) pair as a binary prediction: P(present) against presence."""
         known = labels != UNKNOWN
         p = probs[known]
-        return (labels[known] == 1).astype(np.int64), np.column_stack([1 - p, p])
+        return (labels[known] == 1).astype(np.int64), np.column_stack([1 - p, p]), 1
 
     def prediction_columns(self, labels: np.ndarray, probs: np.ndarray, raw: np.ndarray, decisions: np.ndarray
                            ) -> tuple[list[str], list[list[Any]]]:

@@ -53,8 +53,8 @@ class Ordinal(Task):
         return np.arange(self.k, dtype=np.int64)  # every grade once: chance is the mean over grades
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        if logits.shape[1] == self.k:
-            return torch.softmax(logits, dim=1)
+        if logits.shape[1] == self.k:  # cross-entropy's K outputs
+            return super().probabilities(logits)
         conditional = torch.sigmoid(logits)
         above = [conditional[:, :1]]  # P(grade > k) = the product of the conditionals up to k: never increasing
         for k in range(1, logits.shape[1]):  # (torch.cumprod has no ONNX export)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
 from pipeline.core.config import TrainParams
 from pipeline.core.errors import PipelineError
@@ -24,9 +23,6 @@ class SingleLabel(Task):
             raise PipelineError(f"train.loss=corn is a loss for ordinal grades; this is a {self.name} task "
                                 "(use cross_entropy or focal, or data.task: ordinal for graded labels)")
 
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits, dim=1)
-
     def epoch_scores(self, labels: np.ndarray, probs: np.ndarray) -> dict[str, float | None]:
         return {"accuracy": float((probs.argmax(1) == labels).mean()), "roc_auc": roc_auc(labels, probs)}
 
@@ -38,6 +34,13 @@ class SingleLabel(Task):
 
     def threshold_rule(self, rule: str, threshold: float | None) -> str:
         return rule if threshold is not None else "argmax"
+
+    def curves(self, labels: np.ndarray, probs: np.ndarray, positive: int
+               ) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """The positive class's curve for two classes, each present class's for more."""
+        if self.k == 2:
+            return [(self.names[positive], labels == positive, probs[:, positive])]
+        return super().curves(labels, probs, positive)
 
     def headline(self, labels: np.ndarray, probs: np.ndarray, threshold: Any, positive: int) -> dict[str, Any]:
         metrics = classification_metrics(labels, probs, positive, threshold)
