@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,8 @@ from pipeline.core.files import file_digest, read_csv, read_json, write_json
 from pipeline.core.runtime import stage_main
 from pipeline.data.privacy import public_params, redact, resolve_salt
 from pipeline.evaluation.metrics import summary_keys
-from pipeline.reporting.mlflow_adapter import EXECUTION_TAG, ModelSpec, RunRecord, log_run, metric_key
+from pipeline.reporting.mlflow_adapter import (EXECUTION_TAG, SOURCE_COMMIT, SOURCE_NAME, SOURCE_TYPE, DatasetSpec,
+                                               ModelSpec, RunRecord, log_run, metric_key)
 from pipeline.reporting.provenance import dvc_experiment, execution_started, git_state, versions
 
 log = logging.getLogger(__name__)
@@ -75,11 +77,41 @@ def collect_history(root: Path) -> list[tuple[int, dict[str, float]]]:
     return steps
 
 
+SPLIT_CONTEXT = {"train": "train", "val": "validation", "test": "test"}
+
+
+def collect_datasets(data: dict[str, Any], root: Path) -> list[DatasetSpec]:
+    """Each prepared split as an MLflow dataset input. Its digest is the sha256 of the split's
+    prepared arrays (the sorted ``file sha256`` lines of prepare's manifest), so two runs show the
+    same digest exactly when they trained, validated or tested on the same bytes."""
+    source = data["input"]
+    name = source.get("name") or (Path(source["path"]).stem if source.get("path") else source["source"])
+    origin = (Path(source["path"]).resolve().as_uri() if source.get("path")
+              else source.get("generator", f"pipeline.data.{source['source']}"))
+    shape = (data["channels"], *data["image_size"])
+    found = []
+    for split, context in SPLIT_CONTEXT.items():
+        files = sorted((k, v) for k, v in data["outputs_sha256"].items() if k.startswith(f"{split}/"))
+        digest = hashlib.sha256("".join(f"{k} {v}\n" for k, v in files).encode()).hexdigest()
+        found.append(DatasetSpec(f"{name}-{split}", digest, origin, context, shape, data["splits"][split]["n"]))
+    return found
+
+
+def entry_point() -> str:
+    """What produced this execution, for MLflow's Source column."""
+    if os.environ.get("DVC_EXP_NAME"):
+        return "dvc exp run"
+    return "dvc repro" if os.environ.get("DVC_ROOT") else "python -m pipeline.track"
+
+
 def collect_tags(root: Path) -> dict[str, str]:
     git = git_state(root)
     experiment = dvc_experiment()
     data = read_json(root / paths.DATA_SUMMARY)
     tags = {
+        SOURCE_NAME: entry_point(),
+        SOURCE_TYPE: "LOCAL",
+        SOURCE_COMMIT: str(git["commit"]),
         "git.commit": str(git["commit"]),
         "git.dirty": str(git["dirty"]).lower(),
         "dvc.exp_name": experiment["dvc_exp_name"] or "",
@@ -90,6 +122,8 @@ def collect_tags(root: Path) -> dict[str, str]:
         # train.privacy.* metrics hold the guarantee; this says at a glance in the run list whether there is one.
         "privacy.dp_sgd": str("privacy" in read_json(root / paths.TRAIN_DIR / paths.METRICS)["train"]).lower(),
     }
+    if not git["commit"]:  # not a git checkout: no commit for the Source column to link
+        del tags[SOURCE_COMMIT]
     tags.update({f"version.{k}": v for k, v in versions().items()})
     # What trained the model (CPU, the kernels each library ran, threads) and where its bytes repeat.
     trained = read_json(root / paths.TRAIN_DIR / paths.TIMING)
@@ -158,7 +192,8 @@ def run(params: Params, root: Path = Path("."), out: Path = paths.MLFLOW_RUN) ->
     record = log_run(RunRecord(
         experiment=params.track.experiment, name=name, execution=execution, started=execution_started(),
         description=describe(name, params, root), params=public_params(flatten(as_dict(params))), metrics=metrics,
-        step_metrics=collect_history(root), tags=tags, artifacts=artifacts, texts=texts, model=model))
+        step_metrics=collect_history(root), tags=tags, artifacts=artifacts, texts=texts, model=model,
+        datasets=collect_datasets(data, root)))
     write_json(root / out, record)
     log.info("logged MLflow run %s (%s) to %s", record["run_id"], name, record["tracking_uri"])
     return record

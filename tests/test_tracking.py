@@ -47,6 +47,19 @@ def test_track_logs_one_complete_run(tiny_run, mlflow_store, monkeypatch):
     assert run.data.tags["privacy.dp_sgd"] == "false"  # tiny_run trains without DP-SGD
     assert run.data.tags["kernels.mode"] == "portable" and run.data.tags["train.device"] == "cpu"
     assert run.data.tags["kernels.scope"].startswith("any x86-64 CPU with AVX2") or not kernels.supported(kernels.cpu())
+    # The runs table's Source and Dataset columns: MLflow's source tags and one input per split,
+    # whose digest is that of the split's prepared arrays.
+    assert run.data.tags["mlflow.source.name"] == "dvc exp run"  # DVC_EXP_NAME is set above
+    assert run.data.tags["mlflow.source.type"] == "LOCAL"
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["phantom-test", "phantom-train", "phantom-val"]
+    summary = json.loads((root / "reports/data/summary.json").read_text())
+    contexts = {name: {t.key: t.value for t in d.tags} for name, d in inputs.items()}
+    assert {c["mlflow.data.context"] for c in contexts.values()} == {"train", "validation", "test"}
+    assert contexts["phantom-test"]["images"] == str(summary["splits"]["test"]["n"])
+    assert inputs["phantom-test"].dataset.digest == contexts["phantom-test"]["sha256"][:36]
+    assert len({d.dataset.digest for d in inputs.values()}) == 3
+    assert json.loads(inputs["phantom-train"].dataset.source) == {"tags": {"generator": "pipeline.data.phantom"}}
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"report.html", "params.yaml", "dvc.lock", "eval", "explain", "train"} <= top
     # The model package is the run's logged MLflow Model, registered (a version per execution).

@@ -70,6 +70,19 @@ def metric_key(segments: tuple[str, ...]) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """One prepared split (or external set) as an MLflow dataset input: no data is uploaded, only
+    what identifies it: name, digest (the prepared arrays' sha256), source and shape."""
+
+    name: str  # e.g. pneumoniamnist-train
+    sha256: str  # of the prepared arrays (see pipeline.prepare); MLflow keeps its first 36 characters
+    source: str  # a file:// URI of the input, or the generator (module) that made it
+    context: str  # train | validation | test | external
+    shape: tuple[int, ...]  # one image: (C, H, W) or (C, D, H, W)
+    rows: int
+
+
+@dataclasses.dataclass(frozen=True)
 class RunRecord:
     """Everything one pipeline execution logs as one MLflow run."""
 
@@ -85,6 +98,7 @@ class RunRecord:
     artifacts: Iterable[tuple[Path, str]]  # (local path, artifact folder); folders logged recursively
     texts: Mapping[str, str]  # logged as files named by their keys (copies edited before they leave)
     model: ModelSpec | None = None
+    datasets: Iterable[DatasetSpec] = ()  # the run's inputs: MLflow's Dataset column and filters
 
 
 EXECUTION_TAG = "medcnn.execution"
@@ -95,6 +109,10 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 HEALTH_ATTEMPTS, HEALTH_TIMEOUT = 3, 5.0
+DIGEST_CHARS = 36  # MLflow stores a dataset digest in at most 36 characters (the full sha256 is an input tag)
+# MLflow's own source tags, which fill the runs table's Source column (a run made with
+# MlflowClient.create_run gets none by itself).
+SOURCE_NAME, SOURCE_TYPE, SOURCE_COMMIT = "mlflow.source.name", "mlflow.source.type", "mlflow.source.git.commit"
 
 
 def log_run(record: RunRecord) -> dict[str, str]:
@@ -217,6 +235,9 @@ def _log_contents(record: RunRecord, model_id: str | None) -> None:
     for step, values in record.step_metrics:
         mlflow.log_metrics(dict(values), step=step)
     mlflow.set_tags(dict(record.tags))
+    for dataset in record.datasets:
+        mlflow.log_input(_dataset(dataset), context=dataset.context,
+                         tags={"sha256": dataset.sha256, "images": str(dataset.rows)})
     for path, folder in record.artifacts:
         if path.is_dir():
             mlflow.log_artifacts(str(path), artifact_path=folder)
@@ -224,6 +245,19 @@ def _log_contents(record: RunRecord, model_id: str | None) -> None:
             mlflow.log_artifact(str(path), artifact_path=folder or None)
     for name, text in record.texts.items():
         mlflow.log_text(text, name)
+
+
+def _dataset(spec: DatasetSpec) -> Any:
+    import numpy as np
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.types.schema import Schema, TensorSpec
+
+    source = (LocalArtifactDatasetSource(spec.source) if spec.source.startswith("file:")
+              else CodeDatasetSource({"generator": spec.source}))
+    schema = Schema([TensorSpec(np.dtype(np.float32), (-1, *spec.shape), "image")])
+    return MetaDataset(source, name=spec.name, digest=spec.sha256[:DIGEST_CHARS], schema=schema)
 
 
 def _registered(client: Any, run_id: str) -> dict[str, str]:
