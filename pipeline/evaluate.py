@@ -14,7 +14,9 @@ scored on corrupted test images (:mod:`pipeline.evaluation.corruptions`).
 Writes ``models/model.pt`` and ``reports/eval/``:
 - ``metrics.json`` (DVC metrics): ``test.<metric>`` with ``_ci_low``/``_ci_high``, the threshold,
   confusion matrices, the precision each count allows, calibration before/after with CIs,
-  the decision curve's summary (binary tasks), baselines (and any skipped, with why),
+  the decision curve's summary (binary tasks), baselines (and any skipped, with why), the
+  CNN compared with each baseline paired on the same test images (``comparisons.<baseline>``:
+  DeLong, McNemar, paired bootstrap differences CNN − baseline; :mod:`pipeline.evaluation.comparison`),
   subgroups, out-of-distribution test images, ``privacy_audit``, ``robustness``, and what
   the validation split was used for;
 - ``predictions.csv`` and ``val_predictions.csv``: id, true label, calibrated and uncalibrated
@@ -42,7 +44,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.files import SECONDS_DECIMALS, file_digest, rounded, write_csv, write_json
 from pipeline.core.runtime import configure_torch, stage_main
 from pipeline.evaluation import baselines as classical
-from pipeline.evaluation import calibration, corruptions, membership
+from pipeline.evaluation import calibration, comparison, corruptions, membership
 from pipeline.evaluation.decision_curve import COLUMNS as DECISION_CURVE_COLUMNS
 from pipeline.evaluation.decision_curve import decision_curve
 from pipeline.evaluation.metrics import (
@@ -234,6 +236,7 @@ def evaluate_single(params: Params, task: Task, meta: dict[str, Any], prepared: 
     test_metrics = {
         **score(y_test, probs["test"], threshold, cfg, params.seed, patients),
         "threshold": threshold, "threshold_rule": cfg.threshold if threshold is not None else "argmax",
+        "positive_class": names[positive] if threshold is not None else None,
         "confusion_matrix": matrix, "confusion_matrix_normalized": normalised(matrix),
     }
     if len(names) > 2:
@@ -287,10 +290,14 @@ def evaluate_single(params: Params, task: Task, meta: dict[str, Any], prepared: 
             t = choose_threshold(cfg.threshold, y_val, out["val"], positive)
             result["baselines"][name] = {**score(y_test, out["test"], t, cfg, params.seed, patients), "threshold": t}
             baseline_probs[name] = out["test"]
+            # Paired on the same test images: CNN − baseline, net benefit valued at the CNN's threshold.
+            result.setdefault("comparisons", {})[name] = comparison.compare(
+                y_test, out["test"], probs["test"], t, threshold, positive, cfg.bootstrap, params.seed, patients,
+                valued_at=threshold)
 
     save_package(package_path, package)
     write_outputs(out_dir, task, result, test, scored, names, positive, baseline_probs, cfg, timing)
-    write_predictions(out_dir / paths.VAL_PREDICTIONS, task, val["ids"], y_val, val_scored)
+    write_predictions(out_dir / paths.VAL_PREDICTIONS, task, val, val_scored)
     write_csv(out_dir / paths.DECISION_CURVE_CSV, list(DECISION_CURVE_COLUMNS), [list(r.values()) for r in curve or []])
     plot_decision_curve(curve or [], threshold, out_dir / paths.DECISION_CURVE_PNG)
     log.info("test: %s", ", ".join(f"{k} {test_metrics[k]}" for k in ("roc_auc", "accuracy", "sensitivity", "specificity")))
@@ -363,8 +370,8 @@ def evaluate_multioutput(params: Params, task: Task, meta: dict[str, Any], prepa
             chosen = task.thresholds(cfg.threshold, y_val, val_probs_b, cfg.positive_class)
             result["baselines"][name] = {**with_ci(y_test, test_probs_b, patients, chosen), "threshold": chosen}
     save_package(package_path, package)
-    write_predictions(out_dir / paths.PREDICTIONS, task, test["ids"], y_test, scored)
-    write_predictions(out_dir / paths.VAL_PREDICTIONS, task, val["ids"], y_val, val_scored)
+    write_predictions(out_dir / paths.PREDICTIONS, task, test, scored)
+    write_predictions(out_dir / paths.VAL_PREDICTIONS, task, val, val_scored)
     write_curves(out_dir, task, y_test, scored.probabilities, cfg.positive_class, {})
     result["calibration"] = {"method": cfg.calibrate, "temperature": package.temperature,
                              **{when: calibration.summarise(*task.calibration_pairs(y_test, p, cfg.positive_class))
@@ -436,12 +443,17 @@ def validation_uses(cfg: EvaluateParams, threshold: float | None) -> list[str]:
     return uses
 
 
-def write_predictions(path: Path, task: Task, ids: np.ndarray, labels: np.ndarray, scored: Scores) -> None:
-    """A predictions file: id, the task's columns (true label, calibrated and uncalibrated
-    probabilities, the decision at the frozen threshold) and the out-of-distribution flag."""
-    header, rows = task.prediction_columns(labels, scored.probabilities, scored.uncalibrated, scored.predictions)
-    write_csv(path, ["id", *header, "out_of_distribution"],
-              [[i, *row, int(o)] for i, row, o in zip(ids, rows, scored.out_of_distribution)])
+def write_predictions(path: Path, task: Task, split: dict[str, np.ndarray], scored: Scores) -> None:
+    """A predictions file: id (and the patient's pseudonym where patients are known, so that a
+    paired comparison resamples whole patients), the task's columns (true label, calibrated and
+    uncalibrated probabilities, the decision at the frozen threshold) and the out-of-distribution flag."""
+    header, rows = task.prediction_columns(split["labels"], scored.probabilities, scored.uncalibrated,
+                                           scored.predictions)
+    patients = split.get("patients")
+    first = ["id"] if patients is None else ["id", "patient"]
+    keys = [[i] for i in split["ids"]] if patients is None else [[i, p] for i, p in zip(split["ids"], patients)]
+    write_csv(path, [*first, *header, "out_of_distribution"],
+              [[*key, *row, int(o)] for key, row, o in zip(keys, rows, scored.out_of_distribution)])
 
 
 def write_curves(out_dir: Path, task: Task, labels: np.ndarray, probs: np.ndarray, positive: int,
@@ -479,7 +491,7 @@ def write_outputs(out_dir: Path, task: Task, result: dict[str, Any], test: dict[
                   names: list[str], positive: int, baseline_probs: dict[str, np.ndarray], cfg: EvaluateParams,
                   timing: dict[str, float]) -> None:
     labels, probs, preds = test["labels"], scored.probabilities, scored.predictions
-    write_predictions(out_dir / paths.PREDICTIONS, task, test["ids"], labels, scored)
+    write_predictions(out_dir / paths.PREDICTIONS, task, test, scored)
     write_curves(out_dir, task, labels, probs, positive, baseline_probs)
     reliability = write_reliability(out_dir, task, labels, scored, positive)
     failures = failure_cases(labels, probs, preds, test["ids"], names, positive, cfg.failure_cases)

@@ -267,3 +267,34 @@ def test_results_show_precision_skipped_baselines_and_validation_use(tiny_run, t
     assert "<td>sensitivity</td>" in section and "from n images" in section
     assert "reports/eval/val_predictions.csv" in section
     assert "Decision curve (test split, calibrated P(lesion))" in section
+
+
+def test_paired_comparison_sentences_follow_the_tests(tiny_run, tmp_path, records):
+    from pipeline.reporting import paired
+
+    result = records["eval"]["comparisons"]["logistic_regression"]
+    delong = result["delong"]
+    # The records hold the CNN against the baseline on the same test images.
+    assert result["n"] == records["eval"]["test"]["n"]
+    assert delong["auc_b"] == pytest.approx(records["eval"]["test"]["roc_auc"], abs=1e-6)
+    assert delong["auc_a"] == pytest.approx(records["eval"]["baselines"]["logistic_regression"]["roc_auc"], abs=1e-6)
+    shown = {**result, "delong": {**delong, "difference": 0.05, "ci_low": 0.01, "ci_high": 0.09, "p_value": 0.0004}}
+    assert paired.auc_sentence(shown, "A", "B") == ("ROC AUC: B's is higher than A's (" f"{content.fmt(delong['auc_b'])} "
+                                                    f"against {content.fmt(delong['auc_a'])}, difference 0.05, 95% CI "
+                                                    "0.01 to 0.09, DeLong p < 0.001).")
+    unsure = {**result, "delong": {**delong, "difference": 0.02, "ci_low": -0.01, "ci_high": 0.05, "p_value": 0.21}}
+    assert paired.auc_sentence(unsure, "A", "B").startswith("ROC AUC: no difference between B and A is shown")
+    assert "DeLong p 0.210: the interval includes 0" in paired.auc_sentence(unsure, "A", "B")
+    worse = {**result, "delong": {**delong, "difference": -0.05, "ci_low": -0.09, "ci_high": -0.01}}
+    assert "B's is lower than A's" in paired.auc_sentence(worse, "A", "B")
+    mc = {**result, "mcnemar": {"a_only": 3, "b_only": 14, "both": 50, "neither": 13, "p_value": 0.013,
+                                "method": "exact binomial"}}
+    assert paired.decision_sentence(mc, "A", "B").endswith("(McNemar, exact binomial, p 0.013); B decides more "
+                                                           "images correctly.")
+    mc["mcnemar"]["p_value"] = 0.2
+    assert paired.decision_sentence(mc, "A", "B").endswith("neither decides significantly more correctly.")
+    page, _ = page_of(tiny_run, tmp_path)
+    section = page[page.index('<section id="results">'):page.index('<section id="failures">')]
+    assert "CNN against each baseline, paired on the same test images" in section
+    for sentence in paired.sentences(result, "logistic regression", "the CNN"):
+        assert sentence.replace("'", "&#39;") in section

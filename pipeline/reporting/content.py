@@ -66,7 +66,7 @@ def finding_rows(ev: dict[str, Any], names: list[str]) -> list[list[Any]]:
     return [[name, found[name]["n"], found[name]["positives"],
              *[f"{fmt(found[name][m])} ({fmt_ci(found[name], m)})" for m in FINDING_METRICS], threshold]
             for name, threshold in zip(names, ev["test"]["threshold"])]
-from pipeline.reporting import effective
+from pipeline.reporting import effective, paired
 from pipeline.reporting.limitations import limitations
 from pipeline.reporting.provenance import git_state, versions
 
@@ -471,6 +471,7 @@ def results_context(root: Path, records: dict[str, Any]) -> dict[str, Any]:
         "comparison_inputs": (f"same volumes, average-pooled in {ev['baseline_voxel_pooling']}³-voxel blocks for the "
                               "baselines" if ev.get("baseline_voxel_pooling") else "same pixels"),
         "skipped": [f"{name} was not fitted: {why}." for name, why in skipped.items()],
+        **paired_context(ev.get("comparisons", {}), records),
         "subgroup_header": ["n", *[f"{METRIC_NAMES.get(k, k)}{c}" for k in subgroup_keys for c in ("", " 95% CI")]],
         "subgroups": {group: [[g, m["n"], *[c for k in subgroup_keys for c in (m[k], fmt_ci(m, k))]]
                               for g, m in rows.items()] for group, rows in ev.get("subgroups", {}).items()},
@@ -493,6 +494,22 @@ def results_context(root: Path, records: dict[str, Any]) -> dict[str, Any]:
                        f"{'; '.join(ev['val'].get('used_for', []))}. Its predictions are in "
                        f"reports/eval/{paths.VAL_PREDICTIONS}, so the temperature and threshold can be recomputed."),
     }
+
+
+def paired_context(comparisons: dict[str, dict[str, Any]], records: dict[str, Any]) -> dict[str, Any]:
+    """The CNN against each baseline, paired on the same test images (evaluate's
+    ``comparisons``: DeLong, McNemar, paired bootstrap differences CNN − baseline)."""
+    if not comparisons:
+        return {"paired": [], "paired_header": [], "paired_text": []}
+    keys = paired.table_metrics(next(iter(comparisons.values())))
+    header = ["baseline", *[f"Δ {metric_name(k, records)}" if k != "net_benefit" else "Δ net benefit" for k in keys],
+              "DeLong p", "McNemar p"]
+    rows = [[name, *[paired.difference_cell(result["differences"][k]) for k in keys],
+             paired.p_value(result.get("delong", {}).get("p_value")), paired.p_value(result["mcnemar"]["p_value"])]
+            for name, result in comparisons.items()]
+    text = [sentence for name, result in comparisons.items()
+            for sentence in paired.sentences(result, name.replace("_", " "), "the CNN")]
+    return {"paired": rows, "paired_header": header, "paired_text": text}
 
 
 def robustness_context(root: Path, robustness: dict[str, Any], records: dict[str, Any]) -> dict[str, Any]:

@@ -375,3 +375,74 @@ def redact_uri(uri: str) -> str:
     query = urllib.parse.urlencode([(k, "***" if k.lower() in _SECRET_QUERY_KEYS else v) for k, v in pairs],
                                    safe="*") if secret_query else parts.query
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def run_of_model(reference: str) -> str | None:
+    """The run that logged a registered model version: ``models:/name/3``, ``name/3``,
+    ``models:/name@alias`` or ``name@alias``; None when ``reference`` is not of that form.
+    A form that names no existing version is one :class:`PipelineError`."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    found = re.fullmatch(r"(?:models:/)?([^/@]+)(?:/(\d+)|@([\w-]+))", reference)
+    if not found or (not reference.startswith("models:/") and found.group(2) is None and found.group(3) is None):
+        return None
+    name, version, alias = found.groups()
+    client = mlflow.tracking.MlflowClient(tracking_uri())
+    try:
+        entry = (client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, alias))
+    except MlflowException as exc:
+        raise PipelineError(f"{reference}: no such registered model version in {redact_uri(tracking_uri())} "
+                            f"({_first_line(exc)})") from None
+    return entry.run_id
+
+
+def run_exists(run_id: str) -> bool:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.tracking.MlflowClient(tracking_uri()).get_run(run_id)
+    except MlflowException:
+        return False
+    return True
+
+
+def download_run_files(run_id: str, names: Iterable[str], destination: Path) -> Path:
+    """Copies of a run's artifacts (``eval/predictions.csv``, …) under ``destination``, same layout."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.tracking.MlflowClient(tracking_uri())
+    for name in names:
+        (destination / name).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            client.download_artifacts(run_id, name, str((destination / name).parent))
+        except (MlflowException, OSError) as exc:
+            raise PipelineError(f"run {run_id} has no artifact {name} ({_first_line(exc)}): it was not logged by "
+                                "this pipeline's track stage") from None
+    return destination
+
+
+def log_comparison(run_ids: Mapping[str, str], name: str, metrics: Mapping[str, float], tags: Mapping[str, str],
+                   files: Iterable[Path]) -> str:
+    """A comparison of two logged runs as its own run (in the first run's experiment), linked both
+    ways: tags ``medcnn.compare.a``/``.b`` name the compared runs, and each of them gets a tag
+    ``medcnn.compared_in.<comparison run id>``. Returns the comparison's run id."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = mlflow.tracking.MlflowClient(tracking_uri())
+    experiment = client.get_run(run_ids["a"]).info.experiment_id
+    run = client.create_run(experiment, run_name=name, tags={
+        **tags, **{f"medcnn.compare.{k}": v for k, v in run_ids.items()}, SOURCE_NAME: "python -m pipeline.compare",
+        SOURCE_TYPE: "LOCAL"})
+    run_id = run.info.run_id
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()])
+    for path in files:
+        client.log_artifact(run_id, str(path))
+    for side, compared in run_ids.items():
+        client.set_tag(compared, f"medcnn.compared_in.{run_id}", f"{name} (as {side.upper()})")
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
