@@ -39,12 +39,13 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 from pipeline import tasks
 from pipeline.core import paths
 from pipeline.core.config import EvaluateParams, Params
-from pipeline.core.dataset import ImageRows, load_meta, load_split, load_training_set
+from pipeline.core.dataset import SPLITS, ImageRows, load_meta, load_split, load_training_set
 from pipeline.core.errors import PipelineError
-from pipeline.core.files import SECONDS_DECIMALS, file_digest, rounded, write_csv, write_json
+from pipeline.core.files import SECONDS_DECIMALS, file_digest, rounded, staged_dir, write_csv, write_json
 from pipeline.core.runtime import configure_torch, stage_main
 from pipeline.evaluation import baselines as classical
-from pipeline.evaluation import calibration, comparison, corruptions, membership
+from pipeline.data import external
+from pipeline.evaluation import calibration, comparison, corruptions, membership, sites
 from pipeline.evaluation.decision_curve import COLUMNS as DECISION_CURVE_COLUMNS
 from pipeline.evaluation.decision_curve import decision_curve
 from pipeline.evaluation.metrics import (
@@ -69,6 +70,7 @@ from pipeline.reporting.plots import (
     plot_confusions,
     plot_decision_curve,
     plot_failures,
+    plot_forest,
     plot_pr,
     plot_robustness,
     plot_roc,
@@ -199,6 +201,89 @@ def robustness(cfg: EvaluateParams, seed: int, package: ModelPackage, images: Im
     return result
 
 
+def decision_stability(cfg: EvaluateParams, seed: int, package: ModelPackage, images: ImageRows,
+                       decisions: np.ndarray) -> dict[str, float]:
+    """The share of (a seeded sample of at most ``evaluate.robustness_images``) decisions that
+    each mild corruption (severity 1) leaves unchanged, and their mean."""
+    if not cfg.corruptions:
+        return {}
+    rng = np.random.default_rng([seed, 47])
+    pick = np.sort(rng.choice(len(decisions), min(len(decisions), cfg.robustness_images), replace=False))
+    clean = np.asarray(images[pick])
+    out = {}
+    for number, name in enumerate(cfg.corruptions):
+        shifted = corruptions.corrupt(clean, name, 1, np.random.default_rng([seed, 53, number]))
+        out[name] = rounded(float(np.mean(package.score(shifted, cfg.batch_size).predictions == decisions[pick])))
+    out["mean"] = rounded(float(np.mean(list(out.values()))))
+    return out
+
+
+def recalibrated(cfg: EvaluateParams, seed: int, task: Task, package: ModelPackage, labels: np.ndarray,
+                 scored: Scores, fraction: float, patients: np.ndarray | None) -> dict[str, Any]:
+    """Temperature and threshold refitted on a seeded, stratified ``fraction`` of a site's images;
+    the rest scored both ways: as frozen (untouched) and recalibrated, side by side."""
+    from sklearn.model_selection import train_test_split
+
+    rows = np.arange(len(labels))
+    fit, rest = train_test_split(rows, train_size=fraction, stratify=labels, random_state=seed)
+    fit, rest = np.sort(fit), np.sort(rest)
+    temperature = task.fit_temperature(cfg.calibrate, labels[fit], scored.uncalibrated[fit])
+    threshold = task.thresholds(cfg.threshold, labels[fit], task.calibrate(scored.uncalibrated[fit], temperature),
+                                cfg.positive_class)
+    groups = None if patients is None else patients[rest]
+    return {"fraction": fraction, "fitted_on": len(fit), "scored_on": len(rest), "temperature": temperature,
+            "threshold": threshold,
+            "untouched": score(labels[rest], scored.probabilities[rest], package.threshold, cfg, seed, groups),
+            "recalibrated": score(labels[rest], task.calibrate(scored.uncalibrated[rest], temperature), threshold, cfg,
+                                  seed, groups)}
+
+
+def external_validation(params: Params, meta: dict[str, Any], task: Task, package: ModelPackage,
+                        test_metrics: dict[str, Any], prepared: Path, out_dir: Path) -> dict[str, Any]:
+    """Each ``evaluate.external`` site (:mod:`pipeline.data.external`) scored by the frozen package:
+    metrics with CIs at the frozen threshold, calibration-in-the-large and slope, prevalence,
+    the share flagged out of distribution, decision stability, an optional recalibration, the count
+    of exact copies of development images; across the internal test split and the sites, the
+    heterogeneity of ROC AUC and a forest plot."""
+    cfg = params.evaluate
+    found: dict[str, Any] = {}
+    development = set().union(*[external.image_digests(load_split(prepared, s)["images"]) for s in SPLITS]) \
+        if cfg.external else set()
+    with staged_dir(out_dir) as staged:
+        for site in cfg.external:
+            with external.prepared_site(params.data, site, params.seed, meta, development) as (split, summary):
+                if summary["in_development"]:
+                    log.warning("external site %s: %d image(s) are exact copies of development images",
+                                site.name, summary["in_development"])
+                labels, patients = np.asarray(split["labels"]), split.get("patients")
+                scored = package.score(split["images"], cfg.batch_size)
+                row = {**summary, "test": score(labels, scored.probabilities, package.threshold, cfg, params.seed,
+                                                patients),
+                       "calibration": sites.transport_calibration(labels, scored.probabilities, cfg.positive_class,
+                                                                  cfg.bootstrap, params.seed, patients),
+                       "out_of_distribution": rounded(float(scored.out_of_distribution.mean())),
+                       "decision_stability": decision_stability(cfg, params.seed, package, split["images"],
+                                                                scored.predictions)}
+                if site.recalibrate:
+                    row["recalibrated"] = recalibrated(cfg, params.seed, task, package, labels, scored,
+                                                       site.recalibrate, patients)
+                write_predictions(staged / f"{site.name}.csv", task, split, scored)
+            found[site.name] = row
+            log.info("external site %s: %d images, ROC AUC %s (%s – %s)", site.name, row["n"], row["test"]["roc_auc"],
+                     row["test"]["roc_auc_ci_low"], row["test"]["roc_auc_ci_high"])
+        forest = [("internal test", test_metrics.get("roc_auc"), test_metrics.get("roc_auc_ci_low"),
+                   test_metrics.get("roc_auc_ci_high"))]
+        forest += [(name, r["test"]["roc_auc"], r["test"]["roc_auc_ci_low"], r["test"]["roc_auc_ci_high"])
+                   for name, r in found.items()]
+        write_csv(staged / paths.SITES_CSV, ["site", "n", "roc_auc", "ci_low", "ci_high"],
+                  [[name, test_metrics["n"] if name == "internal test" else found[name]["n"], *values]
+                   for name, *values in forest])
+        spread = sites.heterogeneity({name: tuple(values) for name, *values in forest})
+        if found:
+            plot_forest(forest, spread["pooled"] if spread else None, "ROC AUC (95% CI)", staged / paths.FOREST_PNG)
+    return {"sites": found, "heterogeneity": {"roc_auc": spread}} if found else {}
+
+
 def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.BALANCED,
         network_path: Path = paths.NETWORK, out_dir: Path = paths.EVAL_DIR,
         package_path: Path = paths.MODEL) -> dict[str, Any]:
@@ -207,6 +292,9 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
     configure_torch(params.train.threads)
     meta = load_meta(prepared)
     task = tasks.for_data(meta.get("task"), meta["class_names"])
+    if params.evaluate.external and task.family != "single":
+        raise PipelineError(f"evaluate.external: external validation covers one class per image; this is a "
+                            f"{meta.get('task')} task (set evaluate.external to [])")
     flow = {"single": evaluate_single, "multioutput": evaluate_multioutput}[task.family]
     return flow(params, task, meta, prepared, balanced, network_path, out_dir, package_path)
 
@@ -270,7 +358,12 @@ def evaluate_single(params: Params, task: Task, meta: dict[str, Any], prepared: 
                           params.seed, None if patients is None else patients[test["groups"] == g])
             for g in np.unique(test["groups"])}}
 
-    # 6. Classical baselines on the same training set, choices on validation the same way.
+    # 6. External sites: prepared like the development data, scored once by the frozen package.
+    transported = external_validation(params, meta, task, package, test_metrics, prepared, out_dir / paths.EXTERNAL)
+    if transported:
+        result["external"] = transported
+
+    # 7. Classical baselines on the same training set, choices on validation the same way.
     timing: dict[str, float] = {}
     baseline_probs = {}
     if cfg.baselines:
@@ -369,6 +462,7 @@ def evaluate_multioutput(params: Params, task: Task, meta: dict[str, Any], prepa
                 task, name, training, val, test["images"], params)
             chosen = task.thresholds(cfg.threshold, y_val, val_probs_b, cfg.positive_class)
             result["baselines"][name] = {**with_ci(y_test, test_probs_b, patients, chosen), "threshold": chosen}
+    external_validation(params, meta, task, package, test_metrics, prepared, out_dir / paths.EXTERNAL)  # no sites: empty
     save_package(package_path, package)
     write_predictions(out_dir / paths.PREDICTIONS, task, test, scored)
     write_predictions(out_dir / paths.VAL_PREDICTIONS, task, val, val_scored)

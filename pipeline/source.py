@@ -13,6 +13,10 @@ name may carry a patient's name. The pseudonym salt (``$MEDCNN_PSEUDONYM_SALT``)
 changes every pseudonym prepare writes, enters as a slow key derivation (PBKDF2, 200,000
 rounds), never as itself.
 
+The external validation sites (``evaluate.external``) are fingerprinted the same way into
+``data/external.json``, on which evaluate alone depends: a changed site reruns evaluate and
+what follows it, never prepare or train.
+
 A MedMNIST dataset's first run downloads the file, so the next ``dvc repro`` finds it new and
 reruns ``prepare`` once more (same bytes, nothing after it reruns).
 """
@@ -77,9 +81,12 @@ def fingerprint(data: DataParams) -> dict[str, Any]:
     return {"source": data.source, "files": count, "stat_sha256": digest.hexdigest()}
 
 
-def run(params: Params, out: Path = paths.SOURCE) -> dict[str, Any]:
+def run(params: Params, out: Path = paths.SOURCE, external_out: Path = paths.EXTERNAL_SOURCE) -> dict[str, Any]:
+    """Write the input's fingerprint to ``out``, and each external validation site's
+    (``evaluate.external``, read by evaluate alone) to ``external_out``."""
     found = fingerprint(params.data)
     write_json(out, found)
+    write_json(external_out, {site.name: fingerprint(site.applied_to(params.data)) for site in params.evaluate.external})
     return found
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from pipeline.core import kernels, paths
-from pipeline.core.config import Params, as_dict, flatten, leaves
+from pipeline.core.config import DataParams, Params, as_dict, flatten, leaves
 from pipeline.core.files import file_digest, read_csv, read_json, write_json
 from pipeline.core.runtime import stage_main
 from pipeline.data.privacy import public_params, redact, resolve_salt
@@ -80,20 +80,34 @@ def collect_history(root: Path) -> list[tuple[int, dict[str, float]]]:
 SPLIT_CONTEXT = {"train": "train", "val": "validation", "test": "test"}
 
 
-def collect_datasets(data: dict[str, Any], root: Path) -> list[DatasetSpec]:
-    """Each prepared split as an MLflow dataset input. Its digest is the sha256 of the split's
-    prepared arrays (the sorted ``file sha256`` lines of prepare's manifest), so two runs show the
-    same digest exactly when they trained, validated or tested on the same bytes."""
-    source = data["input"]
-    name = source.get("name") or (Path(source["path"]).stem if source.get("path") else source["source"])
-    origin = (Path(source["path"]).resolve().as_uri() if source.get("path")
-              else source.get("generator", f"pipeline.data.{source['source']}"))
-    shape = (data["channels"], *data["image_size"])
+def dataset_origin(data: DataParams, root: Path) -> tuple[str, str]:
+    """(name, source) of an input as MLflow shows it: the dataset's name, or its file's, and a
+    file:// URI of the file or folder ``data.path`` names (already a logged param), or the
+    module that reads or generates it."""
+    name = data.name or (Path(data.path).stem if data.path else data.source)
+    return name, ((root / data.path).resolve().as_uri() if data.path else f"pipeline.data.{data.source}")
+
+
+def collect_datasets(params: Params, summary: dict[str, Any], evaluated: dict[str, Any],
+                     root: Path) -> list[DatasetSpec]:
+    """Each prepared split, and each external validation site, as an MLflow dataset input. A
+    split's digest is the sha256 of its prepared arrays (the sorted ``file sha256`` lines of
+    prepare's manifest), a site's the one evaluate recorded of its prepared arrays, so two runs
+    show the same digest exactly when they trained, validated or tested on the same bytes."""
+    name, origin = dataset_origin(params.data, root)
+    shape = (summary["channels"], *summary["image_size"])
     found = []
     for split, context in SPLIT_CONTEXT.items():
-        files = sorted((k, v) for k, v in data["outputs_sha256"].items() if k.startswith(f"{split}/"))
+        files = sorted((k, v) for k, v in summary["outputs_sha256"].items() if k.startswith(f"{split}/"))
         digest = hashlib.sha256("".join(f"{k} {v}\n" for k, v in files).encode()).hexdigest()
-        found.append(DatasetSpec(f"{name}-{split}", digest, origin, context, shape, data["splits"][split]["n"]))
+        found.append(DatasetSpec(f"{name}-{split}", digest, origin, context, shape, summary["splits"][split]["n"]))
+    sites = evaluated.get("external", {}).get("sites", {})
+    for site in params.evaluate.external:
+        if site.name in sites:
+            where = ("pipeline.data.external" if site.source == "phantom"  # the phantom's shifted scanner site
+                     else dataset_origin(site.applied_to(params.data), root)[1])
+            found.append(DatasetSpec(site.name, sites[site.name]["sha256"], where, "external", shape,
+                                     sites[site.name]["n"]))
     return found
 
 
@@ -193,7 +207,7 @@ def run(params: Params, root: Path = Path("."), out: Path = paths.MLFLOW_RUN) ->
         experiment=params.track.experiment, name=name, execution=execution, started=execution_started(),
         description=describe(name, params, root), params=public_params(flatten(as_dict(params))), metrics=metrics,
         step_metrics=collect_history(root), tags=tags, artifacts=artifacts, texts=texts, model=model,
-        datasets=collect_datasets(data, root)))
+        datasets=collect_datasets(params, data, read_json(root / paths.EVAL_DIR / paths.METRICS), root)))
     write_json(root / out, record)
     log.info("logged MLflow run %s (%s) to %s", record["run_id"], name, record["tracking_uri"])
     return record

@@ -145,6 +145,8 @@ def run_train(root: Path, out: str, **overrides: Any) -> dict[str, Any]:
 
 # Class names are data: every one of these must survive metric names, the report and the registry.
 AWKWARD_CLASS_NAMES = ("viral (pneumonia)", "covid+", "正常", "médico 50%/a.b", "<img src=x onerror=alert(1)>")
+# The tiny run's external validation site: the phantom's shifted scanner, part of it recalibrated on.
+SITE_C = {"name": "site_c", "source": "phantom", "recalibrate": 0.3}
 STAGES_TO_REPORT = ("prepare", "balance", "train", "evaluate", "explain", "report")
 
 
@@ -152,7 +154,7 @@ STAGES_TO_REPORT = ("prepare", "balance", "train", "evaluate", "explain", "repor
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Params]:
     """prepare → balance → train → evaluate → explain → report on the tiny phantom, once per session."""
     root = tmp_path_factory.mktemp("tiny_run")
-    params = tiny_params(root)
+    params = tiny_params(root, **{"evaluate.external": [SITE_C]})
     run_stages(root, params, STAGES_TO_REPORT)
     return root, params
 
@@ -162,8 +164,11 @@ def rgb_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Params]:
     """The same stages on a 5-class RGB MedMNIST-format file: multi-class, 3 channels, no masks, no phantom."""
     root = tmp_path_factory.mktemp("rgb_run")
     path = make_npz(root / "rgb5.npz", n=(100, 30, 40), classes=5, size=16, channels=3)
+    site = make_npz(root / "hospital_b.npz", n=(5, 5, 30), classes=5, size=16, channels=3, seed=1)
     params = tiny_params(root, **{"data.source": "npz", "data.path": str(path),
-                                  "data.class_names": list(AWKWARD_CLASS_NAMES)})
+                                  "data.class_names": list(AWKWARD_CLASS_NAMES),
+                                  "evaluate.external": [{"name": "hospital_b", "source": "npz", "path": str(site),
+                                                         "split": "test"}]})
     run_stages(root, params, STAGES_TO_REPORT)
     return root, params
 

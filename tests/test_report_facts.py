@@ -56,8 +56,63 @@ def test_every_rule_is_silent_on_a_clean_run(records):
     clean["explain_metrics"]["warnings"] = []
     for attack in clean["eval"]["privacy_audit"]["attacks"].values():
         attack["roc_auc_ci_low"] = 0.45
+    site = clean["eval"]["external"]["sites"]["site_c"]
+    site["test"].update(roc_auc_ci_low=0.85, roc_auc_ci_high=0.93)
+    site["calibration"].update(citl_ci_low=-0.05, citl_ci_high=0.04)
+    assert limitations(clean) == []
+    del clean["eval"]["external"]  # no site: the one limitation no run without one can escape
     assert limitations(clean) == ["No external test set: all splits come from one source, so performance at other "
-                                  "sites is unknown."]
+                                  "sites is unknown (evaluate.external adds sites)."]
+
+
+def test_external_sentences_follow_the_site_records(tiny_run, tmp_path, records):
+    from pipeline.reporting import external
+
+    internal = changed(records)["eval"]["test"]
+    internal.update(roc_auc=0.95, roc_auc_ci_low=0.92, roc_auc_ci_high=0.97)
+    site = copy.deepcopy(records["eval"]["external"]["sites"]["site_c"])
+    site["test"].update(roc_auc=0.80, roc_auc_ci_low=0.72, roc_auc_ci_high=0.87)
+    site["calibration"].update(citl=0.09, citl_ci_low=0.03, citl_ci_high=0.15, slope=0.6, slope_ci_low=0.4,
+                               slope_ci_high=0.8)
+    said = external.site_sentences("site_c", site, internal, "lesion", 0.2)
+    assert said[0] == (f"site_c: ROC AUC 0.8 (0.72–0.87) on {site['n']} images against 0.95 (0.92–0.97) on the "
+                       "internal test split; lower: the intervals do not overlap.")
+    assert said[1] == f"The share of lesion is {content.fmt(site['prevalence']['lesion'])} at site_c against 0.2 in development."
+    assert said[2] == ("Calibration at site_c: the model under-predicts lesion at site_c (observed minus mean predicted "
+                       "0.09 (0.03–0.15)); the probabilities are too extreme there (calibration slope 0.6 (0.4–0.8), "
+                       "below 1).")
+    site["test"].update(roc_auc_ci_low=0.5, roc_auc_ci_high=0.99)
+    site["calibration"].update(citl_ci_low=-0.01, slope_ci_high=1.3)
+    said = external.site_sentences("site_c", site, internal, "lesion", 0.2)
+    assert said[0].endswith("the intervals overlap, so no difference is shown.")
+    assert "no miscalibration in the large is shown" in said[2] and "(0.4–1.3) is consistent with 1" in said[2]
+    # the limitations name what did not transport, and only that
+    bad = changed(records)
+    bad["eval"]["test"].update(internal)
+    bad["eval"]["external"]["sites"]["site_c"] = {**site, "test": {**site["test"], "roc_auc_ci_high": 0.87},
+                                                  "calibration": {**site["calibration"], "citl_ci_low": 0.03},
+                                                  "in_development": 3}
+    found = [s for s in limitations(bad) if "site_c" in s]
+    assert found == [f"External site site_c is not wholly external: 3 of its {site['n']} images are exact copies of "
+                     "development images.",
+                     "Performance did not transport to site_c: ROC AUC 0.8 (0.5–0.87) there against 0.95 (0.92–0.97) "
+                     "on the internal test split.",
+                     "Miscalibrated at site_c: observed minus mean predicted risk 0.09 (0.03–0.15); recalibrate before "
+                     "using its probabilities there."]
+    spread = {"q": 9.1, "df": 2, "p_value": 0.0106, "i2": 0.78, "pooled": 0.88, "sites": ["a", "b", "c"]}
+    assert external.heterogeneity_sentence(spread, 2) == (
+        "Across the internal test split and 2 external site(s): the ROC AUCs differ between them more than chance "
+        "explains (Cochran's Q 9.1 on 2 degrees of freedom, p 0.0106, I² 78%; inverse-variance pooled ROC AUC 0.88).")
+    assert "no heterogeneity beyond chance is shown" in external.heterogeneity_sentence({**spread, "p_value": 0.3}, 2)
+    # the rendered page: the section, the table's site row, the heterogeneity sentence from the records
+    page, _ = page_of(tiny_run, tmp_path)
+    section = page[page.index("<h3>External validation</h3>"):page.index('<section id="failures">')]
+    assert "<td>site_c</td>" in section and "forest plot of ROC AUC by site" in section
+    assert external.heterogeneity_sentence(records["eval"]["external"]["heterogeneity"]["roc_auc"], 1) \
+        .replace("'", "&#39;") in section
+    assert "Recalibrated on part of each site" in section
+    without, _ = page_of(tiny_run, tmp_path, mutate=lambda r: r["eval"].pop("external"))
+    assert "<h3>External validation</h3>" not in without and "No external test set" in without
 
 
 def test_training_that_never_left_chance_is_a_limitation(records):

@@ -52,13 +52,15 @@ def test_track_logs_one_complete_run(tiny_run, mlflow_store, monkeypatch):
     assert run.data.tags["mlflow.source.name"] == "dvc exp run"  # DVC_EXP_NAME is set above
     assert run.data.tags["mlflow.source.type"] == "LOCAL"
     inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
-    assert sorted(inputs) == ["phantom-test", "phantom-train", "phantom-val"]
+    assert sorted(inputs) == ["phantom-test", "phantom-train", "phantom-val", "site_c"]
     summary = json.loads((root / "reports/data/summary.json").read_text())
     contexts = {name: {t.key: t.value for t in d.tags} for name, d in inputs.items()}
-    assert {c["mlflow.data.context"] for c in contexts.values()} == {"train", "validation", "test"}
+    assert {c["mlflow.data.context"] for c in contexts.values()} == {"train", "validation", "test", "external"}
+    site = json.loads((root / "reports/eval/metrics.json").read_text())["external"]["sites"]["site_c"]
+    assert contexts["site_c"]["sha256"] == site["sha256"] and contexts["site_c"]["mlflow.data.context"] == "external"
     assert contexts["phantom-test"]["images"] == str(summary["splits"]["test"]["n"])
     assert inputs["phantom-test"].dataset.digest == contexts["phantom-test"]["sha256"][:36]
-    assert len({d.dataset.digest for d in inputs.values()}) == 3
+    assert len({d.dataset.digest for d in inputs.values()}) == 4
     assert json.loads(inputs["phantom-train"].dataset.source) == {"tags": {"generator": "pipeline.data.phantom"}}
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"report.html", "params.yaml", "dvc.lock", "eval", "explain", "train"} <= top

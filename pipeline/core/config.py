@@ -247,6 +247,37 @@ class TrainParams:
                f"must be at least train.processes ({self.processes}): each process takes a share of every batch")
 
 
+ExternalSplit = Literal["all", "train", "val", "test"]
+SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,39}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExternalParams:
+    """One external validation set (``evaluate.external``): data from elsewhere, prepared with the
+    development data's preprocessing and scored by the frozen model, never trained or tuned on.
+    Keys left out take these defaults."""
+
+    name: str  # how the report and MLflow name the site
+    source: DataSource  # phantom: the built-in shifted scanner site
+    path: Union[str, None] = None  # npz file, image folder or CSV manifest
+    dataset: Union[MedmnistName, None] = None  # source=medmnist (its data.size)
+    split: ExternalSplit = "all"  # which of the source's own splits to use (npz, medmnist, manifests with a split column)
+    recalibrate: float = 0.0  # fraction of the site's images to refit temperature and threshold on (0 = off)
+
+    def __post_init__(self) -> None:
+        _check(bool(SITE_NAME.fullmatch(self.name)), "evaluate.external[].name",
+               f"{self.name!r} must be 1-40 letters, digits, '_' or '-'")
+        if self.source in ("npz", "folder", "csv"):
+            _check(bool(self.path), f"evaluate.external.{self.name}.path", f"must name the input for source={self.source}")
+        if self.source == "medmnist":
+            _check(self.dataset is not None, f"evaluate.external.{self.name}.dataset", "must name the MedMNIST dataset")
+        _check(0.0 <= self.recalibrate < 1.0, f"evaluate.external.{self.name}.recalibrate", "must lie in [0, 1)")
+
+    def applied_to(self, data: DataParams) -> DataParams:
+        """The development's data params with this site's input: every preprocessing setting kept."""
+        return dataclasses.replace(data, source=self.source, path=self.path, name=self.dataset or data.name)
+
+
 @dataclasses.dataclass(frozen=True)
 class EvaluateParams:
     positive_class: int
@@ -261,9 +292,12 @@ class EvaluateParams:
     corruptions: tuple[Corruption, ...]
     severities: tuple[int, ...]
     robustness_images: int
+    external: tuple[ExternalParams, ...]
 
     def __post_init__(self) -> None:
         _check(self.positive_class >= 0, "evaluate.positive_class", "must be >= 0")
+        names = [site.name for site in self.external]
+        _check(len(set(names)) == len(names), "evaluate.external", f"site names must differ: {names}")
         _check(all(s in (1, 2, 3) for s in self.severities), "evaluate.severities", "must list severities 1, 2 or 3")
         _check(self.robustness_images >= 10, "evaluate.robustness_images", "must be >= 10")
         parse_threshold(self.threshold)
@@ -406,11 +440,11 @@ def build(cls: type, raw: Any, where: str) -> Any:
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise PipelineError(f"unknown key '{_join(where, unknown[0])}' (expected one of: {', '.join(fields)})")
-    missing = [name for name in fields if name not in raw]
+    missing = [name for name, f in fields.items() if name not in raw and f.default is dataclasses.MISSING]
     if missing:
         raise PipelineError(f"missing key '{_join(where, missing[0])}'")
     hints = typing.get_type_hints(cls)
-    values = {name: _coerce(hints[name], raw[name], _join(where, name)) for name in fields}
+    values = {name: _coerce(hints[name], raw[name], _join(where, name)) for name in fields if name in raw}
     return cls(**values)
 
 

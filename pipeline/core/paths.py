@@ -15,6 +15,7 @@ METRICS = "metrics.json"
 TIMING = "timing.json"
 
 SOURCE = Path("data/source.json")  # the source stage's fingerprint of the input
+EXTERNAL_SOURCE = Path("data/external.json")  # ... and of the external validation sets' inputs
 PREPARED = Path("data/prepared")
 BALANCED = Path("data/balanced")
 NETWORK = Path("models/network.pt")  # the trained network (train)
@@ -36,6 +37,9 @@ DECISION_CURVE_CSV, DECISION_CURVE_PNG = "decision_curve.csv", "decision_curve.p
 FAILURES = "failures.json"
 ROC_CSV, PR_CSV, CALIBRATION_CSV = "roc.csv", "pr.csv", "calibration.csv"
 ROBUSTNESS_PNG = "robustness.png"
+EXTERNAL = "external"  # under EVAL_DIR: each site's predictions, sites.csv and the forest plot
+SITES_CSV = "sites.csv"
+FOREST_PNG = "forest.png"
 ROC_PNG, PR_PNG, CONFUSION_PNG, CALIBRATION_PNG, FAILURES_PNG = (
     "roc.png", "pr.png", "confusion.png", "calibration.png", "failures.png")
 

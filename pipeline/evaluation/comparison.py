@@ -26,6 +26,7 @@ import numpy as np
 from pipeline.core.files import rounded
 from pipeline.evaluation.metrics import (
     HEADLINE,
+    Z95,
     _intervals,
     _resamples,
     average_ranks,
@@ -33,10 +34,7 @@ from pipeline.evaluation.metrics import (
     weighted_metrics,
 )
 
-Z95 = 1.959964
 EXACT_BELOW = 25  # discordant images below which McNemar's test is the exact binomial one
-# Metrics where lower is better: a negative difference is an improvement.
-LOWER_IS_BETTER = ("brier", "log_loss")
 
 
 def delong(positive: np.ndarray, score_a: np.ndarray, score_b: np.ndarray) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from pipeline.core.files import rounded
 HEADLINE = ("accuracy", "balanced_accuracy", "roc_auc", "average_precision", "sensitivity", "specificity",
             "ppv", "npv", "f1", "mcc", "g_mean", "brier", "log_loss")
 SUMMARY = ("roc_auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "ppv", "npv", "f1")
+Z95 = 1.959964  # the standard normal's 97.5% quantile: two-sided 95% intervals
 COMPARISON = ("roc_auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1")
 # The summary of the other tasks (evaluate's metrics.json names its task when it is not one class
 # per image); pipeline.tasks computes them.
@@ -122,7 +123,7 @@ def normalised(matrix: list[list[int]]) -> list[list[float | None]]:
     return [[_clean(v) for v in row] for row in _div(cm, np.broadcast_to(rows, cm.shape))]
 
 
-def wilson_half_width(successes: int, n: int, z: float = 1.959964) -> float | None:
+def wilson_half_width(successes: int, n: int, z: float = Z95) -> float | None:
     """Half the width of the 95% Wilson score interval of a proportion: how precisely ``n``
     images can estimate it (sensitivity 0.8 from 120 positives: ±0.071)."""
     if n == 0:

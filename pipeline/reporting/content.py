@@ -66,7 +66,7 @@ def finding_rows(ev: dict[str, Any], names: list[str]) -> list[list[Any]]:
     return [[name, found[name]["n"], found[name]["positives"],
              *[f"{fmt(found[name][m])} ({fmt_ci(found[name], m)})" for m in FINDING_METRICS], threshold]
             for name, threshold in zip(names, ev["test"]["threshold"])]
-from pipeline.reporting import effective, paired
+from pipeline.reporting import effective, external, paired
 from pipeline.reporting.limitations import limitations
 from pipeline.reporting.provenance import git_state, versions
 
@@ -490,6 +490,8 @@ def results_context(root: Path, records: dict[str, Any]) -> dict[str, Any]:
         "confusion": [[n, *row] for n, row in zip(records["data"]["class_names"],
                                                    test.get("confusion_matrix_normalized", []))],
         "robustness": robustness_context(root, ev["robustness"], records),
+        "external": external.context(records, data_uri(root / paths.EVAL_DIR / paths.EXTERNAL / paths.FOREST_PNG)
+                                     if ev.get("external") else None),
         "validation": (f"The validation split ({ev['val']['n']} images) was used for: "
                        f"{'; '.join(ev['val'].get('used_for', []))}. Its predictions are in "
                        f"reports/eval/{paths.VAL_PREDICTIONS}, so the temperature and threshold can be recomputed."),

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pipeline.core.files import fmt
+from pipeline.reporting.external import excludes, gap, with_ci
 
 CI_WIDTH_LIMIT = 0.1  # ROC AUC interval wider than this: too few test images to say much
 ECE_LIMIT = 0.1
@@ -169,14 +170,35 @@ def synthetic_images(records: dict[str, Any]) -> list[str]:
     return [f"SMOTE added {n} synthetic (blended) training images."] if n else []
 
 
+def did_not_transport(records: dict[str, Any]) -> list[str]:
+    """An external site that shares images with the development data, whose ROC AUC interval lies
+    wholly below the internal test split's, or at which calibration-in-the-large excludes 0 (the
+    model's risks are off there on average)."""
+    internal, found = records["eval"]["test"], []
+    for name, site in records["eval"].get("external", {}).get("sites", {}).items():
+        if site.get("in_development"):
+            found.append(f"External site {name} is not wholly external: {site['in_development']} of its {site['n']} "
+                         "images are exact copies of development images.")
+        if gap(site, internal) < 0:
+            found.append(f"Performance did not transport to {name}: ROC AUC {with_ci(site['test'], 'roc_auc')} there "
+                         f"against {with_ci(internal, 'roc_auc')} on the internal test split.")
+        if excludes(site["calibration"], "citl", 0.0):
+            found.append(f"Miscalibrated at {name}: observed minus mean predicted risk "
+                         f"{with_ci(site['calibration'], 'citl')}; recalibrate before using its probabilities there.")
+    return found
+
+
 def single_source(records: dict[str, Any]) -> list[str]:
-    return ["No external test set: all splits come from one source, so performance at other sites is unknown."]
+    if records["eval"].get("external"):
+        return []
+    return ["No external test set: all splits come from one source, so performance at other sites is unknown "
+            "(evaluate.external adds sites)."]
 
 
 RULES: tuple[Rule, ...] = (simulated, did_not_learn, failed_data_checks, weak_pseudonyms, small_test_set, subgroup_gaps,
                            poor_calibration, prevalence_shift, out_of_distribution, fragile,
                            untrustworthy_explanations, membership_leakage, validation_reuse, synthetic_images,
-                           single_source)
+                           did_not_transport, single_source)
 
 
 def limitations(records: dict[str, Any]) -> list[str]:

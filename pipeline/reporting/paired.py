@@ -11,7 +11,6 @@ from pipeline.core.files import fmt
 
 # The differences the tables show, in order (every headline metric is in the records).
 TABLE_METRICS = ("roc_auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "brier", "net_benefit")
-LOWER_IS_BETTER = ("brier", "log_loss")
 
 
 def p_value(p: float | None) -> str:

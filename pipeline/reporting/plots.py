@@ -314,5 +314,24 @@ def plot_robustness(robustness: dict, path: str | Path) -> None:
     ax.set_xlabel("severity (0 = clean)")
     ax.set_ylabel("test ROC AUC")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    if robustness["corruptions"]:
+        ax.legend(fontsize=7, ncol=2)
+    save_figure(fig, path)
+
+
+def plot_forest(rows: Sequence[tuple[str, float | None, float | None, float | None]], pooled: float | None,
+                label: str, path: str | Path) -> None:
+    """A forest plot: one estimate with its 95% CI per site (top to bottom), the pooled estimate dashed."""
+    fig, ax = new_figure(figsize=(5.2, 0.5 + 0.45 * max(len(rows), 1)))
+    for y, (name, value, low, high) in enumerate(reversed(rows)):
+        if value is None:
+            continue
+        if low is not None and high is not None:
+            ax.plot([low, high], [y, y], color="k", lw=1)
+        ax.plot([value], [y], "s", color="tab:blue", ms=5)
+    ax.set_yticks(range(len(rows)), [r[0] for r in reversed(rows)], fontsize=8)
+    if pooled is not None:
+        ax.axvline(pooled, color="grey", ls="--", lw=0.8)
+    ax.set_xlabel(label)
+    ax.grid(axis="x", alpha=0.3)
     save_figure(fig, path)
