@@ -165,3 +165,22 @@ def test_copies_of_development_images_at_a_site_are_counted(rgb_run, tmp_path):
     development = external.image_digests(prepared["images"])
     with external.prepared_site(params.data, site, 0, load_meta(root / "data/prepared"), development) as (_, summary):
         assert summary["in_development"] == summary["n"] == len(prepared["labels"])
+
+
+def test_a_folder_site_is_read_whole_with_its_class_folders(rgb_run, tmp_path):
+    from PIL import Image
+
+    root, params = rgb_run
+    meta = load_meta(root / "data/prepared")
+    names = [meta["class_names"][1], meta["class_names"][2]]  # a site need not hold every class
+    for number, name in enumerate(names):
+        (tmp_path / "site" / name).mkdir(parents=True)
+        for i in range(3):
+            pixels = np.random.default_rng([number, i]).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "site" / name / f"scan{i}.png")
+    site = ExternalParams(name="folder_b", source="folder", path=str(tmp_path / "site"))
+    with external.prepared_site(params.data, site, 0, meta) as (split, summary):
+        assert summary["n"] == 6 and summary["input"]["source"] == "folder" and summary["in_development"] == 0
+        # labels are the development data's classes, not positions among the site's folders
+        assert sorted(np.asarray(split["labels"]).tolist()) == [1, 1, 1, 2, 2, 2]
+        assert summary["class_counts"] == {name: (3 if name in names else 0) for name in meta["class_names"]}

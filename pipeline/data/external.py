@@ -33,7 +33,7 @@ from pipeline.data import phantom
 from pipeline.data.labels import counts as label_counts
 from pipeline.data.medmnist import fetch_medmnist
 from pipeline.data.npz import read_npz
-from pipeline.data.sources import Source, from_arrays, load_source
+from pipeline.data.sources import Source, from_arrays, load_files
 from pipeline.data.writing import write_splits  # the development data's own path through preprocessing and checks
 
 SITE_SPLIT = "test"  # a prepared site is one split of this name
@@ -52,8 +52,9 @@ def shifted_phantom(data: DataParams) -> DataParams:
     return dataclasses.replace(data, phantom=shifted)
 
 
-def load_site(data: DataParams, site: ExternalParams, seed: int) -> Source:
-    """The site's images as one split (``SITE_SPLIT``) of items, as prepare reads a source."""
+def load_site(data: DataParams, site: ExternalParams, seed: int, class_names: tuple[str, ...]) -> Source:
+    """The site's images as one split (``SITE_SPLIT``) of items, as prepare reads a source, their
+    labels positions in the development data's ``class_names``."""
     if site.source == "phantom":
         if data.source != "phantom":
             raise PipelineError(f"source phantom is the phantom's own external site, but the development data are "
@@ -62,8 +63,7 @@ def load_site(data: DataParams, site: ExternalParams, seed: int) -> Source:
         arrays = phantom.generate_split(shifted.phantom, seed + SEED_OFFSET, "test")
         arrays["ids"] = np.array([f"{site.name}-{i:05d}" for i in range(len(arrays["labels"]))])
         del arrays["groups"]  # one site: its own name is the group
-        return Source(from_arrays({SITE_SPLIT: arrays}, f"phantom site {site.name}"), list(data.class_names) or
-                      phantom.class_names(shifted.phantom),
+        return Source(from_arrays({SITE_SPLIT: arrays}, f"phantom site {site.name}"), list(class_names),
                       {"source": "phantom", "generator": "pipeline.data.phantom", "seed": seed + SEED_OFFSET,
                        "shift": SHIFT}, "generated")
     chosen = SPLITS if site.split == "all" else (site.split,)
@@ -72,12 +72,12 @@ def load_site(data: DataParams, site: ExternalParams, seed: int) -> Source:
         path = Path(site.path) if site.source == "npz" else fetch_medmnist(site.dataset, data.size, Path(data.raw_dir))
         arrays = read_npz(path)
         merged = {key: np.concatenate([arrays[s][key] for s in chosen]) for key in ("images", "labels", "ids")}
-        return Source(from_arrays({SITE_SPLIT: merged}, path.name), list(data.class_names),
+        return Source(from_arrays({SITE_SPLIT: merged}, path.name), list(class_names),
                       {"source": site.source, "path": path.name, "sha256": file_digest(path),
                        "bytes": path.stat().st_size}, f"split(s) {', '.join(chosen)} of the input file",
                       identifiers={"images": "split and position in the input file (<split>-<index>)",
                                    "patients": None, "salt": None})
-    source = load_source(site.applied_to(data), seed)
+    source = load_files(dataclasses.replace(site.applied_to(data), class_names=class_names), seed, site=True)
     items = [item for split in chosen for item in source.splits.get(split, [])]
     return dataclasses.replace(source, splits={SITE_SPLIT: items})
 
@@ -96,7 +96,7 @@ def prepared_site(data: DataParams, site: ExternalParams, seed: int, meta: dict[
     where = f"evaluate.external '{site.name}' ({site.path or site.dataset or site.source})"
     with tempfile.TemporaryDirectory(prefix=f"medcnn-external-{site.name}-") as tmp:
         try:  # the readers' and prepare's own errors, prefixed with the site
-            source = load_site(data, site, seed)
+            source = load_site(data, site, seed, tuple(meta["class_names"]))
             if not source.splits[SITE_SPLIT]:
                 raise PipelineError(f"no images (split {site.split})")
             found = write_splits(source, site.applied_to(data) if site.source != "phantom" else data, Path(tmp))

@@ -46,19 +46,23 @@ def fail(source: str | Path, problem: str, items: list[str]) -> None:
         raise PipelineError(f"{source}: {problem}: {len(items)} file(s): {shown}")
 
 
-def scan_folder(root: Path, class_names: tuple[str, ...], on_error: str,
-                series: bool = False) -> tuple[list[Record], list[str], list[str]]:
-    """Records, class names, and the files skipped because their type is not supported."""
+def scan_folder(root: Path, class_names: tuple[str, ...], on_error: str, series: bool = False,
+                subset: bool = False) -> tuple[list[Record], list[str], list[str]]:
+    """Records, class names, and the files skipped because their type is not supported.
+    ``subset``: the folders may be some of ``class_names`` (an external site need not hold every
+    class); labels are always positions in ``class_names``."""
     if not root.is_dir():
         raise PipelineError(f"{root}: image folder not found")
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     names = list(class_names) or folders
-    if sorted(names) != folders:
+    if (not set(folders) <= set(names) or not folders) if subset else sorted(names) != folders:
         raise PipelineError(f"{root}: class folders {folders} do not match data.class_names {list(class_names)}")
     if len(names) < 2:
         raise PipelineError(f"{root}: found {len(names)} class folder(s) {names}; at least 2 are needed")
     records, unsupported, empty = [], [], []
     for label, name in enumerate(names):
+        if name not in folders:
+            continue
         files = sorted(p for p in (root / name).rglob("*")
                        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
         if series:  # each folder of .dcm files is one item

@@ -108,12 +108,14 @@ def load_medmnist(data: DataParams, seed: int) -> Source:
     return load_npz(data, seed, fetch_medmnist(data.name, data.size, Path(data.raw_dir)))
 
 
-def load_files(data: DataParams, seed: int) -> Source:
-    """An image folder or CSV manifest: records → pseudonyms → splits → lazily decoded items."""
+def load_files(data: DataParams, seed: int, site: bool = False) -> Source:
+    """An image folder or CSV manifest: records → pseudonyms → splits → lazily decoded items.
+    ``site`` (an external validation site): class folders may be some of ``data.class_names``, and
+    without a complete split column every image lies in the test split, none split off."""
     root = Path(data.path)
     salt = resolve_salt(data.pseudonym_salt)
     if data.source == "folder":
-        records, names, unsupported = scan_folder(root, data.class_names, data.on_error, data.dicom.series)
+        records, names, unsupported = scan_folder(root, data.class_names, data.on_error, data.dicom.series, site)
         base = root
     else:
         records, names = read_manifest(root, data.class_names, data.group_column, data.dicom.series)
@@ -128,6 +130,8 @@ def load_files(data: DataParams, seed: int) -> Source:
     labels = np.array([r.label for r in records])
     if all(r.split for r in records):
         assigned, method = np.array([r.split for r in records]), "the train/val/test splits given in the manifest"
+    elif site:
+        assigned, method = np.full(len(records), "test"), "every image (an external site)"
     else:
         groups = np.array([p or i for p, i in zip(patients, ids)])
         assigned = patient_split.assign(strata(labels), groups, data.split.val, data.split.test, seed)
