@@ -30,6 +30,7 @@ Writes ``models/model.pt`` and ``reports/eval/``:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,9 @@ from pipeline.core.dataset import SPLITS, ImageRows, load_meta, load_split, load
 from pipeline.core.errors import PipelineError
 from pipeline.core.files import SECONDS_DECIMALS, file_digest, rounded, staged_dir, write_csv, write_json
 from pipeline.core.runtime import configure_torch, stage_main
-from pipeline.evaluation import baselines as classical
 from pipeline.data import external
+from pipeline.data.labels import strata
+from pipeline.evaluation import baselines as classical
 from pipeline.evaluation import calibration, comparison, corruptions, membership, sites
 from pipeline.evaluation.decision_curve import COLUMNS as DECISION_CURVE_COLUMNS
 from pipeline.evaluation.decision_curve import decision_curve
@@ -63,7 +65,6 @@ from pipeline.modeling import dp_sgd
 from pipeline.modeling.checkpoints import load_checkpoint
 from pipeline.modeling.networks import predict_proba
 from pipeline.modeling.package import ModelPackage, Scores, intensity_reference, save_package
-from pipeline.tasks import Task
 from pipeline.reporting.plots import (
     plot_calibration,
     plot_confusion,
@@ -75,6 +76,7 @@ from pipeline.reporting.plots import (
     plot_robustness,
     plot_roc,
 )
+from pipeline.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,24 @@ def score(labels: np.ndarray, probs: np.ndarray, threshold: float | None, cfg: E
     for key in HEADLINE:
         low, high = intervals.get(key, (None, None))
         out.update({key: point[key], f"{key}_ci_low": low, f"{key}_ci_high": high})
+    return out
+
+
+def task_score(task: Task, labels: np.ndarray, probs: np.ndarray, threshold: Any, cfg: EvaluateParams, seed: int,
+               groups: np.ndarray | None = None) -> dict[str, Any]:
+    """A multi-output task's metrics at ``threshold`` with bootstrap bounds, as :func:`score` gives
+    the single-label ones; (finding, metric) keys go under ``findings.<finding>``: one MLflow and
+    DVC name each."""
+    point = task.metrics(labels, probs, threshold)
+    intervals = bootstrap_ci(labels, probs, lambda y, p: task.metrics(y, p, threshold), cfg.bootstrap, seed, groups)
+    out: dict[str, Any] = {"n": len(labels)}
+    for key, value in point.items():
+        where, name = (out.setdefault("findings", {}).setdefault(key[0], {}), key[1]) if isinstance(key, tuple) \
+            else (out, key)
+        low, high = intervals.get(key, (None, None))
+        where[name] = rounded(value) if isinstance(value, float) else value
+        if name not in ("n", "positives"):
+            where.update({f"{name}_ci_low": low, f"{name}_ci_high": high})
     return out
 
 
@@ -219,13 +239,14 @@ def decision_stability(cfg: EvaluateParams, seed: int, package: ModelPackage, im
 
 
 def recalibrated(cfg: EvaluateParams, seed: int, task: Task, package: ModelPackage, labels: np.ndarray,
-                 scored: Scores, fraction: float, patients: np.ndarray | None) -> dict[str, Any]:
+                 scored: Scores, fraction: float, patients: np.ndarray | None,
+                 scorer: Callable[..., dict[str, Any]]) -> dict[str, Any]:
     """Temperature and threshold refitted on a seeded, stratified ``fraction`` of a site's images;
     the rest scored both ways: as frozen (untouched) and recalibrated, side by side."""
     from sklearn.model_selection import train_test_split
 
     rows = np.arange(len(labels))
-    fit, rest = train_test_split(rows, train_size=fraction, stratify=labels, random_state=seed)
+    fit, rest = train_test_split(rows, train_size=fraction, stratify=strata(labels), random_state=seed)
     fit, rest = np.sort(fit), np.sort(rest)
     temperature = task.fit_temperature(cfg.calibrate, labels[fit], scored.uncalibrated[fit])
     threshold = task.thresholds(cfg.threshold, labels[fit], task.calibrate(scored.uncalibrated[fit], temperature),
@@ -233,9 +254,9 @@ def recalibrated(cfg: EvaluateParams, seed: int, task: Task, package: ModelPacka
     groups = None if patients is None else patients[rest]
     return {"fraction": fraction, "fitted_on": len(fit), "scored_on": len(rest), "temperature": temperature,
             "threshold": threshold,
-            "untouched": score(labels[rest], scored.probabilities[rest], package.threshold, cfg, seed, groups),
-            "recalibrated": score(labels[rest], task.calibrate(scored.uncalibrated[rest], temperature), threshold, cfg,
-                                  seed, groups)}
+            "untouched": scorer(labels[rest], scored.probabilities[rest], package.threshold, groups),
+            "recalibrated": scorer(labels[rest], task.calibrate(scored.uncalibrated[rest], temperature), threshold,
+                                   groups)}
 
 
 def external_validation(params: Params, meta: dict[str, Any], task: Task, package: ModelPackage,
@@ -246,6 +267,12 @@ def external_validation(params: Params, meta: dict[str, Any], task: Task, packag
     of exact copies of development images; across the internal test split and the sites, the
     heterogeneity of ROC AUC and a forest plot."""
     cfg = params.evaluate
+
+    def scorer(labels: np.ndarray, probs: np.ndarray, threshold: Any, groups: np.ndarray | None) -> dict[str, Any]:
+        if task.family == "single":
+            return score(labels, probs, threshold, cfg, params.seed, groups)
+        return task_score(task, labels, probs, threshold, cfg, params.seed, groups)
+
     found: dict[str, Any] = {}
     development = set().union(*[external.image_digests(load_split(prepared, s)["images"]) for s in SPLITS]) \
         if cfg.external else set()
@@ -257,16 +284,20 @@ def external_validation(params: Params, meta: dict[str, Any], task: Task, packag
                                 site.name, summary["in_development"])
                 labels, patients = np.asarray(split["labels"]), split.get("patients")
                 scored = package.score(split["images"], cfg.batch_size)
-                row = {**summary, "test": score(labels, scored.probabilities, package.threshold, cfg, params.seed,
-                                                patients),
-                       "calibration": sites.transport_calibration(labels, scored.probabilities, cfg.positive_class,
-                                                                  cfg.bootstrap, params.seed, patients),
+                pairs = task.calibration_pairs(labels, scored.probabilities, cfg.positive_class)
+                row = {**summary, "test": scorer(labels, scored.probabilities, package.threshold, patients),
+                       # multi-label: over the assessed (image, finding) pairs, resampled as pairs
+                       "calibration": sites.transport_calibration(
+                           *pairs, cfg.bootstrap, params.seed, patients if len(pairs[0]) == len(labels) else None),
                        "out_of_distribution": rounded(float(scored.out_of_distribution.mean())),
                        "decision_stability": decision_stability(cfg, params.seed, package, split["images"],
                                                                 scored.predictions)}
+                if task.name == "multilabel":  # how many each finding's frozen threshold flags, against presence
+                    row["flagged"] = {name: rounded(float(scored.predictions[labels[:, c] >= 0, c].mean()))
+                                      for c, name in enumerate(task.names)}
                 if site.recalibrate:
                     row["recalibrated"] = recalibrated(cfg, params.seed, task, package, labels, scored,
-                                                       site.recalibrate, patients)
+                                                       site.recalibrate, patients, scorer)
                 write_predictions(staged / f"{site.name}.csv", task, split, scored)
             found[site.name] = row
             log.info("external site %s: %d images, ROC AUC %s (%s – %s)", site.name, row["n"], row["test"]["roc_auc"],
@@ -292,9 +323,6 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
     configure_torch(params.train.threads)
     meta = load_meta(prepared)
     task = tasks.for_data(meta.get("task"), meta["class_names"])
-    if params.evaluate.external and task.family != "single":
-        raise PipelineError(f"evaluate.external: external validation covers one class per image; this is a "
-                            f"{meta.get('task')} task (set evaluate.external to [])")
     flow = {"single": evaluate_single, "multioutput": evaluate_multioutput}[task.family]
     return flow(params, task, meta, prepared, balanced, network_path, out_dir, package_path)
 
@@ -412,19 +440,7 @@ def evaluate_multioutput(params: Params, task: Task, meta: dict[str, Any], prepa
 
     def with_ci(labels: np.ndarray, probs: np.ndarray, groups: np.ndarray | None,
                 threshold: Any = package.threshold) -> dict[str, Any]:
-        point = task.metrics(labels, probs, threshold)
-        intervals = bootstrap_ci(labels, probs, lambda y, p: task.metrics(y, p, threshold), cfg.bootstrap,
-                                 params.seed, groups)
-        out: dict[str, Any] = {"n": len(labels)}
-        for key, value in point.items():
-            # (finding, metric) keys go under test.findings.<finding>: one MLflow and DVC name each
-            where, name = (out.setdefault("findings", {}).setdefault(key[0], {}), key[1]) if isinstance(key, tuple) \
-                else (out, key)
-            low, high = intervals.get(key, (None, None))
-            where[name] = rounded(value) if isinstance(value, float) else value
-            if name not in ("n", "positives"):
-                where.update({f"{name}_ci_low": low, f"{name}_ci_high": high})
-        return out
+        return task_score(task, labels, probs, threshold, cfg, params.seed, groups)
 
     test_metrics = {**with_ci(y_test, scored.probabilities, patients), "threshold": package.threshold,
                     "threshold_rule": package.threshold_rule, "temperature": package.temperature}
@@ -462,7 +478,9 @@ def evaluate_multioutput(params: Params, task: Task, meta: dict[str, Any], prepa
                 task, name, training, val, test["images"], params)
             chosen = task.thresholds(cfg.threshold, y_val, val_probs_b, cfg.positive_class)
             result["baselines"][name] = {**with_ci(y_test, test_probs_b, patients, chosen), "threshold": chosen}
-    external_validation(params, meta, task, package, test_metrics, prepared, out_dir / paths.EXTERNAL)  # no sites: empty
+    transported = external_validation(params, meta, task, package, test_metrics, prepared, out_dir / paths.EXTERNAL)
+    if transported:
+        result["external"] = transported
     save_package(package_path, package)
     write_predictions(out_dir / paths.PREDICTIONS, task, test, scored)
     write_predictions(out_dir / paths.VAL_PREDICTIONS, task, val, val_scored)

@@ -36,8 +36,17 @@ from pipeline.core.files import file_digest, read_csv, read_json, write_json
 from pipeline.core.runtime import stage_main
 from pipeline.data.privacy import public_params, redact, resolve_salt
 from pipeline.evaluation.metrics import summary_keys
-from pipeline.reporting.mlflow_adapter import (EXECUTION_TAG, SOURCE_COMMIT, SOURCE_NAME, SOURCE_TYPE, DatasetSpec,
-                                               ModelSpec, RunRecord, log_run, metric_key)
+from pipeline.reporting.mlflow_adapter import (
+    EXECUTION_TAG,
+    SOURCE_COMMIT,
+    SOURCE_NAME,
+    SOURCE_TYPE,
+    DatasetSpec,
+    ModelSpec,
+    RunRecord,
+    log_run,
+    metric_key,
+)
 from pipeline.reporting.provenance import dvc_experiment, execution_started, git_state, versions
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from pipeline import evaluate
 from pipeline.core.config import ExternalParams
 from pipeline.core.dataset import load_meta, load_split
 from pipeline.core.errors import PipelineError
@@ -128,14 +127,14 @@ def test_a_site_the_model_cannot_take_is_refused_by_name(rgb_run, tmp_path):
             pass
 
 
-def test_a_multilabel_run_refuses_external_sites_by_name(tmp_path):
-    prepared = tmp_path / "prepared"
-    prepared.mkdir()
-    (prepared / "meta.json").write_text(json.dumps({"task": "multilabel", "class_names": ["a", "b"]}))
-    params = tiny_params(tmp_path, **{"evaluate.external": [{"name": "b", "source": "phantom"}]})
-    with pytest.raises(PipelineError, match="evaluate.external: .*multilabel task"):
-        evaluate.run(params, prepared=prepared, out_dir=tmp_path / "eval", package_path=tmp_path / "model")
-    assert not (tmp_path / "eval").exists() and not (tmp_path / "model").exists()
+def test_a_site_without_the_findings_of_a_multilabel_model_is_refused_by_name(rgb_run, tmp_path):
+    root, params = rgb_run
+    meta = {**load_meta(root / "data/prepared"), "task": "multilabel"}  # five findings, one column each
+    site = make_npz(tmp_path / "one_label.npz", n=(2, 2, 10), classes=5, size=16, channels=3)
+    with pytest.raises(PipelineError, match=r"evaluate.external 'b' .*one_label.npz.*one column per finding"):
+        with external.prepared_site(params.data, ExternalParams(name="b", source="npz", path=str(site),
+                                                                split="test"), 0, meta):
+            pass
 
 
 @pytest.mark.parametrize(("entry", "message"), [

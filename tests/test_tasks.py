@@ -18,7 +18,7 @@ from pipeline.modeling.package import load_package
 from pipeline.modeling.recipe import CornLoss
 from pipeline.tasks.multilabel import MaskedBCE
 from pipeline.tasks.ordinal import median_grade, quadratic_kappa
-from tests.conftest import make_npz, run_stages, tiny_params, write_params
+from tests.conftest import SITE_C, make_npz, run_stages, tiny_params, write_params
 
 FINDINGS = ["a", "b", "c"]
 
@@ -148,13 +148,25 @@ def test_phantom_findings_have_their_own_masks_and_grades_grow_with_the_lesion(p
 def test_both_tasks_run_through_the_stages_and_predict_scores_as_evaluate(tmp_path, task, mlflow_store):
     extra = {"train.loss": "corn"} if task == "ordinal" else {}
     params = tiny_params(tmp_path, **{"data.phantom.task": task, "evaluate.baselines": ["logistic_regression"],
-                                      **extra})
+                                      "evaluate.external": [SITE_C], **extra})
     run_stages(tmp_path, params, ("prepare", "balance", "train", "evaluate", "explain", "report"))
     metrics = json.loads((tmp_path / "reports/eval/metrics.json").read_text())
     assert metrics["task"] == task and metrics["test"]["n"] == 80
     headline = "kappa" if task == "ordinal" else "roc_auc"
     low, high = metrics["test"][f"{headline}_ci_low"], metrics["test"][f"{headline}_ci_high"]
     assert low is not None and low <= metrics["test"][headline] <= high
+    # the external site: the task's own metrics with CIs, at the frozen thresholds, its calibration
+    site = metrics["external"]["sites"]["site_c"]
+    assert site["test"]["n"] == site["n"] == 80 and site["test"][headline] is not None
+    assert site["recalibrated"]["untouched"]["n"] == site["recalibrated"]["scored_on"]
+    assert site["calibration"]["citl_ci_low"] <= site["calibration"]["citl"] <= site["calibration"]["citl_ci_high"]
+    if task == "multilabel":  # each finding: assessed share present, and the share its frozen threshold flags
+        rows = [r.split(",") for r in (tmp_path / "reports/eval/external/site_c.csv").read_text().splitlines()]
+        flagged = [sum("nodule" in r[rows[0].index("prediction")].split("|") for r in rows[1:]) / 80]
+        assert site["flagged"]["nodule"] == pytest.approx(flagged[0], abs=1e-6)
+        assert set(site["test"]["findings"]) == set(phantom.FINDINGS)
+    page = (tmp_path / "reports/report.html").read_text()
+    assert "<h3>External validation</h3>" in page and "<td>site_c</td>" in page
     package = load_package(tmp_path / "models/model.pt")
     assert package.task == task
     images = np.load(tmp_path / "data/prepared/test/images.npy")[:5]

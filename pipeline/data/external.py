@@ -30,7 +30,9 @@ from pipeline.core.dataset import SPLITS, load_split
 from pipeline.core.errors import PipelineError
 from pipeline.core.files import digest_tree, file_digest, rounded
 from pipeline.data import phantom
+from pipeline.data.labels import UNKNOWN
 from pipeline.data.labels import counts as label_counts
+from pipeline.data.labels import unknown as label_unknown
 from pipeline.data.medmnist import fetch_medmnist
 from pipeline.data.npz import read_npz
 from pipeline.data.sources import Source, from_arrays, load_files
@@ -110,13 +112,18 @@ def prepared_site(data: DataParams, site: ExternalParams, seed: int, meta: dict[
                                 "and data.channels so that both sources give the same)")
         names = meta["class_names"]
         labels = np.asarray(split["labels"])
-        if labels.ndim != 1 or labels.min() < 0 or labels.max() >= len(names):
+        if meta.get("task") == "multilabel":
+            if labels.ndim != 2 or labels.shape[1] != len(names) or not np.isin(labels, (UNKNOWN, 0, 1)).all():
+                raise PipelineError(f"{where}: labels must be one column per finding of the development data "
+                                    f"({', '.join(names)}), each 1, 0 or unknown")
+        elif labels.ndim != 1 or labels.min() < 0 or labels.max() >= len(names):
             raise PipelineError(f"{where}: labels must be classes 0..{len(names) - 1} ({', '.join(names)}) of the "
                                 "development data")
         digests = digest_tree(Path(tmp))
-        counts = label_counts(labels, names)
+        counts, unknown = label_counts(labels, names), label_unknown(labels, names) or {}
         summary = {"input": source.provenance, "n": len(labels), "class_counts": counts,
-                   "prevalence": {c: rounded(k / len(labels)) for c, k in counts.items()},
+                   # multi-label: of the images where the finding was assessed, as prepare counts them
+                   "prevalence": {c: rounded(k / max(len(labels) - unknown.get(c, 0), 1)) for c, k in counts.items()},
                    "patients": found["stats"][SITE_SPLIT]["patients"], "excluded": len(found["unreadable"]),
                    "duplicates": len(found["duplicates"]),
                    "in_development": sum(d in development for d in image_digests(split["images"])),

@@ -58,6 +58,11 @@ def metric_name(key: str, records: dict[str, Any]) -> str:
     return words(records).get(key) or METRIC_NAMES.get(key, key)
 
 
+def readable_metric(key: str, records: dict[str, Any]) -> str:
+    """A metric's name in a table header: the task's word, else words for its key (ROC AUC)."""
+    return words(records).get(key) or METRIC_NAMES.get(key) or {"roc_auc": "ROC AUC"}.get(key, key.replace("_", " "))
+
+
 def finding_rows(ev: dict[str, Any], names: list[str]) -> list[list[Any]]:
     """Multi-label: [finding, assessed, present, each metric with its CI, threshold] per finding."""
     if ev.get("task") != "multilabel":
@@ -491,7 +496,7 @@ def results_context(root: Path, records: dict[str, Any]) -> dict[str, Any]:
                                                    test.get("confusion_matrix_normalized", []))],
         "robustness": robustness_context(root, ev["robustness"], records),
         "external": external.context(records, data_uri(root / paths.EVAL_DIR / paths.EXTERNAL / paths.FOREST_PNG)
-                                     if ev.get("external") else None),
+                                     if ev.get("external") else None, lambda key: readable_metric(key, records)),
         "validation": (f"The validation split ({ev['val']['n']} images) was used for: "
                        f"{'; '.join(ev['val'].get('used_for', []))}. Its predictions are in "
                        f"reports/eval/{paths.VAL_PREDICTIONS}, so the temperature and threshold can be recomputed."),
