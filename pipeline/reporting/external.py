@@ -46,12 +46,13 @@ def excludes(row: dict[str, Any], key: str, value: float) -> int:
 
 
 def site_sentences(name: str, site: dict[str, Any], internal: dict[str, Any], outcome: str,
-                   development: float | None) -> list[str]:
-    """ROC AUC against the internal test split's, the outcome's share against development's
-    (``development``: None where one share does not sum a task up, as for findings), calibration."""
+                   development: float | None, auc_name: str = "ROC AUC") -> list[str]:
+    """ROC AUC (``auc_name``: the task's word for it) against the internal test split's, the
+    outcome's share against development's (``development``: None where one share does not sum a
+    task up, as for findings), calibration."""
     test, calib = site["test"], site["calibration"]
-    auc = (f"{name}: ROC AUC {with_ci(test, 'roc_auc')} on {site['n']} images against {with_ci(internal, 'roc_auc')} "
-           f"on the internal test split")
+    auc = (f"{name}: {auc_name} {with_ci(test, 'roc_auc')} on {site['n']} images against "
+           f"{with_ci(internal, 'roc_auc')} on the internal test split")
     auc += {-1: "; lower: the intervals do not overlap.", 1: "; higher: the intervals do not overlap.",
             0: "; the intervals overlap, so no difference is shown."}[gap(site, internal)]
     found = [auc]
@@ -69,13 +70,13 @@ def site_sentences(name: str, site: dict[str, Any], internal: dict[str, Any], ou
     return [*found, f"Calibration at {name}: {large}; {slope}."]
 
 
-def heterogeneity_sentence(spread: dict[str, Any] | None, sites: int) -> str:
+def heterogeneity_sentence(spread: dict[str, Any] | None, sites: int, auc_name: str = "ROC AUC") -> str:
     if spread is None:
-        return ("No heterogeneity measure: fewer than two estimates (the internal test split and the sites) have a "
-                "ROC AUC interval.")
+        return (f"No heterogeneity measure: fewer than two estimates (the internal test split and the sites) have a "
+                f"{auc_name} interval.")
     numbers = (f"Cochran's Q {fmt(spread['q'])} on {spread['df']} degrees of freedom, p {fmt(spread['p_value'])}, "
-               f"I² {fmt(round(100 * spread['i2'], 1))}%; inverse-variance pooled ROC AUC {fmt(spread['pooled'])}")
-    verdict = ("the ROC AUCs differ between them more than chance explains" if spread["p_value"] < 0.05 else
+               f"I² {fmt(round(100 * spread['i2'], 1))}%; inverse-variance pooled {auc_name} {fmt(spread['pooled'])}")
+    verdict = (f"the {auc_name}s differ between them more than chance explains" if spread["p_value"] < 0.05 else
                f"no heterogeneity beyond chance is shown (a test of {spread['df'] + 1} estimates has little power)")
     return f"Across the internal test split and {sites} external site(s): {verdict} ({numbers})."
 
@@ -119,8 +120,8 @@ def context(records: dict[str, Any], figure: str | None, named: Callable[[str], 
         "findings_header": ["site", "finding", "present (share of assessed)", "present in development",
                             "flagged by its frozen threshold", "sensitivity (95% CI)", "specificity (95% CI)"],
         "sentences": [line for name, s in sites.items() for line in site_sentences(
-            name, s, internal, outcome, development_prevalence(data, outcome) if share else None)],
-        "heterogeneity": heterogeneity_sentence(found["heterogeneity"]["roc_auc"], len(sites)),
+            name, s, internal, outcome, development_prevalence(data, outcome) if share else None, named("roc_auc"))],
+        "heterogeneity": heterogeneity_sentence(found["heterogeneity"]["roc_auc"], len(sites), named("roc_auc")),
         "figure": figure,
         "recalibrated": recalibrated,
         "recalibrated_header": ["site", "fitted on", "scored on", "temperature", "threshold",
