@@ -4,7 +4,7 @@ Runs prepare → balance → train → evaluate in temporary folders with the pr
 params and prints two Markdown tables:
 
 1. the default phantom model on its internal test split and on the built-in external site
-   (``evaluate.external: [{name: site_c, source: phantom, recalibrate: 0.3}]``): ROC AUC with
+   (``-S 'evaluate.external=[{name: site_c, source: phantom, recalibrate: 0.3}]'``): ROC AUC with
    its CI, calibration-in-the-large and slope, the share flagged out of distribution, the share
    of decisions a mild corruption leaves, and the heterogeneity across both;
 2. on BreastMNIST (``../shared/data/medmnist/``), each pair of seeds compared on the same test
