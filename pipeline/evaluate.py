@@ -296,18 +296,22 @@ def external_validation(params: Params, meta: dict[str, Any], task: Task, packag
                     row["flagged"] = {name: rounded(float(scored.predictions[labels[:, c] >= 0, c].mean()))
                                       for c, name in enumerate(task.names)}
                 if site.recalibrate:
-                    row["recalibrated"] = recalibrated(cfg, params.seed, task, package, labels, scored,
-                                                       site.recalibrate, patients, scorer)
+                    try:
+                        row["recalibrated"] = recalibrated(cfg, params.seed, task, package, labels, scored,
+                                                           site.recalibrate, patients, scorer)
+                    except ValueError as error:  # scikit-learn's: too few images of a class to stratify
+                        raise PipelineError(f"evaluate.external '{site.name}': recalibrate {site.recalibrate} cannot "
+                                            f"be drawn from its {len(labels)} images: {error}") from None
                 write_predictions(staged / f"{site.name}.csv", task, split, scored)
             found[site.name] = row
             log.info("external site %s: %d images, ROC AUC %s (%s – %s)", site.name, row["n"], row["test"]["roc_auc"],
                      row["test"]["roc_auc_ci_low"], row["test"]["roc_auc_ci_high"])
-        forest = [("internal test", test_metrics.get("roc_auc"), test_metrics.get("roc_auc_ci_low"),
+        forest = [(sites.INTERNAL, test_metrics.get("roc_auc"), test_metrics.get("roc_auc_ci_low"),
                    test_metrics.get("roc_auc_ci_high"))]
         forest += [(name, r["test"]["roc_auc"], r["test"]["roc_auc_ci_low"], r["test"]["roc_auc_ci_high"])
                    for name, r in found.items()]
         write_csv(staged / paths.SITES_CSV, ["site", "n", "roc_auc", "ci_low", "ci_high"],
-                  [[name, test_metrics["n"] if name == "internal test" else found[name]["n"], *values]
+                  [[name, test_metrics["n"] if name == sites.INTERNAL else found[name]["n"], *values]
                    for name, *values in forest])
         spread = sites.heterogeneity({name: tuple(values) for name, *values in forest})
         if found:

@@ -183,3 +183,22 @@ def test_a_folder_site_is_read_whole_with_its_class_folders(rgb_run, tmp_path):
         # labels are the development data's classes, not positions among the site's folders
         assert sorted(np.asarray(split["labels"]).tolist()) == [1, 1, 1, 2, 2, 2]
         assert summary["class_counts"] == {name: (3 if name in names else 0) for name in meta["class_names"]}
+
+
+def test_a_recalibration_fraction_a_small_site_cannot_give_is_refused_by_name(rgb_run, tmp_path):
+    from pipeline import evaluate, tasks
+    from pipeline.modeling.package import load_package
+
+    root, params = rgb_run
+    meta = load_meta(root / "data/prepared")
+    site = make_npz(tmp_path / "tiny_site.npz", n=(2, 2, 6), classes=5, size=16, channels=3)  # classes with 1 image
+    entry = {"name": "tiny_site", "source": "npz", "path": str(site), "split": "test", "recalibrate": 0.4}
+    changed = tiny_params(tmp_path, **{"data.source": "npz", "data.path": params.data.path,
+                                       "data.class_names": list(params.data.class_names), "evaluate.external": [entry]})
+    test = json.loads((root / "reports/eval/metrics.json").read_text())["test"]
+    with pytest.raises(PipelineError, match=r"evaluate.external 'tiny_site': recalibrate 0.4 cannot be drawn from its "
+                                            r"6 images"):
+        evaluate.external_validation(changed, meta, tasks.for_data(meta.get("task"), meta["class_names"]),
+                                     load_package(root / "models/model.pt"), test, root / "data/prepared",
+                                     tmp_path / "external")
+    assert not (tmp_path / "external").exists()  # nothing half-written

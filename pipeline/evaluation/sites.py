@@ -20,6 +20,8 @@ from pipeline.core.files import rounded
 from pipeline.evaluation.calibration import slope_intercept
 from pipeline.evaluation.metrics import Z95, bootstrap_ci
 
+INTERNAL = "internal test"  # the development data's test split, first in sites.csv and the forest plot
+
 
 def transport_calibration(labels: np.ndarray, probs: np.ndarray, positive_class: int, n_resamples: int, seed: int,
                           groups: np.ndarray | None = None) -> dict[str, float | None]:

@@ -11,8 +11,8 @@ from typing import Any
 
 from pipeline.core.files import fmt
 from pipeline.evaluation.metrics import summary_keys
+from pipeline.evaluation.sites import INTERNAL
 
-INTERNAL = "internal test"  # the forest plot's and sites.csv's name for the development data's test split
 HEADLINE = ("roc_auc", "sensitivity", "specificity")  # one class per image; other tasks: their summary's first three
 
 
