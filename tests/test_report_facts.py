@@ -111,8 +111,16 @@ def test_external_sentences_follow_the_site_records(tiny_run, tmp_path, records)
     assert external.heterogeneity_sentence(records["eval"]["external"]["heterogeneity"]["roc_auc"], 1) \
         .replace("'", "&#39;") in section
     assert "Recalibrated on part of each site" in section
-    without, _ = page_of(tiny_run, tmp_path, mutate=lambda r: r["eval"].pop("external"))
+    without, card_without = page_of(tiny_run, tmp_path, mutate=lambda r: r["eval"].pop("external"))
     assert "<h3>External validation</h3>" not in without and "No external test set" in without
+    # the model card: the site among the evaluation data, its row among the analyses; or that there is none
+    _, card = page_of(tiny_run, tmp_path)
+    site_c = records["eval"]["external"]["sites"]["site_c"]
+    assert f"(site_c: {site_c['n']} images)" in card
+    assert (f"| site_c | {site_c['n']} | {content.fmt(site_c['test']['roc_auc'])} | "
+            f"{content.fmt_ci(site_c['test'], 'roc_auc')} | {content.fmt(site_c['calibration']['slope'])} |") in card
+    assert "No external validation set: performance at other sites is unknown." in card_without
+    assert "external site" not in card_without
 
 
 def test_training_that_never_left_chance_is_a_limitation(records):

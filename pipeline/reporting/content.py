@@ -716,4 +716,8 @@ def card_context(params: Params, records: dict[str, Any]) -> dict[str, Any]:
         "stopping": f"early stopping after {params.train.patience} epochs without a better validation "
                     f"{words(records)['selection']}",
         "ood": records["package"]["intensity"]["rule"],
+        # external validation sites (evaluate.external): data from elsewhere, scored by the frozen model
+        "sites": [[name, site["n"], fmt(site["test"]["roc_auc"]), fmt_ci(site["test"], "roc_auc"),
+                   fmt(site["calibration"]["slope"])]
+                  for name, site in ev.get("external", {}).get("sites", {}).items()],
     }
