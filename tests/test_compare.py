@@ -14,20 +14,22 @@ from sklearn.metrics import roc_auc_score
 from pipeline import compare
 from pipeline.core.errors import PipelineError
 from pipeline.evaluation import comparison
-from tests.conftest import run_stages, tiny_params
+from tests.conftest import SITE_C, run_stages, tiny_params
 
 
 @pytest.fixture(scope="module")
 def two_models(tiny_run, tmp_path_factory):
     """A: the tiny run. B: another network (one epoch, another seed) on the same prepared data,
-    evaluated with a fixed 0.5 threshold, in a workspace of its own."""
+    evaluated with a fixed 0.5 threshold and on the same external site, in a workspace of its own."""
     root_a, _ = tiny_run
     root_b = tmp_path_factory.mktemp("model_b")
     shutil.copytree(root_a / "data", root_b / "data")
     shutil.copytree(root_a / "reports" / "data", root_b / "reports" / "data")
-    params = tiny_params(root_b, **{"seed": 7, "train.epochs": 1, "evaluate.threshold": "fixed:0.5",
-                                    "evaluate.baselines": [], "evaluate.corruptions": [], "evaluate.bootstrap": 100})
-    run_stages(root_b, params, ("train", "evaluate"))
+    changes = {"train.epochs": 1, "evaluate.threshold": "fixed:0.5", "evaluate.baselines": [],
+               "evaluate.corruptions": [], "evaluate.bootstrap": 100, "evaluate.external": [SITE_C]}
+    run_stages(root_b, tiny_params(root_b, seed=7, **changes), ("train",))
+    # evaluated with A's seed, which also seeds the phantom's external site: the same site images as A's
+    run_stages(root_b, tiny_params(root_b, **changes), ("evaluate",))
     return root_a, root_b
 
 
@@ -166,3 +168,22 @@ def test_patients_are_resampled_whole_when_the_predictions_name_them(two_models,
     direct = comparison.paired_bootstrap(labels, scored.probs, compare.resolve(str(two_models[1])).probs,
                                          scored.threshold, 0.5, scored.positive, 50, 0, np.array(scored.patients))
     assert direct == result["differences"]
+
+
+def test_two_models_compared_on_an_external_site(two_models, tmp_path, capsys):
+    root_a, root_b = two_models
+    result = compare.run(str(root_a), str(root_b), tmp_path / "site", n_resamples=100, seed=0, site="site_c")
+    site_a = json.loads((root_a / "reports/eval/metrics.json").read_text())["external"]["sites"]["site_c"]
+    assert result["test"]["n"] == site_a["n"] and result["test"]["sha256"] == {"external site site_c": site_a["sha256"]}
+    # A's AUC is its ROC AUC at the site, from the site's predictions file, not the test split's
+    scored = compare.resolve(str(root_a), site="site_c")
+    assert len(scored.ids) == site_a["n"] and scored.ids[0].startswith("site_c-")
+    assert result["delong"]["auc_a"] == pytest.approx(site_a["test"]["roc_auc"], abs=0.01)
+    page = (tmp_path / "site" / "comparison.html").read_text()
+    assert f"Both models were scored on the same {site_a['n']} images of external site site_c" in page
+    assert "eval/external/site_c.csv" in page
+    assert capsys.readouterr().out.splitlines()[-1].endswith(f"images of external site site_c: {tmp_path}/site/"
+                                                             "comparison.html")
+    with pytest.raises(PipelineError, match=r"no external site 'site_d' in eval/metrics.json \(its sites: site_c\)"):
+        compare.run(str(root_a), str(root_b), tmp_path / "none", site="site_d")
+    assert not (tmp_path / "none").exists()
