@@ -58,7 +58,7 @@ def test_every_rule_is_silent_on_a_clean_run(records):
         attack["roc_auc_ci_low"] = 0.45
     site = clean["eval"]["external"]["sites"]["site_c"]
     site["test"].update(roc_auc_ci_low=0.85, roc_auc_ci_high=0.93)
-    site["calibration"].update(citl_ci_low=-0.05, citl_ci_high=0.04)
+    site["calibration"].update(citl_ci_low=-0.05, citl_ci_high=0.04, slope_ci_low=0.8, slope_ci_high=1.2)
     assert limitations(clean) == []
     del clean["eval"]["external"]  # no site: the one limitation no run without one can escape
     assert limitations(clean) == ["No external test set: all splits come from one source, so performance at other "
@@ -99,6 +99,11 @@ def test_external_sentences_follow_the_site_records(tiny_run, tmp_path, records)
                      "on the internal test split.",
                      "Miscalibrated at site_c: observed minus mean predicted risk 0.09 (0.03–0.15); recalibrate before "
                      "using its probabilities there."]
+    extreme = changed(bad)
+    extreme["eval"]["external"]["sites"]["site_c"]["calibration"].update(slope=0.37, slope_ci_low=0.3,
+                                                                        slope_ci_high=0.46)
+    assert ("Probabilities too extreme at site_c: calibration slope 0.37 (0.3–0.46); its risks should not be read as "
+            "such there.") in limitations(extreme)
     spread = {"q": 9.1, "df": 2, "p_value": 0.0106, "i2": 0.78, "pooled": 0.88, "sites": ["a", "b", "c"]}
     assert external.heterogeneity_sentence(spread, 2) == (
         "Across the internal test split and 2 external site(s): the ROC AUCs differ between them more than chance "

@@ -172,8 +172,8 @@ def synthetic_images(records: dict[str, Any]) -> list[str]:
 
 def did_not_transport(records: dict[str, Any]) -> list[str]:
     """An external site that shares images with the development data, whose ROC AUC interval lies
-    wholly below the internal test split's, or at which calibration-in-the-large excludes 0 (the
-    model's risks are off there on average)."""
+    wholly below the internal test split's, at which calibration-in-the-large excludes 0 (the
+    model's risks are off there on average) or whose calibration slope interval excludes 1."""
     internal, found = records["eval"]["test"], []
     for name, site in records["eval"].get("external", {}).get("sites", {}).items():
         if site.get("in_development"):
@@ -185,6 +185,10 @@ def did_not_transport(records: dict[str, Any]) -> list[str]:
         if excludes(site["calibration"], "citl", 0.0):
             found.append(f"Miscalibrated at {name}: observed minus mean predicted risk "
                          f"{with_ci(site['calibration'], 'citl')}; recalibrate before using its probabilities there.")
+        spread = excludes(site["calibration"], "slope", 1.0)
+        if spread:
+            found.append(f"Probabilities too {'extreme' if spread < 0 else 'timid'} at {name}: calibration slope "
+                         f"{with_ci(site['calibration'], 'slope')}; its risks should not be read as such there.")
     return found
 
 
