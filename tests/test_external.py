@@ -116,6 +116,15 @@ def test_a_site_the_model_cannot_take_is_refused_by_name(rgb_run, tmp_path):
         with external.prepared_site(params.data, ExternalParams(name="small", source="npz", path=str(small),
                                                                 split="test"), 0, meta):
             pass
+    # a file with the test split alone is a site (split: test), and names what it lacks for split: all
+    alone = make_npz(tmp_path / "alone.npz", n=(0, 0, 10), classes=5, size=16, channels=3, train_images=None,
+                     train_labels=None, val_images=None, val_labels=None)
+    with external.prepared_site(params.data, ExternalParams(name="alone", source="npz", path=str(alone),
+                                                            split="test"), 0, meta) as (split, summary):
+        assert summary["n"] == 10 and len(split["labels"]) == 10
+    with pytest.raises(PipelineError, match=r"evaluate.external 'alone' .*alone.npz: missing key 'train_images'"):
+        with external.prepared_site(params.data, ExternalParams(name="alone", source="npz", path=str(alone)), 0, meta):
+            pass
     gray = make_npz(tmp_path / "gray.npz", n=(2, 2, 10), classes=5, size=16)
     with pytest.raises(PipelineError, match=r"evaluate.external 'gray' .*16x16x1 .*16x16x3"):
         with external.prepared_site(params.data, ExternalParams(name="gray", source="npz", path=str(gray),

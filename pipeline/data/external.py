@@ -70,9 +70,10 @@ def load_site(data: DataParams, site: ExternalParams, seed: int, class_names: tu
                        "shift": SHIFT}, "generated")
     chosen = SPLITS if site.split == "all" else (site.split,)
     if site.source in ("npz", "medmnist"):
-        # The file's chosen splits as they are: no class needs training images at a site.
+        # The file's chosen splits as they are: no class needs training images at a site, and a
+        # file holding only test_images and test_labels is a site (split: test).
         path = Path(site.path) if site.source == "npz" else fetch_medmnist(site.dataset, data.size, Path(data.raw_dir))
-        arrays = read_npz(path)
+        arrays = read_npz(path, chosen)
         merged = {key: np.concatenate([arrays[s][key] for s in chosen]) for key in ("images", "labels", "ids")}
         return Source(from_arrays({SITE_SPLIT: merged}, path.name), list(class_names),
                       {"source": site.source, "path": path.name, "sha256": file_digest(path),

@@ -22,8 +22,9 @@ from pipeline.core.errors import PipelineError
 _UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
-def read_npz(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
-    """A MedMNIST-format ``.npz``: ``{split}_images`` and ``{split}_labels`` for each split.
+def read_npz(path: str | Path, wanted: tuple[str, ...] = SPLITS) -> dict[str, dict[str, np.ndarray]]:
+    """A MedMNIST-format ``.npz``: ``{split}_images`` and ``{split}_labels`` for each split
+    (``wanted``: those splits only, as an external validation site may hold just ``test``).
 
     Images may be N×H×W (grayscale) or N×H×W×C with C in {1, 3}; volumes, as MedMNIST 3-D
     stores them, N×D×H×W (a 4-D array whose last axis is 4 or longer) or N×D×H×W×C; labels N
@@ -31,12 +32,12 @@ def read_npz(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
     """
     path = Path(path)
     with _open(path) as archive:
-        expected = [f"{s}_{kind}" for s in SPLITS for kind in ("images", "labels")]
+        expected = [f"{s}_{kind}" for s in wanted for kind in ("images", "labels")]
         missing = [key for key in expected if key not in archive.files]
         if missing:
             raise PipelineError(f"{path}: missing key '{missing[0]}' (has: {', '.join(archive.files) or 'nothing'})")
         splits = {}
-        for split in SPLITS:
+        for split in wanted:
             images = _check_images(path, f"{split}_images", _member(path, archive, f"{split}_images"))
             labels = _check_labels(path, f"{split}_labels", _member(path, archive, f"{split}_labels"))
             if len(images) != len(labels):
@@ -47,7 +48,7 @@ def read_npz(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
                 raise PipelineError(f"{path}: split '{split}' is empty")
             ids = np.array([f"{split}-{i:06d}" for i in range(len(images))])
             splits[split] = {"images": images, "labels": labels, "ids": ids}
-    shapes = {s: splits[s]["images"].shape[1:] for s in SPLITS}
+    shapes = {s: splits[s]["images"].shape[1:] for s in wanted}
     if len(set(shapes.values())) != 1:
         raise PipelineError(f"{path}: splits have different image shapes {shapes}")
     return splits
