@@ -194,14 +194,20 @@ def privacy_audit(params: Params, prepared: Path, package: ModelPackage, non_mem
     return result
 
 
+def robustness_sample(cfg: EvaluateParams, n: int, seed: int, stream: int) -> np.ndarray:
+    """Sorted rows of a seeded sample of at most ``evaluate.robustness_images`` of ``n`` images
+    (``stream``: each use draws its own)."""
+    rng = np.random.default_rng([seed, stream])
+    return np.sort(rng.choice(n, min(n, cfg.robustness_images), replace=False))
+
+
 def robustness(cfg: EvaluateParams, seed: int, package: ModelPackage, images: ImageRows, labels: np.ndarray
                ) -> dict[str, Any]:
     """The task's headline metrics (ROC AUC and accuracy at the package's frozen decision; and
     kappa for grades) of a seeded sample of at most
     ``evaluate.robustness_images`` test images, clean and under every corruption and severity
     (:mod:`pipeline.evaluation.corruptions`), and the mean drop from clean."""
-    rng = np.random.default_rng([seed, 37])
-    pick = np.sort(rng.choice(len(labels), min(len(labels), cfg.robustness_images), replace=False))
+    pick = robustness_sample(cfg, len(labels), seed, 37)
     clean_images, y = np.asarray(images[pick]), labels[pick]
 
     def measure(x: np.ndarray) -> dict[str, float | None]:
@@ -227,8 +233,7 @@ def decision_stability(cfg: EvaluateParams, seed: int, package: ModelPackage, im
     each mild corruption (severity 1) leaves unchanged, and their mean."""
     if not cfg.corruptions:
         return {}
-    rng = np.random.default_rng([seed, 47])
-    pick = np.sort(rng.choice(len(decisions), min(len(decisions), cfg.robustness_images), replace=False))
+    pick = robustness_sample(cfg, len(decisions), seed, 47)
     clean = np.asarray(images[pick])
     out = {}
     for number, name in enumerate(cfg.corruptions):
@@ -265,7 +270,8 @@ def external_validation(params: Params, meta: dict[str, Any], task: Task, packag
     metrics with CIs at the frozen threshold, calibration-in-the-large and slope, prevalence,
     the share flagged out of distribution, decision stability, an optional recalibration, the count
     of exact copies of development images; across the internal test split and the sites, the
-    heterogeneity of ROC AUC and a forest plot."""
+    heterogeneity of ROC AUC and a forest plot. Returns ``{"external": …}`` for evaluate's
+    metrics, or nothing when no site is listed (``sites.csv`` then holds the internal row alone)."""
     cfg = params.evaluate
 
     def scorer(labels: np.ndarray, probs: np.ndarray, threshold: Any, groups: np.ndarray | None) -> dict[str, Any]:
@@ -316,7 +322,7 @@ def external_validation(params: Params, meta: dict[str, Any], task: Task, packag
         spread = sites.heterogeneity({name: tuple(values) for name, *values in forest})
         if found:
             plot_forest(forest, spread["pooled"] if spread else None, "ROC AUC (95% CI)", staged / paths.FOREST_PNG)
-    return {"sites": found, "heterogeneity": {"roc_auc": spread}} if found else {}
+    return {"external": {"sites": found, "heterogeneity": {"roc_auc": spread}}} if found else {}
 
 
 def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.BALANCED,
@@ -391,9 +397,7 @@ def evaluate_single(params: Params, task: Task, meta: dict[str, Any], prepared: 
             for g in np.unique(test["groups"])}}
 
     # 6. External sites: prepared like the development data, scored once by the frozen package.
-    transported = external_validation(params, meta, task, package, test_metrics, prepared, out_dir / paths.EXTERNAL)
-    if transported:
-        result["external"] = transported
+    result.update(external_validation(params, meta, task, package, test_metrics, prepared, out_dir / paths.EXTERNAL))
 
     # 7. Classical baselines on the same training set, choices on validation the same way.
     timing: dict[str, float] = {}
@@ -482,9 +486,7 @@ def evaluate_multioutput(params: Params, task: Task, meta: dict[str, Any], prepa
                 task, name, training, val, test["images"], params)
             chosen = task.thresholds(cfg.threshold, y_val, val_probs_b, cfg.positive_class)
             result["baselines"][name] = {**with_ci(y_test, test_probs_b, patients, chosen), "threshold": chosen}
-    transported = external_validation(params, meta, task, package, test_metrics, prepared, out_dir / paths.EXTERNAL)
-    if transported:
-        result["external"] = transported
+    result.update(external_validation(params, meta, task, package, test_metrics, prepared, out_dir / paths.EXTERNAL))
     save_package(package_path, package)
     write_predictions(out_dir / paths.PREDICTIONS, task, test, scored)
     write_predictions(out_dir / paths.VAL_PREDICTIONS, task, val, val_scored)

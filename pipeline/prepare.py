@@ -18,8 +18,6 @@ success: bad input leaves no partial output.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,7 @@ from pipeline.core import paths
 from pipeline.core.config import DataParams, Params
 from pipeline.core.dataset import SPLITS, array_path, save_meta
 from pipeline.core.errors import PipelineError
-from pipeline.core.files import digest_tree, rounded, staged_dir, write_json
+from pipeline.core.files import digest_tree, digests_sha256, rounded, staged_dir, write_json
 from pipeline.core.runtime import stage_main
 from pipeline.data import patient_split, phantom
 from pipeline.data.labels import counts as label_counts
@@ -95,7 +93,7 @@ def run(params: Params, out_dir: Path = paths.PREPARED, summary_path: Path = pat
                 "preprocessing": preprocessing_settings(data)}
         del first
         arrays = digest_tree(tmp)
-        meta["arrays_sha256"] = hashlib.sha256(json.dumps(arrays, sort_keys=True).encode()).hexdigest()
+        meta["arrays_sha256"] = digests_sha256(arrays)
         save_meta(tmp, meta)
         details = summarise(source, found, tmp, data)
         outputs = digest_tree(tmp)

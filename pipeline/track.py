@@ -32,7 +32,7 @@ import yaml
 
 from pipeline.core import kernels, paths
 from pipeline.core.config import DataParams, Params, as_dict, flatten, leaves
-from pipeline.core.files import file_digest, read_csv, read_json, write_json
+from pipeline.core.files import digests_sha256, file_digest, read_csv, read_json, write_json
 from pipeline.core.runtime import stage_main
 from pipeline.data.privacy import public_params, redact, resolve_salt
 from pipeline.evaluation.metrics import summary_keys
@@ -99,16 +99,15 @@ def dataset_origin(data: DataParams, root: Path) -> tuple[str, str]:
 
 def collect_datasets(params: Params, summary: dict[str, Any], evaluated: dict[str, Any],
                      root: Path) -> list[DatasetSpec]:
-    """Each prepared split, and each external validation site, as an MLflow dataset input. A
-    split's digest is the sha256 of its prepared arrays (the sorted ``file sha256`` lines of
-    prepare's manifest), a site's the one evaluate recorded of its prepared arrays, so two runs
-    show the same digest exactly when they trained, validated or tested on the same bytes."""
+    """Each prepared split, and each external validation site, as an MLflow dataset input. The
+    digest is the sha256 of the prepared arrays (:func:`~pipeline.core.files.digests_sha256` of a
+    split's files in prepare's manifest; a site's as evaluate recorded it), so two runs show the
+    same digest exactly when they trained, validated, tested or were validated on the same bytes."""
     name, origin = dataset_origin(params.data, root)
     shape = (summary["channels"], *summary["image_size"])
     found = []
     for split, context in SPLIT_CONTEXT.items():
-        files = sorted((k, v) for k, v in summary["outputs_sha256"].items() if k.startswith(f"{split}/"))
-        digest = hashlib.sha256("".join(f"{k} {v}\n" for k, v in files).encode()).hexdigest()
+        digest = digests_sha256({k: v for k, v in summary["outputs_sha256"].items() if k.startswith(f"{split}/")})
         found.append(DatasetSpec(f"{name}-{split}", digest, origin, context, shape, summary["splits"][split]["n"]))
     sites = evaluated.get("external", {}).get("sites", {})
     for site in params.evaluate.external:

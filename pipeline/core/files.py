@@ -126,6 +126,12 @@ def digest_tree(root: str | Path) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): file_digest(p) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def digests_sha256(digests: dict[str, str]) -> str:
+    """One sha256 of a folder's :func:`digest_tree` (its files' names and contents): how a set of
+    prepared arrays is named in ``meta.json``, the metrics and MLflow."""
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
+
+
 class NpyWriter:
     """Append rows to a ``.npy`` file one at a time, without holding the array in memory.
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,15 +26,18 @@ import numpy as np
 from pipeline.core.config import DataParams, ExternalParams
 from pipeline.core.dataset import SPLITS, load_split
 from pipeline.core.errors import PipelineError
-from pipeline.core.files import digest_tree, file_digest, rounded
+from pipeline.core.files import digest_tree, digests_sha256, rounded
 from pipeline.data import phantom
 from pipeline.data.labels import UNKNOWN
 from pipeline.data.labels import counts as label_counts
 from pipeline.data.labels import unknown as label_unknown
 from pipeline.data.medmnist import fetch_medmnist
 from pipeline.data.npz import read_npz
-from pipeline.data.sources import Source, from_arrays, load_files
-from pipeline.data.writing import write_splits  # the development data's own path through preprocessing and checks
+from pipeline.data.sources import Source, from_arrays, load_files, npz_source
+from pipeline.data.writing import (  # the development data's own path through preprocessing and checks
+    image_digest,
+    write_splits,
+)
 
 SITE_SPLIT = "test"  # a prepared site is one split of this name
 # The phantom's external site: how its scanner and population differ from the development sites'.
@@ -75,19 +76,16 @@ def load_site(data: DataParams, site: ExternalParams, seed: int, class_names: tu
         path = Path(site.path) if site.source == "npz" else fetch_medmnist(site.dataset, data.size, Path(data.raw_dir))
         arrays = read_npz(path, chosen)
         merged = {key: np.concatenate([arrays[s][key] for s in chosen]) for key in ("images", "labels", "ids")}
-        return Source(from_arrays({SITE_SPLIT: merged}, path.name), list(class_names),
-                      {"source": site.source, "path": path.name, "sha256": file_digest(path),
-                       "bytes": path.stat().st_size}, f"split(s) {', '.join(chosen)} of the input file",
-                      identifiers={"images": "split and position in the input file (<split>-<index>)",
-                                   "patients": None, "salt": None})
+        return npz_source(path, site.source, {SITE_SPLIT: merged}, list(class_names),
+                          f"split(s) {', '.join(chosen)} of the input file")
     source = load_files(dataclasses.replace(site.applied_to(data), class_names=class_names), seed, site=True)
     items = [item for split in chosen for item in source.splits.get(split, [])]
     return dataclasses.replace(source, splits={SITE_SPLIT: items})
 
 
 def image_digests(images: np.ndarray) -> set[str]:
-    """sha256 of each prepared image's bytes, as prepare finds exact duplicates."""
-    return {hashlib.sha256(np.asarray(image).tobytes()).hexdigest() for image in images}
+    """:func:`~pipeline.data.writing.image_digest` of each prepared image, as prepare finds duplicates."""
+    return {image_digest(image) for image in images}
 
 
 @contextlib.contextmanager
@@ -102,7 +100,7 @@ def prepared_site(data: DataParams, site: ExternalParams, seed: int, meta: dict[
             source = load_site(data, site, seed, tuple(meta["class_names"]))
             if not source.splits[SITE_SPLIT]:
                 raise PipelineError(f"no images (split {site.split})")
-            found = write_splits(source, site.applied_to(data) if site.source != "phantom" else data, Path(tmp))
+            found = write_splits(source, site.applied_to(data), Path(tmp))
         except PipelineError as error:
             raise PipelineError(f"{where}: {error}") from None
         split = load_split(tmp, SITE_SPLIT)
@@ -120,7 +118,6 @@ def prepared_site(data: DataParams, site: ExternalParams, seed: int, meta: dict[
         elif labels.ndim != 1 or labels.min() < 0 or labels.max() >= len(names):
             raise PipelineError(f"{where}: labels must be classes 0..{len(names) - 1} ({', '.join(names)}) of the "
                                 "development data")
-        digests = digest_tree(Path(tmp))
         counts, unknown = label_counts(labels, names), label_unknown(labels, names) or {}
         summary = {"input": source.provenance, "n": len(labels), "class_counts": counts,
                    # multi-label: of the images where the finding was assessed, as prepare counts them
@@ -128,5 +125,5 @@ def prepared_site(data: DataParams, site: ExternalParams, seed: int, meta: dict[
                    "patients": found["stats"][SITE_SPLIT]["patients"], "excluded": len(found["unreadable"]),
                    "duplicates": len(found["duplicates"]),
                    "in_development": sum(d in development for d in image_digests(split["images"])),
-                   "sha256": hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()}
+                   "sha256": digests_sha256(digest_tree(Path(tmp)))}
         yield split, summary

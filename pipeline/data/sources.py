@@ -97,11 +97,18 @@ def load_npz(data: DataParams, seed: int, path: Path | None = None) -> Source:
     arrays = read_npz(path)
     known = catalog.lookup(data.source, path.name)
     names = check_classes(arrays, data.class_names, str(path))
+    return npz_source(path, data.source, arrays, names, "the train/val/test splits given in the input file",
+                      (known or {}).get("task"))
+
+
+def npz_source(path: Path, kind: str, arrays: dict[str, dict[str, np.ndarray]], names: list[str], method: str,
+               known_task: str | None = None) -> Source:
+    """The :class:`Source` of a MedMNIST-format file's arrays (``kind``: npz or medmnist), with its
+    provenance (file name, sha256, size) and how its images are identified."""
     return Source(from_arrays(arrays, path.name), names,
-                  {"source": data.source, "path": path.name, "sha256": file_digest(path), "bytes": path.stat().st_size},
-                  "the train/val/test splits given in the input file",
-                  identifiers={"images": "split and position in the input file (<split>-<index>)", "patients": None,
-                               "salt": None}, known_task=(known or {}).get("task"))
+                  {"source": kind, "path": path.name, "sha256": file_digest(path), "bytes": path.stat().st_size},
+                  method, identifiers={"images": "split and position in the input file (<split>-<index>)",
+                                       "patients": None, "salt": None}, known_task=known_task)
 
 
 def load_medmnist(data: DataParams, seed: int) -> Source:

@@ -26,6 +26,11 @@ from pipeline.data.records import fail
 from pipeline.data.sources import Item, Source
 
 
+def image_digest(image: np.ndarray) -> str:
+    """sha256 of one prepared image's bytes: what makes two images exact duplicates."""
+    return hashlib.sha256(np.asarray(image).tobytes()).hexdigest()
+
+
 def write_splits(source: Source, data: DataParams, out: Path) -> dict[str, Any]:
     """Decode, preprocess, check and stream every item to ``out``; returns the checks' findings."""
     shape: tuple[int, ...] | None = None
@@ -54,7 +59,7 @@ def write_splits(source: Source, data: DataParams, out: Path) -> dict[str, Any]:
                 kind = "" if image.ndim == len(shape) else f", {'a volume among images' if image.ndim == 4 else 'a 2-D image among volumes'}"
                 mismatched.append(f"{item.where} is {dims(image.shape)}{kind}")
                 continue
-            digest = hashlib.sha256(image.tobytes()).hexdigest()
+            digest = image_digest(image)
             if digest in seen:
                 duplicates.append({"split": split, "id": item.id, "duplicate_of_split": seen[digest][0],
                                    "duplicate_of": seen[digest][1], "where": item.where})

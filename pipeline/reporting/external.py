@@ -29,12 +29,18 @@ def development_prevalence(data: dict[str, Any], name: str) -> float:
     return sum(d["class_counts"][name] for d in splits) / max(assessed, 1)
 
 
-def gap(site: dict[str, Any], internal: dict[str, Any]) -> int:
-    """-1 where the site's ROC AUC interval lies wholly below the internal test split's, +1 above, else 0."""
-    a, b = site["test"], internal
-    if None in (a.get("roc_auc_ci_low"), a.get("roc_auc_ci_high"), b.get("roc_auc_ci_low"), b.get("roc_auc_ci_high")):
+def apart(a: dict[str, Any], b: dict[str, Any], key: str = "roc_auc") -> int:
+    """-1 where ``a``'s 95% interval of ``key`` lies wholly below ``b``'s, +1 above, 0 where they
+    overlap (or one is missing): the rule for calling two estimates different, sites or subgroups."""
+    bounds = (a.get(f"{key}_ci_low"), a.get(f"{key}_ci_high"), b.get(f"{key}_ci_low"), b.get(f"{key}_ci_high"))
+    if None in bounds:
         return 0
-    return -1 if a["roc_auc_ci_high"] < b["roc_auc_ci_low"] else 1 if a["roc_auc_ci_low"] > b["roc_auc_ci_high"] else 0
+    return -1 if bounds[1] < bounds[2] else 1 if bounds[0] > bounds[3] else 0
+
+
+def gap(site: dict[str, Any], internal: dict[str, Any]) -> int:
+    """:func:`apart` of a site's ROC AUC and the internal test split's."""
+    return apart(site["test"], internal)
 
 
 def excludes(row: dict[str, Any], key: str, value: float) -> int:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pipeline.core.files import fmt
-from pipeline.reporting.external import excludes, gap, with_ci
+from pipeline.reporting.external import apart, excludes, gap, with_ci
 
 CI_WIDTH_LIMIT = 0.1  # ROC AUC interval wider than this: too few test images to say much
 ECE_LIMIT = 0.1
@@ -74,7 +74,7 @@ def subgroup_gaps(records: dict[str, Any]) -> list[str]:
                         key=lambda item: item[1]["roc_auc"])
         if len(ranked) >= 2:
             (worst, w), (best, b) = ranked[0], ranked[-1]
-            if w["roc_auc_ci_high"] < b["roc_auc_ci_low"]:
+            if apart(w, b) < 0:
                 found.append(f"Subgroup gap by {group}: ROC AUC {fmt(w['roc_auc'])} for {worst} (95% CI "
                              f"{fmt(w['roc_auc_ci_low'])}–{fmt(w['roc_auc_ci_high'])}) against {fmt(b['roc_auc'])} for "
                              f"{best} ({fmt(b['roc_auc_ci_low'])}–{fmt(b['roc_auc_ci_high'])}): the intervals do not "
