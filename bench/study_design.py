@@ -10,10 +10,15 @@ params and prints two Markdown tables:
 2. on BreastMNIST (``../shared/data/medmnist/``), each pair of seeds compared on the same test
    images with ``python -m pipeline.compare``'s tests (DeLong for ROC AUC, McNemar for the
    decisions): do three seeds of one recipe differ, or only look different side by side?
+3. on BreastMNIST, the single split against 5-fold cross-validation (``cv.folds: [1, 2, 3, 4, 5]``)
+   side by side for each seed: test ROC AUC of the single model and of the fold ensemble, the
+   cross-validated estimate, and the wall time of prepare → report of each (every stage DVC
+   runs but MLflow logging), with their ratio.
 
-    python bench/study_design.py             # both
+    python bench/study_design.py             # all three
     python bench/study_design.py external    # the phantom's site only
     python bench/study_design.py compare 0 1 2
+    python bench/study_design.py cv 0 1 2
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Any
 
 from common import provenance
 
-from pipeline import balance, compare, evaluate, prepare, train
+from pipeline import balance, compare, evaluate, explain, fold, prepare, report, train
 from pipeline.core.config import load_params, write_params
 from pipeline.core.files import fmt
 from pipeline.reporting.external import with_ci
@@ -100,6 +105,50 @@ def compare_table(seeds: list[int]) -> None:
                   f"{mc['b_only']} | {fmt(mc['p_value'])} | {spent:.2f} |")
 
 
+def run_to_report(root: Path, overrides: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    """evaluate's metrics and the wall seconds of every stage ``dvc repro`` runs before MLflow
+    logging: prepare, balance, the fold stages and the ensemble (or train), evaluate, explain, report."""
+    with contextlib.chdir(root):
+        params = load_params(write_params(root / "params.yaml", overrides, REPO / "params.yaml"))
+        start = time.perf_counter()
+        prepare.run(params)
+        balance.run(params)
+        for number in params.cv.folds:
+            fold.run(params, number)
+        train.assemble(params) if params.cv.k else train.run(params)
+        found = evaluate.run(params)
+        explain.run(params)
+        report.run(params)
+        return found, time.perf_counter() - start
+
+
+def cv_table(seeds: list[int]) -> None:
+    breast = {"data.source": "npz", "data.path": str(BREAST)}
+    rows, ratios = [], []
+    with tempfile.TemporaryDirectory(prefix="medcnn-bench-cv-") as tmp:
+        for seed in seeds:
+            found = {}
+            for design, extra in (("single", {}), ("5-fold", {"cv.folds": [1, 2, 3, 4, 5]})):
+                root = Path(tmp) / f"{design}-{seed}"
+                root.mkdir()
+                found[design] = run_to_report(root, {**breast, "seed": seed, **extra})
+                print(f"breastmnist seed {seed} {design}: {found[design][1]:.0f} s", file=sys.stderr, flush=True)
+            (single, single_s), (cv, cv_s) = found["single"], found["5-fold"]
+            estimate = cv["cross_validation"]
+            ratios.append(cv_s / single_s)
+            rows.append(f"| {seed} | {with_ci(single['test'], 'roc_auc')} | {with_ci(cv['test'], 'roc_auc')} | "
+                        f"{with_ci(estimate['pooled'], 'roc_auc')} | {fmt(estimate['mean']['roc_auc'])} ± "
+                        f"{fmt(estimate['sd']['roc_auc'])} | {fmt(estimate['disagreement']['mean_sd'])} | "
+                        f"{single_s:.0f} | {cv_s:.0f} | {cv_s / single_s:.2f} |")
+    print("\nBreastMNIST, default params: the single split against 5-fold cross-validation (fold ensemble), "
+          "prepare → report wall seconds on this machine:\n")
+    print("| seed | single split: test ROC AUC | 5-fold ensemble: test ROC AUC | out-of-fold ROC AUC (pooled) | "
+          "per fold, mean ± sd | ensemble disagreement (mean sd) | single s | 5-fold s | time ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    print(f"\nMean time ratio {sum(ratios) / len(ratios):.2f}.")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     args = sys.argv[1:]
@@ -108,6 +157,8 @@ def main() -> None:
         external_table()
     if not args or args[0] == "compare":
         compare_table([int(a) for a in args[1:]] or [0, 1, 2])
+    if not args or args[0] == "cv":
+        cv_table([int(a) for a in args[1:]] or [0, 1, 2])
 
 
 if __name__ == "__main__":

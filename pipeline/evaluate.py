@@ -46,6 +46,7 @@ from pipeline.core.files import SECONDS_DECIMALS, file_digest, rounded, staged_d
 from pipeline.core.runtime import configure_torch, stage_main
 from pipeline.data import external
 from pipeline.data.labels import strata
+from pipeline.data.patient_split import development_folds
 from pipeline.evaluation import baselines as classical
 from pipeline.evaluation import calibration, comparison, corruptions, membership, sites
 from pipeline.evaluation.decision_curve import COLUMNS as DECISION_CURVE_COLUMNS
@@ -63,7 +64,7 @@ from pipeline.evaluation.metrics import (
 )
 from pipeline.modeling import dp_sgd
 from pipeline.modeling.checkpoints import load_checkpoint
-from pipeline.modeling.networks import predict_proba
+from pipeline.modeling.networks import Ensemble, predict_proba
 from pipeline.modeling.package import ModelPackage, Scores, intensity_reference, save_package
 from pipeline.reporting.plots import (
     plot_calibration,
@@ -154,16 +155,26 @@ def curves(task: Task, labels: np.ndarray, probs: np.ndarray, positive: int):
 
 
 def freeze(params: Params, task: Task, network_path: Path, prepared: Path, meta: dict[str, Any],
-           val: dict[str, np.ndarray]) -> tuple[ModelPackage, Scores]:
+           val: dict[str, np.ndarray]) -> tuple[ModelPackage, dict[str, Any], Scores]:
     """The model package: the trained network with every choice made on validation, frozen before
-    the test; and the validation scores those choices were made on (as the package scores them)."""
+    the test; the images those choices were made on (the validation split; with ``cv.folds`` the
+    development images, each scored by the fold model that never saw it: :func:`out_of_fold`) and
+    their scores as the package scores them."""
     cfg = params.evaluate
     network, trained = load_checkpoint(network_path)
-    raw = predict_proba(network, val["images"], cfg.batch_size, activation=task.probabilities)
-    temperature = task.fit_temperature(cfg.calibrate, val["labels"], raw)
-    threshold = task.thresholds(cfg.threshold, val["labels"], task.calibrate(raw, temperature), cfg.positive_class)
-    log.info("validation choices: temperature %s, threshold %s (%s)", temperature, threshold,
-             task.threshold_rule(cfg.threshold, threshold))
+    if isinstance(network, Ensemble):
+        # Each member is calibrated by the temperature of its own held-out fold inside the
+        # ensemble; the pooled out-of-fold predictions choose the ensemble's threshold.
+        chosen, raw, probs = out_of_fold(params, task, network, prepared)
+        temperature = 1.0
+    else:
+        chosen = val
+        raw = predict_proba(network, val["images"], cfg.batch_size, activation=task.probabilities)
+        temperature = task.fit_temperature(cfg.calibrate, val["labels"], raw)
+        probs = task.calibrate(raw, temperature)
+    threshold = task.thresholds(cfg.threshold, chosen["labels"], probs, cfg.positive_class)
+    log.info("%s choices: temperature %s, threshold %s (%s)", "out-of-fold" if params.cv.k else "validation",
+             temperature, threshold, task.threshold_rule(cfg.threshold, threshold))
     package = ModelPackage(
         network=network, class_names=meta["class_names"], positive_class=cfg.positive_class, temperature=temperature,
         threshold=threshold, threshold_rule=task.threshold_rule(cfg.threshold, threshold),
@@ -172,26 +183,116 @@ def freeze(params: Params, task: Task, network_path: Path, prepared: Path, meta:
         intensity=intensity_reference(load_split(prepared, "train")["images"]),
         provenance={"data_sha256": meta["arrays_sha256"], "network_sha256": file_digest(network_path),
                     "privacy": trained.get("privacy")})
-    return package, package.scores(raw, val["images"])
+    scored = Scores(probs, raw, task.decide(probs, threshold, cfg.positive_class),
+                    package.out_of_distribution(chosen["images"]))
+    return package, chosen, scored
 
 
-def privacy_audit(params: Params, prepared: Path, package: ModelPackage, non_members: tuple[np.ndarray, np.ndarray],
-                  reference: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+def out_of_fold(params: Params, task: Task, ensemble: Ensemble, prepared: Path
+                ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """``cv.folds``: the development images (train + val) with their fold, each scored by the one
+    member that held its fold out: (the images as a split, uncalibrated and calibrated
+    probabilities). The folds are recomputed from the prepared data, as the fold stages drew them."""
+    dev, folds = development_folds(prepared, params.cv.k, params.seed)
+    raw = np.zeros((len(folds), ensemble.config.num_classes))
+    probs = np.zeros_like(raw)
+    for number, member, temperature in zip(params.cv.folds, ensemble.members, ensemble.temperatures.tolist()):
+        rows = np.flatnonzero(folds == number)
+        raw[rows] = predict_proba(member, Rows(dev["images"], rows), params.evaluate.batch_size,
+                                  activation=task.probabilities)
+        probs[rows] = task.calibrate(raw[rows], temperature)
+    return {**dev, "folds": folds}, raw, probs
+
+
+CV_METRICS = ("roc_auc", "accuracy", "sensitivity", "specificity", "balanced_accuracy")
+
+
+def cross_validation(params: Params, task: Task, chosen: dict[str, Any], scored: Scores, threshold: float | None
+                     ) -> dict[str, Any]:
+    """The cross-validated estimate from the out-of-fold predictions: pooled over every
+    development image at the ensemble's threshold, with bootstrap CIs (patients resampled), and
+    per fold at that fold's own threshold (chosen on its held-out images, as the fold stage did),
+    with the mean and standard deviation across folds."""
+    cfg = params.evaluate
+    labels, probs, folds = chosen["labels"], scored.probabilities, chosen["folds"]
+    per_fold = {}
+    for number in params.cv.folds:
+        rows = folds == number
+        threshold = task.thresholds(cfg.threshold, labels[rows], probs[rows], cfg.positive_class)
+        found = classification_metrics(labels[rows], probs[rows], cfg.positive_class, threshold)
+        per_fold[str(number)] = {"n": int(rows.sum()), "threshold": threshold,
+                                 **{key: rounded(found[key]) for key in CV_METRICS if found.get(key) is not None}}
+    keys = [key for key in CV_METRICS if all(key in row for row in per_fold.values())]
+    return {"folds": params.cv.k, "images": len(labels),
+            "pooled": score(labels, probs, threshold, cfg, params.seed, chosen.get("patients")),
+            "per_fold": per_fold,
+            "mean": {key: rounded(float(np.mean([row[key] for row in per_fold.values()]))) for key in keys},
+            "sd": {key: rounded(float(np.std([row[key] for row in per_fold.values()], ddof=1))) for key in keys}}
+
+
+def disagreement(params: Params, task: Task, package: ModelPackage, test: dict[str, Any], scored: Scores,
+                 chosen: dict[str, Any], oof: Scores) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """How much the fold models disagree on each test image, an uncertainty of the ensemble: the
+    standard deviation across members of their calibrated probabilities (of the positive class;
+    multi-class: averaged over classes), and whether their decisions differ (each at its own
+    fold's threshold). Returns the summary and the test images they disagree on most, worst first."""
+    cfg = params.evaluate
+    ensemble: Ensemble = package.network
+    members = np.stack([task.calibrate(predict_proba(m, test["images"], cfg.batch_size, activation=task.probabilities),
+                                       t) for m, t in zip(ensemble.members, ensemble.temperatures.tolist())], axis=1)
+    binary = package.threshold is not None
+    spread = members[:, :, cfg.positive_class].std(axis=1) if binary else members.std(axis=1).mean(axis=1)
+    thresholds = [task.thresholds(cfg.threshold, chosen["labels"][chosen["folds"] == n],
+                                  oof.probabilities[chosen["folds"] == n], cfg.positive_class) for n in params.cv.folds]
+    decisions = np.stack([task.decide(members[:, i], t, cfg.positive_class) for i, t in enumerate(thresholds)], axis=1)
+    differ = (decisions != decisions[:, :1]).any(axis=1)
+    names, worst = package.class_names, np.argsort(-spread, kind="stable")[:cfg.failure_cases]
+    rows = [{"index": int(i), "id": str(test["ids"][i]), "label": names[test["labels"][i]],
+             "predicted": names[scored.predictions[i]], "score": rounded(float(spread[i])),
+             "members": [rounded(float(p)) for p in (members[i, :, cfg.positive_class] if binary
+                                                      else members[i, :, scored.predictions[i]])]}
+            for i in worst]
+    summary = {"mean_sd": rounded(float(spread.mean())), "max_sd": rounded(float(spread.max())),
+               "decisions_differ": rounded(float(differ.mean())), "images": len(spread),
+               "measure": "sd of P(" + names[cfg.positive_class] + ")" if binary else "mean sd of class probabilities"}
+    return summary, rows
+
+
+def privacy_audit(params: Params, pool: tuple[Any, np.ndarray], package: ModelPackage,
+                  non_members: tuple[np.ndarray, np.ndarray], reference: tuple[np.ndarray, np.ndarray],
+                  non_members_from: str) -> dict[str, Any]:
     """The membership audit (:mod:`pipeline.evaluation.membership`): a seeded sample of the
-    training split as large as the validation split against the validation split (the same
-    population, never trained on), the test split as the attacker's reference, with the δ of
-    the training's guarantee."""
-    train = load_split(prepared, "train")
-    n_train = len(train["labels"])
+    training images ``pool`` (images, labels) as large as the non-members (never trained on,
+    from the same population: the validation split, or with ``cv.folds``, where every
+    development image trained some member, a seeded half of the test split), a reference set
+    for the attacker (the test split, or its other half), with the δ of the training's guarantee."""
+    images, labels = pool
     rng = np.random.default_rng([params.seed, 31])
-    pick = np.sort(rng.choice(n_train, min(n_train, len(non_members[1])), replace=False))
-    members = package.uncalibrated(train["images"][pick], params.evaluate.batch_size)
+    pick = np.sort(rng.choice(len(labels), min(len(labels), len(non_members[1])), replace=False))
+    members = package.uncalibrated(images[pick], params.evaluate.batch_size)
     view = package.kind.membership_view  # (probabilities, labels) as the attacks read them
-    result = membership.audit(view(members, train["labels"][pick]), view(*non_members), view(*reference),
-                              dp_sgd.delta_for(params, n_train), params.evaluate.bootstrap, params.seed)
+    result = membership.audit(view(members, labels[pick]), view(*non_members), view(*reference),
+                              dp_sgd.delta_for(params, len(labels)), params.evaluate.bootstrap, params.seed)
+    result["non_members_from"] = non_members_from
     log.info("membership audit: attack ROC AUC %s (loss), %s (calibrated)", result["attacks"]["loss"]["roc_auc"],
              result["attacks"]["calibrated"]["roc_auc"])
     return result
+
+
+def audit_sets(params: Params, prepared: Path, chosen: dict[str, Any], chosen_scored: Scores, test_raw: np.ndarray,
+               y_test: np.ndarray) -> dict[str, Any]:
+    """:func:`privacy_audit`'s inputs: members from the training split and the validation split
+    as non-members; with ``cv.folds``, members from the development images and the test split
+    halved (seeded) into non-members and the attacker's reference."""
+    if not params.cv.k:
+        train = load_split(prepared, "train")
+        return {"pool": (train["images"], train["labels"]), "reference": (test_raw, y_test),
+                "non_members": (chosen_scored.uncalibrated, chosen["labels"]),
+                "non_members_from": "the validation split"}
+    order = np.random.default_rng([params.seed, 59]).permutation(len(y_test))
+    half, rest = np.sort(order[:len(order) // 2]), np.sort(order[len(order) // 2:])
+    return {"pool": (chosen["images"], chosen["labels"]), "non_members": (test_raw[half], y_test[half]),
+            "reference": (test_raw[rest], y_test[rest]), "non_members_from": "a seeded half of the test split"}
 
 
 def robustness_sample(cfg: EvaluateParams, n: int, seed: int, stream: int) -> np.ndarray:
@@ -349,10 +450,11 @@ def evaluate_single(params: Params, task: Task, meta: dict[str, Any], prepared: 
     val, test = load_split(prepared, "val"), load_split(prepared, "test")
     y_val, y_test = val["labels"], test["labels"]
 
-    # 1. Choices on validation only, frozen into the model package before the test split is scored.
-    package, val_scored = freeze(params, task, network_path, prepared, meta, val)
+    # 1. Choices on validation only (cv.folds: out-of-fold), frozen into the model package before
+    # the test split is scored.
+    package, chosen, val_scored = freeze(params, task, network_path, prepared, meta, val)
     temperature, threshold = package.temperature, package.threshold
-    val_raw, val_probs = val_scored.uncalibrated, val_scored.probabilities
+    val_probs = val_scored.probabilities
 
     # 2. Test, scored once, exactly as pipeline.predict scores an image.
     patients = test.get("patients")
@@ -370,21 +472,29 @@ def evaluate_single(params: Params, task: Task, meta: dict[str, Any], prepared: 
     test_metrics["per_class_imbalanced"] = imbalanced_report(y_test, preds, names)
     test_metrics["precision"] = precision_of_estimates(matrix, positive if threshold is not None else None, names)
     calib = {"method": cfg.calibrate, "temperature": temperature}
+    if params.cv.k:  # each member behind its own fold's temperature, inside the ensemble
+        calib["member_temperatures"] = [rounded(t) for t in package.network.temperatures.tolist()]
     for when, p in (("before", raw["test"]), ("after", probs["test"])):
         overall = classification_metrics(y_test, p, positive, threshold)
         calib[when] = {**calibration.summarise_with_ci(y_test, p, positive, cfg.bootstrap, params.seed, patients),
                        "brier": overall["brier"], "log_loss": overall["log_loss"]}
     result: dict[str, Any] = {"test": test_metrics, "calibration": calib, "val": {
-        "roc_auc": classification_metrics(y_val, val_probs, positive, threshold)["roc_auc"], "n": len(y_val),
-        "used_for": validation_uses(cfg, threshold)},
+        "roc_auc": classification_metrics(chosen["labels"], val_probs, positive, threshold)["roc_auc"],
+        "n": len(chosen["labels"]), "used_for": validation_uses(cfg, threshold, params.cv.k)},
         "out_of_distribution": {"test_flagged": int(scored.out_of_distribution.sum()),
                                 "test_ids": [str(i) for i in test["ids"][scored.out_of_distribution]]}}
     curve = None
     if threshold is not None:  # binary: is acting on the model better than treating all or none?
         curve, result["decision_curve"] = decision_curve(y_test, probs["test"], positive, threshold)
 
-    # 3. Membership inference audit: training members against the test split's non-members.
-    result["privacy_audit"] = privacy_audit(params, prepared, package, (val_raw, y_val), (scored.uncalibrated, y_test))
+    if params.cv.k:  # the cross-validated estimate, and how much the fold models disagree on test images
+        result["cross_validation"] = cross_validation(params, task, chosen, val_scored, threshold)
+        result["cross_validation"]["disagreement"], disagreed = disagreement(params, task, package, test, scored,
+                                                                              chosen, val_scored)
+
+    # 3. Membership inference audit: training members against never-trained-on non-members.
+    audited = audit_sets(params, prepared, chosen, val_scored, scored.uncalibrated, y_test)
+    result["privacy_audit"] = privacy_audit(params, package=package, **audited)
 
     # 4. Robustness: a sample of the test split under each corruption, at the frozen threshold.
     result["robustness"] = robustness(cfg, params.seed, package, test["images"], y_test)
@@ -425,8 +535,9 @@ def evaluate_single(params: Params, task: Task, meta: dict[str, Any], prepared: 
                 valued_at=threshold)
 
     save_package(package_path, package)
-    write_outputs(out_dir, task, result, test, scored, names, positive, baseline_probs, cfg, timing)
-    write_predictions(out_dir / paths.VAL_PREDICTIONS, task, val, val_scored)
+    write_outputs(out_dir, task, result, test, scored, names, positive, baseline_probs, cfg, timing,
+                  {paths.DISAGREEMENTS: disagreed} if params.cv.k else {})
+    write_predictions(out_dir / paths.VAL_PREDICTIONS, task, chosen, val_scored)
     write_csv(out_dir / paths.DECISION_CURVE_CSV, list(DECISION_CURVE_COLUMNS), [list(r.values()) for r in curve or []])
     plot_decision_curve(curve or [], threshold, out_dir / paths.DECISION_CURVE_PNG)
     log.info("test: %s", ", ".join(f"{k} {test_metrics[k]}" for k in ("roc_auc", "accuracy", "sensitivity", "specificity")))
@@ -442,7 +553,7 @@ def evaluate_multioutput(params: Params, task: Task, meta: dict[str, Any], prepa
     cfg = params.evaluate
     val, test = load_split(prepared, "val"), load_split(prepared, "test")
     y_val, y_test = val["labels"], test["labels"]
-    package, val_scored = freeze(params, task, network_path, prepared, meta, val)
+    package, _, val_scored = freeze(params, task, network_path, prepared, meta, val)
     scored = package.score(test["images"], cfg.batch_size)
     patients = test.get("patients")
 
@@ -463,8 +574,8 @@ def evaluate_multioutput(params: Params, task: Task, meta: dict[str, Any], prepa
                 "used_for": validation_uses(cfg, package.threshold)},
         "out_of_distribution": {"test_flagged": int(scored.out_of_distribution.sum()),
                                 "test_ids": [str(i) for i in test["ids"][scored.out_of_distribution]]},
-        "privacy_audit": privacy_audit(params, prepared, package, (val_scored.uncalibrated, y_val),
-                                       (scored.uncalibrated, y_test)),
+        "privacy_audit": privacy_audit(params, package=package, **audit_sets(params, prepared, val, val_scored,
+                                                                             scored.uncalibrated, y_test)),
         "robustness": robustness(cfg, params.seed, package, test["images"], y_test),
     }
     if "groups" in test:
@@ -549,9 +660,17 @@ def task_baseline(task: Task, name: str, training: Any, val: dict[str, Any], tes
     return (probs["val"], probs["test"]), seconds
 
 
-def validation_uses(cfg: EvaluateParams, threshold: float | None) -> list[str]:
-    """Every choice the validation split made or served, in order: the report's warning about
-    estimates made on it rests on this list."""
+def validation_uses(cfg: EvaluateParams, threshold: float | None, folds: int = 0) -> list[str]:
+    """Every choice the validation split (``cv.folds``: each held-out fold, and the pooled
+    out-of-fold predictions) made or served, in order: the report's warning about estimates
+    made on it rests on this list."""
+    if folds:
+        uses = ["choosing each fold model's training epoch (early stopping) on its own held-out fold"]
+        if cfg.calibrate != "none":
+            uses.append(f"fitting each fold model's {cfg.calibrate} on its own held-out fold")
+        if threshold is not None and not cfg.threshold.startswith("fixed"):
+            uses.append(f"choosing the ensemble's threshold ({cfg.threshold}) on the pooled out-of-fold predictions")
+        return uses
     uses = ["choosing the training epoch (early stopping)"]
     if cfg.calibrate != "none":
         uses.append(f"fitting the {cfg.calibrate}")
@@ -607,12 +726,14 @@ def write_reliability(out_dir: Path, task: Task, labels: np.ndarray, scored: Sco
 
 def write_outputs(out_dir: Path, task: Task, result: dict[str, Any], test: dict[str, np.ndarray], scored: Scores,
                   names: list[str], positive: int, baseline_probs: dict[str, np.ndarray], cfg: EvaluateParams,
-                  timing: dict[str, float]) -> None:
+                  timing: dict[str, float], shown: dict[str, list[dict[str, Any]]]) -> None:
+    """Every file of evaluate's folder; ``shown``: more test images for the failure figure and
+    for explain (the images a cross-validation's folds disagree on most)."""
     labels, probs, preds = test["labels"], scored.probabilities, scored.predictions
     write_predictions(out_dir / paths.PREDICTIONS, task, test, scored)
     write_curves(out_dir, task, labels, probs, positive, baseline_probs)
     reliability = write_reliability(out_dir, task, labels, scored, positive)
-    failures = failure_cases(labels, probs, preds, test["ids"], names, positive, cfg.failure_cases)
+    failures = {**failure_cases(labels, probs, preds, test["ids"], names, positive, cfg.failure_cases), **shown}
     write_json(out_dir / paths.FAILURES, failures)
     write_json(out_dir / paths.METRICS, result)
     write_json(out_dir / paths.TIMING, {k: rounded(v, SECONDS_DECIMALS) for k, v in timing.items()})

@@ -79,8 +79,9 @@ def choose(task: Task, test: dict[str, np.ndarray], decisions: np.ndarray, posit
               for u, why in select_samples(kinds, task.outcome_order(positive), cfg.per_outcome, params.seed)]
     explained = task.explained_output(decisions, outputs)
     for kind, rows in failures.items():
-        picked += [(row["index"], f"most confident {kind.replace('_', ' ')[:-1]}",
-                    int(row.get("output", explained[row["index"]]))) for row in rows[:cfg.worst]]
+        why = "the fold models disagree most" if kind == paths.DISAGREEMENTS else \
+            f"most confident {kind.replace('_', ' ')[:-1]}"
+        picked += [(row["index"], why, int(row.get("output", explained[row["index"]]))) for row in rows[:cfg.worst]]
     if "markers" in test:
         with_marker = np.flatnonzero(test["markers"] == 1)
         rng = np.random.default_rng([params.seed + 1, 5])

@@ -41,6 +41,7 @@ from pipeline.reporting.mlflow_adapter import (
     SOURCE_COMMIT,
     SOURCE_NAME,
     SOURCE_TYPE,
+    ChildRecord,
     DatasetSpec,
     ModelSpec,
     RunRecord,
@@ -78,9 +79,10 @@ def collect_metrics(root: Path) -> tuple[dict[str, float], dict[str, str]]:
     return found, renamed
 
 
-def collect_history(root: Path) -> list[tuple[int, dict[str, float]]]:
+def collect_history(path: Path) -> list[tuple[int, dict[str, float]]]:
+    """A ``history.csv`` as MLflow step metrics ``epoch.<column>``, one step per epoch."""
     steps = []
-    for row in read_csv(root / paths.TRAIN_DIR / paths.HISTORY):
+    for row in read_csv(path):
         epoch = int(row.pop("epoch"))
         steps.append((epoch, {f"epoch.{k}": float(v) for k, v in row.items() if v not in ("", "None")}))
     return steps
@@ -182,11 +184,26 @@ def describe(name: str, params: Params, root: Path) -> str:
 
     rows = "\n".join(f"| {k} | {number(test[k])} | {number(test.get(f'{k}_ci_low'))} – {number(test.get(f'{k}_ci_high'))} |"
                      for k in summary_keys(evaluation))
-    return (f"**{name}**: data.source {params.data.source}, {params.train.model}, best epoch {train['best_epoch']} of "
-            f"{train['epochs_run']}; decision: {test['threshold_rule']}.\n\n"
+    trained = (f"an ensemble of {train['folds']} fold models" if "folds" in train else
+               f"best epoch {train['best_epoch']} of {train['epochs_run']}")
+    return (f"**{name}**: data.source {params.data.source}, {params.train.model}, {trained}; decision: "
+            f"{test['threshold_rule']}.\n\n"
             f"| test metric | value | 95% CI |\n|---|---|---|\n{rows}\n\n"
             "Every metric is in the Metrics tab (`test.*`, per-epoch `epoch.*`); the reviewer's report is the "
             "artifact `report.html`.")
+
+
+def collect_folds(params: Params, root: Path, name: str) -> list[ChildRecord]:
+    """``cv.folds``: one nested run per fold, with the fold's training and held-out metrics
+    (``reports/folds/<n>/metrics.json``) and its per-epoch history."""
+    children = []
+    for fold in params.cv.folds:
+        folder = root / paths.FOLD_REPORTS / str(fold)
+        metrics = {metric_key(keys): float(value) for keys, value in leaves(read_json(folder / paths.METRICS))
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        children.append(ChildRecord(name=f"{name}-fold{fold}", params={"cv.fold": fold, "cv.k": params.cv.k},
+                                    metrics=metrics, step_metrics=collect_history(folder / paths.HISTORY)))
+    return children
 
 
 def run(params: Params, root: Path = Path("."), out: Path = paths.MLFLOW_RUN) -> dict[str, Any]:
@@ -201,6 +218,7 @@ def run(params: Params, root: Path = Path("."), out: Path = paths.MLFLOW_RUN) ->
         (root / paths.TRAIN_DIR, "train"),
         (root / paths.EVAL_DIR, "eval"),
         (root / paths.EXPLAIN_DIR, "explain"),
+        *([(root / paths.FOLD_REPORTS, "folds")] if params.cv.k else []),
     ]
     tags, (metrics, renamed) = collect_tags(root), collect_metrics(root)
     texts[METRIC_NAMES] = json.dumps(renamed, indent=2, sort_keys=True, ensure_ascii=False)
@@ -214,8 +232,11 @@ def run(params: Params, root: Path = Path("."), out: Path = paths.MLFLOW_RUN) ->
     record = log_run(RunRecord(
         experiment=params.track.experiment, name=name, execution=execution, started=execution_started(),
         description=describe(name, params, root), params=public_params(flatten(as_dict(params))), metrics=metrics,
-        step_metrics=collect_history(root), tags=tags, artifacts=artifacts, texts=texts, model=model,
-        datasets=collect_datasets(params, data, read_json(root / paths.EVAL_DIR / paths.METRICS), root)))
+        # cv.folds: the epochs are each fold's, in its nested run
+        step_metrics=[] if params.cv.k else collect_history(root / paths.TRAIN_DIR / paths.HISTORY), tags=tags,
+        artifacts=artifacts, texts=texts, model=model,
+        datasets=collect_datasets(params, data, read_json(root / paths.EVAL_DIR / paths.METRICS), root),
+        children=collect_folds(params, root, name) if params.cv.k else ()))
     write_json(root / out, record)
     log.info("logged MLflow run %s (%s) to %s", record["run_id"], name, record["tracking_uri"])
     return record

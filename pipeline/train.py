@@ -38,11 +38,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from pipeline import tasks
 from pipeline.core import kernels, paths
 from pipeline.core.config import Params, TrainParams, as_dict, effective_loss, load_params
 from pipeline.core.dataset import BALANCED_FILES, TrainingSet, load_meta, load_split, load_training_set
 from pipeline.core.errors import PipelineError
-from pipeline.core.files import SECONDS_DECIMALS, file_digest, rounded, write_csv, write_json
+from pipeline.core.files import SECONDS_DECIMALS, file_digest, read_csv, read_json, rounded, write_csv, write_json
 from pipeline.core.runtime import (
     configure_logging,
     configure_torch,
@@ -51,12 +52,11 @@ from pipeline.core.runtime import (
     seed_everything,
     select_device,
 )
-from pipeline import tasks
 from pipeline.data.labels import counts
 from pipeline.modeling import distributed, dp_sgd, loader
-from pipeline.modeling.checkpoints import load_progress, save_checkpoint, save_progress
+from pipeline.modeling.checkpoints import load_checkpoint, load_progress, save_checkpoint, save_progress
 from pipeline.modeling.distributed import World
-from pipeline.modeling.networks import Classifier, ModelConfig, build_model, count_parameters, predict_proba
+from pipeline.modeling.networks import Classifier, Ensemble, ModelConfig, build_model, count_parameters, predict_proba
 from pipeline.modeling.recipe import (
     WeightAverage,
     augment,
@@ -359,6 +359,56 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
     return metrics
 
 
+def assemble(params: Params, prepared: Path = paths.PREPARED, models: Path = paths.FOLD_MODELS,
+             reports: Path = paths.FOLD_REPORTS, model_path: Path = paths.NETWORK,
+             out_dir: Path = paths.TRAIN_DIR) -> dict[str, Any]:
+    """``cv.folds``: the fold models (``fold@<n>`` stages) as one :class:`Ensemble`, each member
+    behind the temperature fitted on its own held-out fold; nothing is trained here.
+
+    ``metrics.json`` holds the ensemble's parameters and each fold's training record under
+    ``per_fold.<n>`` (``best_epoch``, ``epochs_run``, held-out ``val_roc_auc``); ``history.csv``
+    every fold's epochs with a ``fold`` column; ``timing.json`` the folds' training seconds summed."""
+    meta = load_meta(prepared)
+    task = tasks.for_data(meta.get("task"), meta["class_names"])
+    found, members, histories, timings = [], [], [], []
+    for fold in params.cv.folds:
+        folder = reports / str(fold)
+        if not (folder / paths.METRICS).is_file():
+            raise PipelineError(f"{folder / paths.METRICS}: not found (run the fold@{fold} stage first: dvc repro)")
+        found.append(read_json(folder / paths.METRICS))
+        members.append(load_checkpoint(models / str(fold) / paths.NETWORK.name)[0])
+        histories += [{"fold": fold, **row} for row in read_csv(folder / paths.HISTORY)]
+        timings.append(read_json(folder / paths.TIMING))
+    ensemble = Ensemble(members, [record["fold"]["temperature"] for record in found])
+    trained = [record["train"] for record in found]
+    improved = [t["improved_after_first_epoch"] for t in trained]
+    metrics = {"train": {
+        "folds": params.cv.k,
+        "parameters": count_parameters(ensemble),
+        "per_fold": {str(fold): {key: t[key] for key in ("best_epoch", "epochs_run", "val_roc_auc", "min_train_loss",
+                                                         "left_chance", "improved_after_first_epoch")}
+                     for fold, t in zip(params.cv.folds, trained)},
+        "chance_loss": trained[0]["chance_loss"],
+        "left_chance": all(t["left_chance"] for t in trained),
+        "improved_after_first_epoch": None if None in improved else all(improved),
+    }}
+    save_checkpoint(model_path, ensemble, {"class_names": meta["class_names"],
+                                           "best_epoch": [t["best_epoch"] for t in trained],
+                                           **({"task": task.name} if task.family != "single" else {})})
+    columns = ("fold", *history_columns(task))
+    write_csv(out_dir / paths.HISTORY, columns, [[row[c] for c in columns] for row in histories])
+    write_json(out_dir / paths.METRICS, metrics)
+    seconds = sum(t["seconds"] for t in timings)
+    images = sum(t["images_per_second"] * t["seconds"] for t in timings)  # images trained on, over all folds
+    write_json(out_dir / paths.TIMING, {**timings[0], "seconds": rounded(seconds, SECONDS_DECIMALS),
+                                        "images_per_second": rounded(images / seconds, SECONDS_DECIMALS)})
+    plot_history([{k: (float(v) if v not in ("", "None") else None) for k, v in row.items()} for row in histories],
+                 out_dir / paths.CURVES)
+    log.info("ensemble of %d fold models, %d parameters; held-out ROC AUC per fold %s", params.cv.k,
+             metrics["train"]["parameters"], ", ".join(_fmt(t["val_roc_auc"]) for t in trained))
+    return metrics
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
@@ -372,6 +422,10 @@ def main() -> None:
 
     def work() -> int:
         params = load_params(args.params)
+        if params.cv.k:
+            seed_everything(params.seed)
+            assemble(params)
+            return 0
         world = distributed.join(params.train.device)
         if params.train.processes > 1 and world.size == 1:
             log.info("starting %d data-parallel workers with torch.distributed.run", params.train.processes)

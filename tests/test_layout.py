@@ -18,7 +18,7 @@ import yaml
 from tests.conftest import REPO
 
 PACKAGE = REPO / "pipeline"
-STAGES = ("source", "prepare", "balance", "train", "evaluate", "explain", "report", "track")
+STAGES = ("source", "prepare", "balance", "fold", "train", "evaluate", "explain", "report", "track")
 
 
 def module_file(name: str) -> Path | None:

@@ -116,6 +116,23 @@ def test_repro_then_experiment(project):
     assert (root / "dvc_plots" / "index.html").is_file()
 
 
+def test_cross_validation_runs_one_dvc_stage_per_fold_and_nests_their_mlflow_runs(project):
+    root, env = project
+    log = sh(["dvc", "exp", "run", "-S", "cv.folds=[1,2]"], root, env)
+    assert "Running stage 'fold@1'" in log and "Running stage 'fold@2'" in log
+    metrics = json.dumps(json.loads(sh(["dvc", "metrics", "show", "--json"], root, env)))
+    assert "reports/folds/1/metrics.json" in metrics and "reports/folds/2/metrics.json" in metrics
+    assert "cross_validation" in metrics
+    client, found = runs(root)
+    parent = [r for r in found if "mlflow.parentRunId" not in r.data.tags][-1]
+    assert parent.data.params["cv.folds"] == "[1, 2]"
+    children = [r for r in found if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.params["cv.fold"] for r in children) == ["1", "2"]
+    # Back to the single split: the fold stages are gone, train trains one model again.
+    log = sh(["dvc", "exp", "run", "-S", "cv.folds=[]"], root, env)
+    assert "fold@" not in log and "Running stage 'train'" in log
+
+
 def ran_stages(log: str) -> list[str]:
     return [s for s in STAGES if f"Running stage '{s}'" in log]
 

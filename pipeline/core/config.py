@@ -342,6 +342,28 @@ class ExplainParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class CvParams:
+    """Cross-validation over the development data (train + val), split by patient.
+
+    ``folds`` lists the folds by number, ``[1, 2, ..., k]`` for k-fold: DVC's ``matrix`` makes one
+    ``fold@<number>`` stage of each entry, and a number is what it expands, never a count. The
+    empty list is the single train/validation split."""
+
+    folds: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        _check(not self.folds or list(self.folds) == list(range(1, len(self.folds) + 1)), "cv.folds",
+               f"must be [] (one split) or the fold numbers 1..k in order, e.g. [1, 2, 3, 4, 5]; "
+               f"got {list(self.folds)}")
+        _check(len(self.folds) != 1, "cv.folds", "[1] is one fold: use [] for the single split or at least [1, 2]")
+
+    @property
+    def k(self) -> int:
+        """The number of folds; 0 for the single split."""
+        return len(self.folds)
+
+
+@dataclasses.dataclass(frozen=True)
 class ReportParams:
     title: str
     intended_use: str
@@ -363,6 +385,7 @@ class Params:
     data: DataParams
     balance: BalanceParams
     train: TrainParams
+    cv: CvParams
     evaluate: EvaluateParams
     explain: ExplainParams
     report: ReportParams

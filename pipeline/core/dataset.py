@@ -115,6 +115,37 @@ class ImageRows:
         return {**self.__dict__, "_fd": None, "_pid": -1}
 
 
+class StackedRows:
+    """Several row readers of one row shape (the train and val splits' images) read as one, the
+    first's rows first; indexed like :class:`ImageRows`."""
+
+    def __init__(self, parts: Sequence[ImageRows]) -> None:
+        self.parts = list(parts)
+        self.offsets = np.cumsum([0, *[len(p) for p in self.parts]])
+        self.shape, self.dtype = (int(self.offsets[-1]), *self.parts[0].shape[1:]), self.parts[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return self[np.array([key])][0]
+        index = np.arange(len(self))[key] if isinstance(key, slice) else np.asarray(key, dtype=np.int64)
+        if ((index < 0) | (index >= len(self))).any():
+            raise IndexError(f"rows outside 0..{len(self) - 1}")
+        out = np.empty((len(index), *self.shape[1:]), dtype=self.dtype)
+        part = np.searchsorted(self.offsets, index, side="right") - 1
+        for p, reader in enumerate(self.parts):
+            mine = part == p
+            if mine.any():
+                out[mine] = reader[index[mine] - self.offsets[p]]
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        rows = self[:]
+        return rows if dtype is None else rows.astype(dtype)
+
+
 LARGE = ("images", "masks")  # arrays read row by row; the other columns are small and loaded
 
 

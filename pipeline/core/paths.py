@@ -20,6 +20,7 @@ PREPARED = Path("data/prepared")
 BALANCED = Path("data/balanced")
 NETWORK = Path("models/network.pt")  # the trained network (train)
 MODEL = Path("models/model.pt")  # the model package: network + preprocessing + frozen decision (evaluate)
+FOLD_MODELS = Path("models/folds")  # cv.folds: models/folds/<n>/network.pt, one per fold (fold@<n>)
 CHECKPOINT = Path("models/checkpoints/last.pt")  # persisted between runs: not a DVC output
 
 REPORTS = Path("reports")
@@ -27,6 +28,7 @@ DATA_SUMMARY = REPORTS / "data" / "summary.json"
 BALANCE_REPORT = REPORTS / "balance.json"
 
 TRAIN_DIR = REPORTS / "train"
+FOLD_REPORTS = REPORTS / "folds"  # cv.folds: reports/folds/<n>/, the train stage's files for each fold
 HISTORY = "history.csv"
 CURVES = "curves.png"
 
@@ -35,6 +37,7 @@ PREDICTIONS = "predictions.csv"
 VAL_PREDICTIONS = "val_predictions.csv"  # what the temperature and the threshold were fitted on
 DECISION_CURVE_CSV, DECISION_CURVE_PNG = "decision_curve.csv", "decision_curve.png"
 FAILURES = "failures.json"
+DISAGREEMENTS = "fold_disagreements"  # failures.json's kind (cv.folds): test images the fold models disagree on most
 ROC_CSV, PR_CSV, CALIBRATION_CSV = "roc.csv", "pr.csv", "calibration.csv"
 ROBUSTNESS_PNG = "robustness.png"
 EXTERNAL = "external"  # under EVAL_DIR: each site's predictions, sites.csv and the forest plot

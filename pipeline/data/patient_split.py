@@ -10,10 +10,16 @@ for the same data, params and seed.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from pipeline.core.dataset import LARGE, StackedRows, load_split
 from pipeline.core.errors import PipelineError
+from pipeline.data.labels import strata
+
+DEVELOPMENT = ("train", "val")  # the splits cross-validation folds
 
 
 def assign(labels: np.ndarray, groups: np.ndarray, val: float, test: float, seed: int) -> np.ndarray:
@@ -49,6 +55,29 @@ def _one_fold(index: np.ndarray, labels: np.ndarray, groups: np.ndarray, fractio
     return held_out
 
 
+def cv_folds(labels: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Fold numbers 1..k, one per image, for ``cv.folds``: whole patients per fold, class
+    proportions kept close by ``StratifiedGroupKFold``, seeded. Every fold holds images of every
+    class, or the error says which fold lacks one."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n_groups = len(np.unique(groups))
+    if n_groups < k:
+        raise PipelineError(f"cv.folds: {k} folds need at least {k} patients in train + val, found {n_groups}")
+    folds = np.zeros(len(labels), dtype=np.int64)
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed % 2**32)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        for number, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups), start=1):
+            folds[held_out] = number
+    for number in range(1, k + 1):
+        missing = sorted(set(np.unique(labels).tolist()) - set(np.unique(labels[folds == number]).tolist()))
+        if missing:
+            raise PipelineError(f"cv.folds: fold {number} of {k} holds no image of class(es) {missing}: too few "
+                                f"patients of that class for {k} folds (use fewer folds)")
+    return folds
+
+
 def overlap(patients: dict[str, np.ndarray]) -> list[str]:
     """Pseudonymised patient ids found in more than one split."""
     seen: dict[str, str] = {}
@@ -59,3 +88,21 @@ def overlap(patients: dict[str, np.ndarray]) -> list[str]:
                 shared.add(str(pid))
             seen.setdefault(pid, split)
     return sorted(shared)
+
+
+def development(prepared: Path) -> dict[str, Any]:
+    """The development images (train rows, then val rows) as one split: images and masks read
+    from both splits' files (:class:`StackedRows`), the small arrays concatenated."""
+    splits = [load_split(prepared, s) for s in DEVELOPMENT]
+    names = set.intersection(*[set(s) for s in splits])
+    return {name: StackedRows([s[name] for s in splits]) if name in LARGE else np.concatenate([s[name] for s in splits])
+            for name in names}
+
+
+def development_folds(prepared: Path, k: int, seed: int) -> tuple[dict[str, Any], np.ndarray]:
+    """:func:`development` and each of its images' fold (1..k): whole patients per fold (each
+    image its own patient where ids are unknown). Recomputed wherever folds are needed, never
+    stored: the same prepared data, k and seed give the same folds."""
+    dev = development(prepared)
+    groups = dev["patients"] if "patients" in dev else dev["ids"]
+    return dev, cv_folds(strata(dev["labels"]), groups, k, seed)

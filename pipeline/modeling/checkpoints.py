@@ -22,7 +22,7 @@ import torch
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.files import write_bytes
-from pipeline.modeling.networks import Classifier, ModelConfig, build_model
+from pipeline.modeling.networks import Classifier, Ensemble, ModelConfig, build_model
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +33,27 @@ def _save(path: str | Path, obj: dict[str, Any]) -> None:
     write_bytes(path, buffer.getvalue())
 
 
-def save_checkpoint(path: str | Path, model: Classifier, extra: dict[str, Any]) -> None:
-    """state_dict + config (+ plain ``extra``), loadable with ``torch.load(weights_only=True)``."""
+def save_checkpoint(path: str | Path, model: Classifier | Ensemble, extra: dict[str, Any]) -> None:
+    """state_dict + config (+ plain ``extra``), loadable with ``torch.load(weights_only=True)``.
+    An ensemble stores each member's config (``members``) and their temperatures."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _save(path, {"config": dataclasses.asdict(model.config), "state_dict": state, **extra})
+    config = {"config": dataclasses.asdict(model.config)}
+    if isinstance(model, Ensemble):
+        config["members"] = [dataclasses.asdict(c) for c in model.configs]
+    _save(path, {**config, "state_dict": state, **extra})
 
 
-def load_checkpoint(path: str | Path) -> tuple[Classifier, dict[str, Any]]:
-    """The model in eval mode and the checkpoint's other entries."""
+def load_checkpoint(path: str | Path) -> tuple[Classifier | Ensemble, dict[str, Any]]:
+    """The model (a network, or the ensemble of a cross-validation) in eval mode and the
+    checkpoint's other entries."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise PipelineError(f"{path}: model checkpoint not found (run the train stage first)") from None
-    model = build_model(ModelConfig(**checkpoint.pop("config")))
+    config = checkpoint.pop("config")
+    members = checkpoint.pop("members", None)
+    model = build_model(ModelConfig(**config)) if members is None else Ensemble(
+        [build_model(ModelConfig(**c)) for c in members], [1.0] * len(members))
     model.load_state_dict(checkpoint.pop("state_dict"))
     model.eval()
     return model, checkpoint

@@ -218,6 +218,47 @@ class Classifier(nn.Module):
         return self.net((x - self.mean) / self.std)
 
 
+class Ensemble(nn.Module):
+    """The fold models of a cross-validation as one network (``cv.folds``): each member's class
+    probabilities after its own temperature (fitted on its own held-out fold), averaged.
+
+    ``forward`` returns the log of the mean probability, so the softmax every stage applies
+    to a network's output gives that mean exactly, and the package, ``predict``, serving,
+    Captum and ONNX take an ensemble wherever they take one network. Grad-CAM reads every
+    member's last feature map (``cam_layers``) and averages the maps of the ensemble's output.
+    """
+
+    def __init__(self, members: list[Classifier], temperatures: list[float]) -> None:
+        super().__init__()
+        if len(members) != len(temperatures) or len(members) < 2:
+            raise PipelineError(f"an ensemble needs two or more members, one temperature each "
+                                f"(got {len(members)} members, {len(temperatures)} temperatures)")
+        self.members = nn.ModuleList(members)
+        self.register_buffer("temperatures", torch.tensor(temperatures, dtype=torch.float32))
+
+    @property
+    def config(self) -> ModelConfig:
+        """The first member's config: every member shares the architecture (only the training
+        images' mean and standard deviation differ, and those live in each member's buffers)."""
+        return self.members[0].config
+
+    @property
+    def configs(self) -> list[ModelConfig]:
+        return [member.config for member in self.members]
+
+    @property
+    def cam_layers(self) -> list[nn.Module]:
+        return [member.cam_layer for member in self.members]
+
+    def member_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """N × members × classes: each member's calibrated class probabilities."""
+        return torch.stack([torch.softmax(member(x) / t, dim=1) for member, t in zip(self.members, self.temperatures)],
+                           dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(self.member_probabilities(x).mean(dim=1).clamp_min(torch.finfo(x.dtype).tiny))
+
+
 NETWORKS: dict[str, Callable[[ModelConfig], nn.Module]] = {
     "seed_cnn": lambda c: SeedCNN(c.in_channels, c.num_classes, c.image_size, c.ndim),
     "small_cnn": lambda c: SmallCNN(c.in_channels, c.num_classes, c.width, c.norm, c.ndim),

@@ -71,7 +71,7 @@ def finding_rows(ev: dict[str, Any], names: list[str]) -> list[list[Any]]:
     return [[name, found[name]["n"], found[name]["positives"],
              *[f"{fmt(found[name][m])} ({fmt_ci(found[name], m)})" for m in FINDING_METRICS], threshold]
             for name, threshold in zip(names, ev["test"]["threshold"])]
-from pipeline.reporting import effective, external, paired
+from pipeline.reporting import effective, external, folds, paired
 from pipeline.reporting.limitations import limitations
 from pipeline.reporting.provenance import git_state, versions
 
@@ -250,7 +250,9 @@ def model_rows(params: Params, records: dict[str, Any]) -> list[list[Any]]:
         f", momentum {cfg.momentum})" if cfg.optimizer == "sgd" else ")")
     config = records["model_config"]
     said = words(records)
-    return [["architecture", config["name"] + (f" (width {config['width']})" if config["name"] != "seed_cnn" else "")],
+    members = f"ensemble of {train['folds']} fold models, each " if "folds" in train else ""
+    return [["architecture", members + config["name"] + (f" (width {config['width']})" if config["name"] != "seed_cnn"
+                                                          else "")],
             ["input", (f"{config['image_size']} px" if config.get("ndim", 2) == 2 else
                        f"{config['image_size']}³ voxels (volumes, 3-D layers)")
              + f", {config['in_channels']} channel(s), {len(records['data']['class_names'])} {said['unit']}"
@@ -263,11 +265,13 @@ def model_rows(params: Params, records: dict[str, Any]) -> list[list[Any]]:
             ["loss", loss_text(cfg, records["data"].get("task"))],
             ["batches", f"{cfg.batch_size} images, {SAMPLER_TEXT[cfg.sampler]}; at most {cfg.epochs} epochs"],
             ["augmentation", augmentation_text(cfg)],
-            ["stopping and selection", f"stop after {cfg.patience} epochs without a better validation "
+            ["stopping and selection", ("each fold model: " if "folds" in train else "")
+             + f"stop after {cfg.patience} epochs without a better validation "
                                        f"{said['selection']}; keep the best "
                                        "epoch's weights" + (f" (of the exponential moving average of the weights, decay {cfg.ema})"
-                                                            if cfg.ema else "")],
-            ["epochs run / selected", f"{train['epochs_run']} / {train['best_epoch']}"],
+                                                            if cfg.ema else "")
+             + (" (validation: the fold's own held-out images)" if "folds" in train else "")],
+            ["epochs run / selected", folds.epochs_text(train)],
             ["seed", params.seed],
             ["determinism", determinism_text(records["train_timing"])],
             ["model package sha256", f"{records['model_sha256']} (models/model.pt: network, preprocessing, "
@@ -281,7 +285,7 @@ def model_rows(params: Params, records: dict[str, Any]) -> list[list[Any]]:
             ["out-of-distribution flag", records["package"]["intensity"]["rule"]]]
 
 
-def decision_text(test: dict[str, Any]) -> str:
+def decision_text(test: dict[str, Any], chosen_on: str = "the validation split") -> str:
     if test["threshold_rule"] == "median grade":
         return ("Decision: the median grade, the first grade whose cumulative probability reaches 0.5 (calibrated "
                 "on validation, frozen before the test split was scored).")
@@ -290,11 +294,15 @@ def decision_text(test: dict[str, Any]) -> str:
                 f"'{test['threshold_rule']}' and frozen before the test split was scored (see the table per finding).")
     if test["threshold"] is None:
         return "Decision: the class with the highest probability (multi-class)."
-    return (f"Operating point: threshold {fmt(test['threshold'])} on P(positive), chosen on the validation split by "
+    return (f"Operating point: threshold {fmt(test['threshold'])} on P(positive), chosen on {chosen_on} by "
             f"rule '{test['threshold_rule']}' and frozen before the test split was scored.")
 
 
 def calibration_text(calib: dict[str, Any], names: list[str]) -> str:
+    if "member_temperatures" in calib:
+        return ("Calibration: temperature scaling of each fold model, fitted on its own held-out fold ("
+                + ", ".join(fmt(t) for t in calib["member_temperatures"]) + "); the ensemble averages the calibrated "
+                "probabilities and adds no temperature of its own.")
     if calib["method"] == "temperature" and isinstance(calib["temperature"], list):
         return ("Calibration: temperature scaling per finding, fitted on validation: "
                 + ", ".join(f"{n} {fmt(v)}" for n, v in zip(names, calib["temperature"])) + ".")
@@ -394,7 +402,8 @@ def context(params: Params, root: Path, records: dict[str, Any]) -> dict[str, An
         "warnings": warnings, "names": names, "test": test, "ev": ev, "train": records["train"],
         "model_sha256": records["model_sha256"],
         "summary_rows": [[metric_name(k, records), test[k], fmt_ci(test, k)] for k in summary_keys(ev)],
-        "decision": decision_text(test),
+        "decision": decision_text(test, "the pooled out-of-fold predictions" if ev.get("cross_validation")
+                                  else "the validation split"),
         "data": {
             "provenance": [[k, v] for k, v in flatten(data["input"]).items()],
             "known": known,
@@ -417,7 +426,11 @@ def context(params: Params, root: Path, records: dict[str, Any]) -> dict[str, An
         "model": {"rows": model_rows(params, records), "curves": data_uri(root / paths.TRAIN_DIR / paths.CURVES),
                   "history": [list(r.values()) for r in records["history"]], "history_header": list(records["history"][0])},
         "results": results_context(root, records),
-        "failures": {"intro": words(records)["failures"], "rows": [[kind.replace("_", " ") + (f": {r['finding']}" if "finding" in r else ""), r["id"], r["label"],
+        "failures": {"intro": words(records)["failures"] + (
+                         " Fold disagreements: the test images the fold models disagree on most (score: the standard "
+                         "deviation of their calibrated probabilities)." if paths.DISAGREEMENTS in records["failures"]
+                         else ""),
+                     "rows": [[kind.replace("_", " ") + (f": {r['finding']}" if "finding" in r else ""), r["id"], r["label"],
                                r["predicted"], r["score"]]
                               for kind, items in records["failures"].items() for r in items],
                      "figure": data_uri(root / paths.EVAL_DIR / paths.FAILURES_PNG)},
@@ -497,9 +510,12 @@ def results_context(root: Path, records: dict[str, Any]) -> dict[str, Any]:
         "robustness": robustness_context(root, ev["robustness"], records),
         "external": external.context(records, data_uri(root / paths.EVAL_DIR / paths.EXTERNAL / paths.FOREST_PNG)
                                      if ev.get("external") else None, lambda key: readable_metric(key, records)),
-        "validation": (f"The validation split ({ev['val']['n']} images) was used for: "
-                       f"{'; '.join(ev['val'].get('used_for', []))}. Its predictions are in "
-                       f"reports/eval/{paths.VAL_PREDICTIONS}, so the temperature and threshold can be recomputed."),
+        "validation": ((f"The out-of-fold predictions of the {ev['val']['n']} development images" if ev.get(
+                            "cross_validation") else f"The validation split ({ev['val']['n']} images)")
+                       + f" were used for: {'; '.join(ev['val'].get('used_for', []))}. They are in "
+                       f"reports/eval/{paths.VAL_PREDICTIONS}, so the threshold and any temperature can be "
+                       "recomputed."),
+        "cross_validation": folds.context(records),
     }
 
 
@@ -692,8 +708,9 @@ def privacy_context(records: dict[str, Any]) -> dict[str, Any]:
     return {
         "guarantee": privacy_guarantee_text(records["train"]),
         "audit": (f"Membership inference audit: {audit['members']} training images (members, a seeded sample) against "
-                  f"{audit['non_members']} validation images (non-members from the same population, never trained "
-                  f"on); the attacker calibrates on {audit['reference']} test images. ROC AUC 0.5 means the attacks "
+                  f"{audit['non_members']} images of {audit.get('non_members_from', 'the validation split')} "
+                  "(non-members from the same population, never trained on); the attacker calibrates on "
+                  f"{audit['reference']} other test images. ROC AUC 0.5 means the attacks "
                   "cannot tell members apart; n/a for a rate means too few non-members to measure it."),
         "rows": rows,
         "bound": bound + " An audit with the data's own images is weaker than a worst-case attack: a low audit is "

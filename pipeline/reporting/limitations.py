@@ -33,6 +33,11 @@ def simulated(records: dict[str, Any]) -> list[str]:
 
 def did_not_learn(records: dict[str, Any]) -> list[str]:
     train = records["train"]
+    if "per_fold" in train:  # cv.folds: each fold model's own checks
+        return [sentence.replace("Training did not learn", f"Fold {n}: training did not learn")
+                .replace("Validation never beat", f"Fold {n}: validation never beat")
+                for n, fold in train["per_fold"].items()
+                for sentence in did_not_learn({"train": {**fold, "chance_loss": train["chance_loss"]}})]
     found = []
     if train.get("left_chance") is False:
         found.append(f"Training did not learn: the training loss never left chance (lowest {fmt(train['min_train_loss'])} "
@@ -161,8 +166,10 @@ def validation_reuse(records: dict[str, Any]) -> list[str]:
     uses = val.get("used_for", [])
     if len(uses) < 2:
         return []
-    return [f"One validation split ({val['n']} images) served {len(uses)} purposes: {'; '.join(uses)}. Numbers "
-            "measured on it are optimistic; only the test split was never used for a choice."]
+    what = (f"The out-of-fold predictions ({val['n']} development images)" if "cross_validation" in records["eval"]
+            else f"One validation split ({val['n']} images)")
+    return [f"{what} served {len(uses)} purposes: {'; '.join(uses)}. Numbers measured on them are optimistic; only "
+            "the test split was never used for a choice."]
 
 
 def synthetic_images(records: dict[str, Any]) -> list[str]:

@@ -83,6 +83,16 @@ class DatasetSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class ChildRecord:
+    """A run nested under the execution's run in the MLflow UI: one fold of a cross-validation."""
+
+    name: str
+    params: Mapping[str, Any]
+    metrics: Mapping[str, float]
+    step_metrics: Iterable[tuple[int, Mapping[str, float]]]
+
+
+@dataclasses.dataclass(frozen=True)
 class RunRecord:
     """Everything one pipeline execution logs as one MLflow run."""
 
@@ -99,6 +109,7 @@ class RunRecord:
     texts: Mapping[str, str]  # logged as files named by their keys (copies edited before they leave)
     model: ModelSpec | None = None
     datasets: Iterable[DatasetSpec] = ()  # the run's inputs: MLflow's Dataset column and filters
+    children: Iterable[ChildRecord] = ()  # nested runs (cv.folds: one per fold), logged after the parent's contents
 
 
 EXECUTION_TAG = "medcnn.execution"
@@ -245,6 +256,14 @@ def _log_contents(record: RunRecord, model_id: str | None) -> None:
             mlflow.log_artifact(str(path), artifact_path=folder or None)
     for name, text in record.texts.items():
         mlflow.log_text(text, name)
+    experiment_id = mlflow.active_run().info.experiment_id  # a nested run would otherwise go to "Default"
+    for child in record.children:
+        # nested=True tags the run mlflow.parentRunId: the UI shows it under the execution's run
+        with mlflow.start_run(run_name=child.name, nested=True, experiment_id=experiment_id):
+            mlflow.log_params({k: _param(v) for k, v in child.params.items()})
+            mlflow.log_metrics(dict(child.metrics))
+            for step, values in child.step_metrics:
+                mlflow.log_metrics(dict(values), step=step)
 
 
 def _dataset(spec: DatasetSpec) -> Any:

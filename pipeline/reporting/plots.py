@@ -39,13 +39,18 @@ def save_figure(fig: Figure, path: str | Path) -> None:
 
 
 def plot_history(history: Sequence[dict[str, float]], path: str | Path) -> None:
-    """Training and validation loss and AUC per epoch."""
-    epochs = [row["epoch"] for row in history]
+    """Training and validation loss and AUC per epoch; with a ``fold`` column (cross-validation),
+    one pair of lines per fold, validated on its own held-out fold."""
+    folds = sorted({row["fold"] for row in history}) if history and "fold" in history[0] else [None]
     fig, axes = new_figure(1, 2, figsize=(9, 3.2))
     for ax, key in zip(axes, ("loss", "roc_auc")):
-        for split, style in (("train", "-o"), ("val", "-s")):
-            values = [row[f"{split}_{key}"] for row in history]
-            ax.plot(epochs, [np.nan if v is None else v for v in values], style, ms=3, label=split)
+        for fold in folds:
+            rows = [row for row in history if fold is None or row["fold"] == fold]
+            epochs = [row["epoch"] for row in rows]
+            for split, style in (("train", "-o"), ("val", "-s")):
+                values = [row[f"{split}_{key}"] for row in rows]
+                ax.plot(epochs, [np.nan if v is None else v for v in values], style, ms=3,
+                        label=split if fold is None else f"fold {fold:g} {split}")
         ax.set_xlabel("epoch")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)

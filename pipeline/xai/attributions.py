@@ -93,25 +93,32 @@ def _smoothgrad(model: nn.Module, cfg: ExplainParams, shape: tuple[int, int, int
     return smooth
 
 
+def cam_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers Grad-CAM reads: the network's last feature map, or each ensemble member's (their
+    maps of the ensemble's output are averaged)."""
+    return list(getattr(model, "cam_layers", None) or [model.cam_layer])
+
+
 def _grad_cam(model: nn.Module, cfg: ExplainParams, shape: tuple[int, int, int], seed: int) -> Explainer:
     from captum.attr import LayerAttribution, LayerGradCam
 
     channels, *spatial = shape
-    cam = LayerGradCam(model, model.cam_layer)
-    return lambda x, t: LayerAttribution.interpolate(
+    cams = [LayerGradCam(model, layer) for layer in cam_layers(model)]
+    return lambda x, t: sum(LayerAttribution.interpolate(
         cam.attribute(x, target=t, relu_attributions=True), tuple(spatial), interpolate_mode=interpolation(len(spatial))
-    ).expand(-1, channels, *spatial) / channels
+    ) for cam in cams).expand(-1, channels, *spatial) / (channels * len(cams))
 
 
 def _guided_grad_cam(model: nn.Module, cfg: ExplainParams, shape: tuple[int, int, int], seed: int) -> Explainer:
     from captum.attr import GuidedGradCam
 
-    guided = GuidedGradCam(model, model.cam_layer)
+    guided = [GuidedGradCam(model, layer) for layer in cam_layers(model)]
 
     def guided_cam(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with warnings.catch_warnings():  # Captum announces its temporary ReLU hooks on every call
             warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
-            return guided.attribute(x, target=t, interpolate_mode=interpolation(len(shape) - 1))
+            return sum(g.attribute(x, target=t, interpolate_mode=interpolation(len(shape) - 1))
+                       for g in guided) / len(guided)
     return guided_cam
 
 
