@@ -179,6 +179,10 @@ def test_report_states_the_cross_validation_from_the_run_records(cv_run):
                               or test["roc_auc_ci_low"] > cv["pooled"]["roc_auc_ci_high"]) else "wholly")
     assert f"the ensemble on the test split: the two intervals {side}" in html or side == "wholly"
     assert "The out-of-fold predictions (" in html  # the limitation names what was reused, not "One validation split"
+    card = (root / "reports/model_card.md").read_text()
+    assert "Ensemble of 3 small_cnn CNNs (one per cross-validation fold)" in card
+    assert f"over {cv['images']} development images: pooled out-of-fold ROC AUC" in card
+    assert "chosen on the pooled out-of-fold predictions" in card
     failures = json.loads((root / "reports/eval/failures.json").read_text())
     assert len(failures["fold_disagreements"]) > 0
     spread = [r["score"] for r in failures["fold_disagreements"]]
@@ -213,3 +217,14 @@ def test_track_nests_one_run_per_fold_under_the_execution(cv_run, mlflow_store):
         assert [m.step for m in client.get_metric_history(child.info.run_id, "epoch.val_roc_auc")] == [1, 2]
     assert parent.data.metrics["cross_validation.pooled.roc_auc"] > 0
     assert "train.per_fold.1.best_epoch" in parent.data.metrics
+    # The registered MLflow model (what `mlflow models serve` serves) is the ensemble's package.
+    import mlflow
+
+    from pipeline.core.dataset import load_split
+    from pipeline.modeling.package import load_package
+
+    model = mlflow.pyfunc.load_model(f"models:/{record['registered_model']}/{record['model_version']}")
+    images = load_split(root / "data/prepared", "test")["images"][:8]
+    expected = load_package(root / "models/model.pt").score(images)
+    np.testing.assert_allclose(model.predict(images)[["prob_normal", "prob_lesion"]].to_numpy(),
+                               expected.probabilities, atol=1e-9)

@@ -123,6 +123,8 @@ def test_cross_validation_runs_one_dvc_stage_per_fold_and_nests_their_mlflow_run
     metrics = json.dumps(json.loads(sh(["dvc", "metrics", "show", "--json"], root, env)))
     assert "reports/folds/1/metrics.json" in metrics and "reports/folds/2/metrics.json" in metrics
     assert "cross_validation" in metrics
+    shown = sh(["dvc", "exp", "show", "--json"], root, env)
+    assert "reports/folds/2/metrics.json" in shown and '"folds"' in shown
     client, found = runs(root)
     parent = [r for r in found if "mlflow.parentRunId" not in r.data.tags][-1]
     assert parent.data.params["cv.folds"] == "[1, 2]"

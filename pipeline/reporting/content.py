@@ -730,8 +730,18 @@ def card_context(params: Params, records: dict[str, Any]) -> dict[str, Any]:
                             for s, d in ((s, data["splits"][s]) for s in SPLITS)),
         "license": f"License: {known['license']}." if known else "License of the data: not known to the pipeline.",
         "identifiers": identifiers_text(data),
-        "stopping": f"early stopping after {params.train.patience} epochs without a better validation "
-                    f"{words(records)['selection']}",
+        "stopping": ("each fold model: " if params.cv.k else "") + f"early stopping after {params.train.patience} "
+                    f"epochs without a better validation {words(records)['selection']}",
+        "architecture": (f"Ensemble of {params.cv.k} {params.train.model} CNNs (one per cross-validation fold)"
+                         if params.cv.k else f"{params.train.model} CNN"),
+        "chosen_on": "the pooled out-of-fold predictions" if params.cv.k else "validation",
+        "cross_validated": (f"{ev['cross_validation']['folds']} folds of whole patients over "
+                            f"{ev['cross_validation']['images']} development images: pooled out-of-fold ROC AUC "
+                            f"{fmt(ev['cross_validation']['pooled']['roc_auc'])} "
+                            f"({fmt_ci(ev['cross_validation']['pooled'], 'roc_auc')}), per fold "
+                            f"{fmt(ev['cross_validation']['mean']['roc_auc'])} ± "
+                            f"{fmt(ev['cross_validation']['sd']['roc_auc'])}; optimistic, as each fold's epoch and "
+                            "threshold were chosen on its own images") if ev.get("cross_validation") else None,
         "ood": records["package"]["intensity"]["rule"],
         # external validation sites (evaluate.external): data from elsewhere, scored by the frozen model
         "sites": [[name, site["n"], fmt(site["test"]["roc_auc"]), fmt_ci(site["test"], "roc_auc"),
