@@ -127,9 +127,9 @@ def cv_table(seeds: list[int]) -> None:
     ratios = []
     print("\nBreastMNIST, default params: the single split against 5-fold cross-validation (fold ensemble), "
           "prepare → report wall seconds on this machine:\n")
-    print("| seed | single split: test ROC AUC | 5-fold ensemble: test ROC AUC | ensemble − single (95% CI), DeLong p | "
-          "out-of-fold ROC AUC (pooled) | per fold, mean ± sd | ensemble disagreement (mean sd) | single s | 5-fold s "
-          "| time ratio |")
+    print("| seed | single split: test ROC AUC | 5-fold ensemble: test ROC AUC | ensemble − single (95% CI), "
+          "DeLong p | out-of-fold ROC AUC (pooled) | per fold, mean ± sd | ensemble disagreement (mean sd) "
+          "| single s | 5-fold s | time ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
     with tempfile.TemporaryDirectory(prefix="medcnn-bench-cv-") as tmp:
         for seed in seeds:
