@@ -21,7 +21,6 @@ metrics at that threshold). The train stage then averages the folds into one ens
 
 from __future__ import annotations
 
-import argparse
 import logging
 import tempfile
 from pathlib import Path
@@ -31,17 +30,18 @@ import numpy as np
 
 from pipeline import balance, tasks, train
 from pipeline.core import paths
-from pipeline.core.config import Params, load_params
+from pipeline.core.config import Params
 from pipeline.core.dataset import LARGE, array_path, load_meta, load_split, save_meta
 from pipeline.core.errors import PipelineError
 from pipeline.core.files import NpyWriter, rounded, save_npy, write_json
-from pipeline.core.runtime import configure_logging, run_command, seed_everything
+from pipeline.core.runtime import stage_main
 from pipeline.data.patient_split import development_folds
 from pipeline.evaluation.metrics import classification_metrics
 from pipeline.modeling.checkpoints import load_checkpoint
 from pipeline.modeling.networks import predict_proba
 
 log = logging.getLogger(__name__)
+
 
 def write_view(dev: dict[str, Any], rows: dict[str, np.ndarray], out: Path) -> None:
     """``out/<split>/*.npy`` holding the development rows ``rows[split]``, as prepare writes a split."""
@@ -100,19 +100,7 @@ def run(params: Params, fold: int, prepared: Path = paths.PREPARED, models: Path
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("fold", type=int, help="the fold's number, one of cv.folds")
-    parser.add_argument("--params", default="params.yaml", type=Path, help="params file (default: params.yaml)")
-    args = parser.parse_args()
-    configure_logging()
-
-    def work() -> int:
-        params = load_params(args.params)
-        seed_everything(params.seed)
-        run(params, args.fold)
-        return 0
-
-    run_command(work)
+    stage_main(__doc__.splitlines()[0], run, ("fold", int, "the fold's number, one of cv.folds"))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.config import Params, load_params
+from pipeline.core.config import load_params
 from pipeline.core.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -116,9 +116,13 @@ def run_command(work: Callable[[], int | None]) -> None:
         sys.exit(code)
 
 
-def stage_main(description: str, run: Callable[[Params], object]) -> None:
-    """Command-line entry point shared by every stage: ``--params``, logging, params, seeds, run."""
+def stage_main(description: str, run: Callable[..., object], item: tuple[str, type, str] | None = None) -> None:
+    """Command-line entry point shared by every stage: ``--params``, logging, params, seeds, run.
+    ``item`` (name, type, help): one positional argument passed to ``run`` after the params, the
+    ``${item}`` of a DVC ``matrix`` stage (``python -m pipeline.fold 3``)."""
     parser = argparse.ArgumentParser(description=description)
+    if item:
+        parser.add_argument(item[0], type=item[1], help=item[2])
     parser.add_argument("--params", default="params.yaml", type=Path, help="params file (default: params.yaml)")
     args = parser.parse_args()
     configure_logging()
@@ -126,6 +130,6 @@ def stage_main(description: str, run: Callable[[Params], object]) -> None:
     def work() -> None:
         params = load_params(args.params)
         seed_everything(params.seed)
-        run(params)
+        run(params, *([getattr(args, item[0])] if item else []))
 
     run_command(work)
