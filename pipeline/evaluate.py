@@ -2,14 +2,18 @@
 
 Every choice is made on the validation split and frozen before the test split is scored:
 the temperature (``evaluate.calibrate``), then the binary operating threshold
-(``evaluate.threshold``: Youden, a target sensitivity, or fixed). They are frozen into the
-model package ``models/model.pt`` (see :mod:`pipeline.modeling.package`) with the network,
-the preprocessing and the training images' intensity statistics, and the test split is
-scored through that package, exactly as ``pipeline.predict`` scores new images. Test metrics come with 95%
-bootstrap confidence intervals (patients resampled when patient ids exist). Classical
-scikit-learn baselines are fitted on the same training set and scored the same way. Every
-model is also attacked for membership leakage (:mod:`pipeline.evaluation.membership`) and
-scored on corrupted test images (:mod:`pipeline.evaluation.corruptions`).
+(``evaluate.threshold``: Youden, a target sensitivity, or fixed). With ``cv.folds`` the network is
+the fold models' ensemble, each member behind the temperature of its own held-out fold, and the
+threshold is chosen on the pooled out-of-fold predictions, which also give the cross-validated
+estimate (``cross_validation``: pooled and per fold) and the ensemble's disagreement per test
+image. The choices are frozen into the model package ``models/model.pt`` (see
+:mod:`pipeline.modeling.package`) with the network, the preprocessing and the training images'
+intensity statistics, and the test split is scored through that package, exactly as
+``pipeline.predict`` scores new images. Test metrics come with 95% bootstrap confidence
+intervals (patients resampled when patient ids exist). Classical scikit-learn baselines are
+fitted on the same training set and scored the same way. Every model is also attacked for
+membership leakage (:mod:`pipeline.evaluation.membership`) and scored on corrupted test images
+(:mod:`pipeline.evaluation.corruptions`).
 
 Writes ``models/model.pt`` and ``reports/eval/``:
 - ``metrics.json`` (DVC metrics): ``test.<metric>`` with ``_ci_low``/``_ci_high``, the threshold,
@@ -218,9 +222,9 @@ def cross_validation(params: Params, task: Task, chosen: dict[str, Any], scored:
     per_fold = {}
     for number in params.cv.folds:
         rows = folds == number
-        threshold = task.thresholds(cfg.threshold, labels[rows], probs[rows], cfg.positive_class)
-        found = classification_metrics(labels[rows], probs[rows], cfg.positive_class, threshold)
-        per_fold[str(number)] = {"n": int(rows.sum()), "threshold": threshold,
+        own = task.thresholds(cfg.threshold, labels[rows], probs[rows], cfg.positive_class)
+        found = classification_metrics(labels[rows], probs[rows], cfg.positive_class, own)
+        per_fold[str(number)] = {"n": int(rows.sum()), "threshold": own,
                                  **{key: rounded(found[key]) for key in CV_METRICS if found.get(key) is not None}}
     keys = [key for key in CV_METRICS if all(key in row for row in per_fold.values())]
     return {"folds": params.cv.k, "images": len(labels),
@@ -231,19 +235,17 @@ def cross_validation(params: Params, task: Task, chosen: dict[str, Any], scored:
 
 
 def disagreement(params: Params, task: Task, package: ModelPackage, test: dict[str, Any], scored: Scores,
-                 chosen: dict[str, Any], oof: Scores) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                 thresholds: list[float | None]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """How much the fold models disagree on each test image, an uncertainty of the ensemble: the
     standard deviation across members of their calibrated probabilities (of the positive class;
     multi-class: averaged over classes), and whether their decisions differ (each at its own
-    fold's threshold). Returns the summary and the test images they disagree on most, worst first."""
+    fold's ``thresholds``). Returns the summary and the test images they disagree on most, worst first."""
     cfg = params.evaluate
     ensemble: Ensemble = package.network
     members = np.stack([task.calibrate(predict_proba(m, test["images"], cfg.batch_size, activation=task.probabilities),
                                        t) for m, t in zip(ensemble.members, ensemble.temperatures.tolist())], axis=1)
     binary = package.threshold is not None
     spread = members[:, :, cfg.positive_class].std(axis=1) if binary else members.std(axis=1).mean(axis=1)
-    thresholds = [task.thresholds(cfg.threshold, chosen["labels"][chosen["folds"] == n],
-                                  oof.probabilities[chosen["folds"] == n], cfg.positive_class) for n in params.cv.folds]
     decisions = np.stack([task.decide(members[:, i], t, cfg.positive_class) for i, t in enumerate(thresholds)], axis=1)
     differ = (decisions != decisions[:, :1]).any(axis=1)
     names, worst = package.class_names, np.argsort(-spread, kind="stable")[:cfg.failure_cases]
@@ -489,8 +491,8 @@ def evaluate_single(params: Params, task: Task, meta: dict[str, Any], prepared: 
 
     if params.cv.k:  # the cross-validated estimate, and how much the fold models disagree on test images
         result["cross_validation"] = cross_validation(params, task, chosen, val_scored, threshold)
-        result["cross_validation"]["disagreement"], disagreed = disagreement(params, task, package, test, scored,
-                                                                              chosen, val_scored)
+        own = [row["threshold"] for row in result["cross_validation"]["per_fold"].values()]
+        result["cross_validation"]["disagreement"], disagreed = disagreement(params, task, package, test, scored, own)
 
     # 3. Membership inference audit: training members against never-trained-on non-members.
     audited = audit_sets(params, prepared, chosen, val_scored, scored.uncalibrated, y_test)

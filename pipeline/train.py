@@ -7,6 +7,10 @@ AUC), ``reports/train/metrics.json``, ``reports/train/curves.png`` and
 ``reports/train/timing.json`` (wall time lives apart from metrics so metrics stay
 byte-identical between runs).
 
+With ``cv.folds`` this stage trains nothing: the ``fold@<n>`` stages (:mod:`pipeline.fold`) ran
+this training once per fold, and :func:`assemble` averages their models into one ensemble,
+written to the same files.
+
 Data are streamed: batches are read from the prepared ``.npy`` files by the balance stage's
 indices (:mod:`pipeline.modeling.loader`, ``train.workers`` processes reading ahead), so
 memory holds a few batches, never the training set. ``train.processes: N`` trains on N

@@ -124,6 +124,10 @@ def test_every_development_image_is_held_out_once_and_scored_by_the_member_that_
     labels = np.array([r["label"] == "lesion" for r in oof], dtype=int)
     scores = np.array([float(r["prob_lesion"]) for r in oof])
     assert cv["pooled"]["roc_auc"] == pytest.approx(roc_auc(labels, np.c_[1 - scores, scores]), abs=1e-4)
+    # The pooled decisions are at the ensemble's threshold, each fold's at its own.
+    threshold = metrics["test"]["threshold"]
+    assert cv["pooled"]["sensitivity"] == pytest.approx(np.mean(scores[labels == 1] >= threshold), abs=1e-4)
+    assert [cv["per_fold"][str(n)]["threshold"] for n in FOLDS] == pytest.approx([r["threshold"] for r in records])
     assert metrics["privacy_audit"]["non_members_from"] == "a seeded half of the test split"
 
 
