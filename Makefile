@@ -11,7 +11,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup run verify exps test test-fast docs docs-serve ui mlflow-server mlflow-server-stop lock clean
+.PHONY: setup run verify exps tune test test-fast docs docs-serve ui mlflow-server mlflow-server-stop lock clean
 
 setup: $(STAMP)
 
@@ -32,7 +32,13 @@ verify: setup
 # DVC experiments in 120 columns: the params that differ between them and the headline test metrics
 # (dvc exp show drops every column but params and those; --only-changed drops the params that agree).
 exps: setup
-	dvc exp show --only-changed --md --keep 'test\.(roc_auc|accuracy|sensitivity|specificity)$$' --drop '^(?!(Experiment|seed|data\.|balance\.|train\.|evaluate\.|explain\.|report\.|track\.)).*|train\.(best_epoch|chance_loss|epochs_run|improved_after_first_epoch|left_chance|min_train_loss|parameters|val_.*|privacy\..*)|explain\.[a-z_]+\..*'
+	dvc exp show --only-changed --md --keep 'test\.(roc_auc|accuracy|sensitivity|specificity)$$' --drop '^(?!(Experiment|seed|data\.|balance\.|train\.|cv\.|evaluate\.|explain\.|report\.|track\.)).*|train\.(best_epoch|chance_loss|epochs_run|folds|improved_after_first_epoch|left_chance|min_train_loss|parameters|per_fold\..*|val_.*|privacy\..*)|explain\.[a-z_]+\..*'
+
+# A hyperparameter search on validation (python -m pipeline.tune); a team's study on the tracking
+# server's PostgreSQL: make tune STORAGE="$$(scripts/mlflow-server.sh optuna-url)" WORKERS=2
+tune: setup
+	dvc repro prepare
+	python -m pipeline.tune $(if $(STORAGE),--storage "$(STORAGE)") --workers $(or $(WORKERS),1)
 
 test: setup
 	python -m pytest

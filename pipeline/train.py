@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -286,7 +287,8 @@ class Training:
 
 
 def fit(params: Params, task: Task, data: TrainingSet, val: dict[str, Any], meta: dict[str, Any], key: str,
-        device: torch.device, checkpoint: Path | None = None, world: World = distributed.ALONE
+        device: torch.device, checkpoint: Path | None = None, world: World = distributed.ALONE,
+        on_epoch: Callable[[int, float | None], None] | None = None
         ) -> tuple[Classifier, list[dict[str, Any]], int, dict[str, Any] | None]:
     """Train on ``device`` with early stopping on the task's validation metric (ROC AUC, or kappa
     for grades); returns the best model, history, best epoch and, with ``train.privacy.enabled``,
@@ -294,7 +296,8 @@ def fit(params: Params, task: Task, data: TrainingSet, val: dict[str, Any], meta
 
     After every epoch the whole training state is saved to ``checkpoint`` (by the first worker);
     a run interrupted (Ctrl-C, kill) and started again with the same params and data (``key``)
-    resumes there and ends with the same bytes as an uninterrupted run.
+    resumes there and ends with the same bytes as an uninterrupted run. ``on_epoch(epoch,
+    validation metric)`` is called after every epoch (a search's pruner: it may raise to stop).
     """
     training = Training(params, task, data, meta, device, world)
     state = load_progress(checkpoint, key) if checkpoint else None
@@ -305,13 +308,16 @@ def fit(params: Params, task: Task, data: TrainingSet, val: dict[str, Any], meta
         training.epoch(val)
         if checkpoint and world.is_main:
             save_progress(checkpoint, training.state_dict(key))
+        if on_epoch:
+            on_epoch(len(training.history), training.history[-1][f"val_{task.selection}"])
     network, guarantee = training.finish()
     return network, training.history, training.best_epoch, guarantee
 
 
 def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.BALANCED,
         model_path: Path = paths.NETWORK, out_dir: Path = paths.TRAIN_DIR,
-        checkpoint: Path | None = paths.CHECKPOINT, world: World = distributed.ALONE) -> dict[str, Any]:
+        checkpoint: Path | None = paths.CHECKPOINT, world: World = distributed.ALONE,
+        on_epoch: Callable[[int, float | None], None] | None = None) -> dict[str, Any]:
     meta = load_meta(prepared)
     task = tasks.for_data(meta.get("task"), meta["class_names"])
     data = load_training_set(prepared, balanced)
@@ -322,7 +328,7 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
     device = world.device or select_device(params.train.device)  # torchrun's worker has its own GPU
     start = time.perf_counter()
     model, history, best_epoch, guarantee = fit(params, task, data, val, meta, fingerprint(params, prepared, balanced),
-                                                device, checkpoint, world)
+                                                device, checkpoint, world, on_epoch)
     seconds = time.perf_counter() - start
     best = history[best_epoch - 1]
     metrics = {"train": {

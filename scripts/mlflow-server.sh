@@ -5,6 +5,8 @@
 #   scripts/mlflow-server.sh start    # (make mlflow-server) initialise once, start both, wait for /health
 #   scripts/mlflow-server.sh stop     # (make mlflow-server-stop) stop both; data are kept
 #   scripts/mlflow-server.sh status
+#   scripts/mlflow-server.sh optuna-url  # the Optuna storage on the same PostgreSQL, for
+#                                        # python -m pipeline.tune --storage "$(scripts/mlflow-server.sh optuna-url)"
 #
 # Everything lives in $MLFLOW_SERVER_DIR (default: .mlflow-server/ in the repository, ignored by
 # git): the PostgreSQL cluster, its generated password (never printed, never in git), the
@@ -51,9 +53,11 @@ start() {
     fi
   fi
   export PGPASSWORD; PGPASSWORD="$(cat "$DIR/password")"
-  if ! psql -h 127.0.0.1 -p "$PG_PORT" -U mlflow -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname='mlflow'" | grep -q 1; then
-    psql -h 127.0.0.1 -p "$PG_PORT" -U mlflow -d postgres -qc "CREATE DATABASE mlflow" >/dev/null
-  fi
+  for db in mlflow optuna; do  # MLflow's store, and the hyperparameter studies' (pipeline.tune)
+    if ! psql -h 127.0.0.1 -p "$PG_PORT" -U mlflow -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname='$db'" | grep -q 1; then
+      psql -h 127.0.0.1 -p "$PG_PORT" -U mlflow -d postgres -qc "CREATE DATABASE $db" >/dev/null
+    fi
+  done
   if health; then echo "MLflow server already answers at http://127.0.0.1:$PORT"; return; fi
   mkdir -p "$DIR/artifacts"
   # Its own session, so `stop` can end the whole group (mlflow starts huey job consumers beside it).
@@ -93,9 +97,15 @@ status() {
     echo "PostgreSQL: running on 127.0.0.1:$PG_PORT"; else echo "PostgreSQL: stopped"; fi
 }
 
+optuna_url() {  # holds the password: for --storage, never for a log
+  [ -f "$DIR/password" ] || { echo "error: no server in $DIR (make mlflow-server first)" >&2; exit 1; }
+  echo "postgresql+psycopg://mlflow:$(cat "$DIR/password")@127.0.0.1:$PG_PORT/optuna"
+}
+
 case "${1:-}" in
   start) start ;;
   stop) stop ;;
   status) status ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+  optuna-url) optuna_url ;;
+  *) echo "usage: $0 start|stop|status|optuna-url" >&2; exit 2 ;;
 esac

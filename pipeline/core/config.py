@@ -363,6 +363,68 @@ class CvParams:
         return len(self.folds)
 
 
+TUNABLE = ("train.", "balance.")  # the sections a search may change (never data, cv or evaluate: the design)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchDimension:
+    """One entry of ``tune.space``: a ``train.*`` or ``balance.*`` key and its range (``low`` ..
+    ``high``, on a log scale with ``log``; whole numbers where the param is an integer) or its
+    ``choices``. Keys left out take these defaults."""
+
+    key: str
+    low: Union[float, None] = None
+    high: Union[float, None] = None
+    log: bool = False
+    choices: tuple[Any, ...] = ()
+
+    def __post_init__(self) -> None:
+        where = f"tune.space.{self.key}"
+        _check(self.key.startswith(TUNABLE), where, f"must be a {' or '.join(t + '*' for t in TUNABLE)} key")
+        hint = param_type(self.key)
+        _check(hint is not None, where, "names no param")
+        if self.choices:
+            _check(self.low is None and self.high is None, where, "takes choices or low/high, not both")
+        else:
+            _check(hint in (int, float), where, "is not a number: give it choices")
+            _check(self.low is not None and self.high is not None and self.low < self.high, where,
+                   "needs low < high (or choices)")
+            _check(not self.log or self.low > 0, where, "needs low > 0 on a log scale")
+
+    @property
+    def integer(self) -> bool:
+        return param_type(self.key) is int
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneParams:
+    """``python -m pipeline.tune``: an Optuna study over ``space`` on the validation metric (the
+    cross-validated one with ``cv.folds``), never on the test split."""
+
+    trials: int
+    seed: int  # the sampler's: the same seed and trials on one worker give the same trials
+    pruning: bool  # stop a trial whose per-epoch validation metric falls below the median of earlier trials
+    space: tuple[SearchDimension, ...]
+
+    def __post_init__(self) -> None:
+        _check(self.trials >= 1, "tune.trials", "must be >= 1")
+        keys = [d.key for d in self.space]
+        _check(len(set(keys)) == len(keys), "tune.space", f"lists a key twice: {keys}")
+
+
+def param_type(dotted: str) -> Any:
+    """The type a dotted params key holds (``int``, ``float``, a ``Literal``, ...), None if no such key."""
+    cls: Any = Params
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return None
+        cls = hints[part]
+    return cls
+
+
 @dataclasses.dataclass(frozen=True)
 class ReportParams:
     title: str
@@ -390,6 +452,7 @@ class Params:
     explain: ExplainParams
     report: ReportParams
     track: TrackParams
+    tune: TuneParams
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -472,6 +535,8 @@ def build(cls: type, raw: Any, where: str) -> Any:
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
+    if hint is Any:  # a value for another key (tune.space's choices), checked when it is used
+        return value
     if dataclasses.is_dataclass(hint):
         return build(hint, value, where)
     origin = typing.get_origin(hint)
