@@ -227,6 +227,10 @@ def run(params: Params, prepared: Path = paths.PREPARED, storage: str = DEFAULT_
     """The study ``name`` (default :func:`study_name`) run to ``tune.trials`` trials by ``workers``
     processes, its best params written to ``out``; returns the summary."""
     load_meta(prepared)  # a clear error when the data are not prepared
+    if workers > 1 and storage_url(storage).startswith("sqlite"):
+        raise PipelineError("--workers > 1 needs a database server: SQLite serialises every write and its locks time "
+                            "out under several workers; use the tracking server's PostgreSQL (make mlflow-server, then "
+                            "--storage \"$(scripts/mlflow-server.sh optuna-url)\")")
     name = name or study_name(params, prepared)
     open_study(params, storage, name)  # created once, before workers race to create it
     if workers == 1:

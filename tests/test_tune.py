@@ -74,6 +74,9 @@ def test_the_best_params_apply_to_dvc_exp_run_as_overrides(prepared_without_test
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["-S", "train.lr=0.0023", "-S", "balance.strategy=smote"]
+    with pytest.raises(PipelineError, match="needs a database server"):
+        tune.run(load_params(REPO / "params.yaml"), prepared_without_test / "prepared", str(tmp_path / "x.db"),
+                 workers=2)
     with pytest.raises(PipelineError, match="expected a 'params' mapping"):
         (tmp_path / "bad.yaml").write_text("lr: 1\n")
         tune.read_best(tmp_path / "bad.yaml")
