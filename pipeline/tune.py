@@ -157,7 +157,7 @@ def open_study(params: Params, storage: str, name: str, worker: int = 0) -> Any:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         rdb = optuna.storages.RDBStorage(
             storage_url(storage), heartbeat_interval=HEARTBEAT, grace_period=GRACE,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
     return optuna.create_study(storage=rdb, study_name=name, direction="maximize",
                                sampler=optuna.samplers.TPESampler(seed=params.tune.seed + worker), pruner=pruner,
                                load_if_exists=True)
