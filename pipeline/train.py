@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import hashlib
 import json
 import logging
@@ -45,7 +44,7 @@ from tqdm import tqdm
 
 from pipeline import tasks
 from pipeline.core import kernels, paths
-from pipeline.core.config import Params, TrainParams, as_dict, effective_loss, load_params
+from pipeline.core.config import Params, TrainParams, as_dict, effective_train, load_params
 from pipeline.core.dataset import BALANCED_FILES, TrainingSet, load_meta, load_split, load_training_set
 from pipeline.core.errors import PipelineError
 from pipeline.core.files import SECONDS_DECIMALS, file_digest, read_csv, read_json, rounded, write_csv, write_json
@@ -187,8 +186,8 @@ def standardisation(data: TrainingSet, chunk: int = 64) -> tuple[float, float]:
 
 
 def effective(cfg: TrainParams, task: Task) -> TrainParams:
-    """``train`` as it runs for ``task``: ``loss: auto`` resolved (:func:`effective_loss`)."""
-    return dataclasses.replace(cfg, loss=effective_loss(cfg.loss, task.name))
+    """``train`` as it runs for ``task``: every ``auto`` resolved (:func:`effective_train`)."""
+    return effective_train(cfg, task.name)
 
 
 class Training:

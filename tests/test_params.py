@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.core.config import as_dict, flatten, load_params, parse_overrides
 from pipeline.core.errors import PipelineError
-from tests.conftest import REPO, write_params
+from tests.conftest import REPO, tiny_params, write_params
 
 
 def test_repository_params_load():
@@ -24,6 +24,8 @@ def test_repository_params_load():
         ({"balance.strategy": "magic"}, "'balance.strategy' is 'magic'; choose one of"),
         ({"train.epochs": "ten"}, "'train.epochs' must be int"),
         ({"train.lr": -1.0}, "'train.lr' must be positive"),
+        ({"train.grad_clip": "fast"}, "'train.grad_clip' is 'fast'; choose one of: auto"),
+        ({"train.warmup_epochs": 15}, "'train.warmup_epochs' must be auto or lie in"),
         ({"data.source": "npz", "data.path": None}, "'data.path' must name the input"),
         ({"explain.methods": ["saliency", "deeplift"]}, "'explain.methods[1]' is 'deeplift'; choose one of: saliency,"),
         ({"data.phantom.lesion_radius": [3.0]}, "'data.phantom.lesion_radius' must be a list of 2 values"),
@@ -67,3 +69,24 @@ def test_overrides_parse_like_dvc_set_params():
         "train.lr": 0.01, "evaluate.baselines": [], "data.path": "a=b.npz", "data.name": None}
     with pytest.raises(PipelineError, match="expected key=value"):
         parse_overrides(["train.lr"])
+
+
+def test_auto_recipe_follows_the_norm_and_privacy(tmp_path):
+    """train.warmup_epochs and train.grad_clip: auto resolve per norm (the recipe measured on
+    validation by bench/norms.py); batch norm keeps the project's recipe, DP-SGD clips per image."""
+    from pipeline.core.config import effective_train
+    from pipeline.modeling import dp_sgd
+
+    batch = tiny_params(tmp_path).train
+    assert (batch.warmup_epochs, batch.grad_clip) == ("auto", "auto")
+    ran = effective_train(batch, None)
+    assert (ran.warmup_epochs, ran.grad_clip, ran.lr) == (0, 0.0, batch.lr)
+    group = effective_train(tiny_params(tmp_path, **{"train.norm": "group"}).train, None)
+    assert (group.warmup_epochs, group.grad_clip) == (1, 1.0)  # 2 warm-up epochs, at most epochs - 1 (tiny: 2 epochs)
+    private = tiny_params(tmp_path, **{"train.norm": "group", "train.privacy.enabled": True})
+    assert effective_train(private.train, None).grad_clip == 0.0 and not dp_sgd.refusals(private)
+    explicit = effective_train(tiny_params(tmp_path, **{"train.norm": "group", "train.grad_clip": 0.5,
+                                                        "train.warmup_epochs": 0}).train, None)
+    assert (explicit.grad_clip, explicit.warmup_epochs) == (0.5, 0)
+    clipped = tiny_params(tmp_path, **{"train.norm": "group", "train.grad_clip": 0.5, "train.privacy.enabled": True})
+    assert "train.grad_clip>0" in dp_sgd.refusals(clipped)[0]

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pipeline import tasks, train
-from pipeline.core.config import TrainParams
+from pipeline.core.config import TrainParams, effective_train
 from pipeline.core.files import read_json
 from pipeline.modeling.networks import ModelConfig, build_model
 from pipeline.modeling.recipe import make_optimizer
@@ -98,7 +98,7 @@ def test_stages_compute_with_deterministic_pinned_kernels():
     assert torch.get_num_threads() == 1
     assert all(pool["num_threads"] == 1 for pool in threadpool_info() if pool["user_api"] == "blas")
     assert make_optimizer(build_model(ModelConfig("small_cnn", 1, 2, 16, 4, 0.5, 0.25)),
-                          tiny_params_train()).defaults.get("fused") is True  # AdamW's sqrt not in MKL's VML
+                          effective_train(tiny_params_train(), None)).defaults.get("fused") is True  # AdamW's sqrt not in MKL's VML
 
 
 # The weight average, and with DP-SGD the accountant and the noise generator, are part of the

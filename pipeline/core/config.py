@@ -62,6 +62,25 @@ def effective_loss(loss: str, task: str | None) -> str:
     return ({"ordinal": "corn"}.get(task or "", "cross_entropy")) if loss == "auto" else loss
 
 
+# train.warmup_epochs and train.grad_clip: auto — the recipe per norm that measured best on
+# validation (bench/norms.py, BreastMNIST seeds 0-2; docs/performance.md). Batch norm keeps the one
+# the project was tuned with; group norm (what DP-SGD and exact DDP need) barely learned with it
+# (validation ROC AUC 0.747) and learns with two warm-up epochs and gradients clipped at 1 (0.914).
+# Under DP-SGD the clipping is Opacus' own, per image (train.privacy.max_grad_norm).
+AUTO_WARMUP = {"batch": 0, "group": 2}
+AUTO_CLIP = {"batch": 0.0, "group": 1.0}
+
+
+def effective_train(cfg: TrainParams, task: str | None) -> TrainParams:
+    """``train`` as it runs for a ``task``: every ``auto`` resolved: ``loss`` (:func:`effective_loss`),
+    ``warmup_epochs`` (``AUTO_WARMUP`` by norm, at most ``epochs - 1``) and ``grad_clip``
+    (``AUTO_CLIP`` by norm; 0 under DP-SGD)."""
+    return dataclasses.replace(
+        cfg, loss=effective_loss(cfg.loss, task),
+        warmup_epochs=min(AUTO_WARMUP[cfg.norm], cfg.epochs - 1) if cfg.warmup_epochs == "auto" else cfg.warmup_epochs,
+        grad_clip=(0.0 if cfg.privacy.enabled else AUTO_CLIP[cfg.norm]) if cfg.grad_clip == "auto" else cfg.grad_clip)
+
+
 def parse_threshold(rule: str) -> tuple[str, float | None]:
     """``youden`` | ``sensitivity@S`` | ``fixed:T`` -> (rule name, its value); PipelineError when malformed."""
     match = re.fullmatch(r"(youden)|(sensitivity)@([0-9.]+)|(fixed):([0-9.]+)", rule)
@@ -207,10 +226,10 @@ class TrainParams:
     loss: Loss
     focal_gamma: float
     label_smoothing: float
-    grad_clip: float
+    grad_clip: Union[float, Literal["auto"]]
     ema: float
     schedule: Schedule
-    warmup_epochs: int
+    warmup_epochs: Union[int, Literal["auto"]]
     aug_rotate: float
     aug_translate: float
     aug_scale: float
@@ -228,9 +247,10 @@ class TrainParams:
     def __post_init__(self) -> None:
         _check(self.focal_gamma >= 0, "train.focal_gamma", "must be >= 0")
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must lie in [0, 1)")
-        _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = off)")
+        _check(self.grad_clip == "auto" or self.grad_clip >= 0, "train.grad_clip", "must be auto or >= 0 (0 = off)")
         _check(0 <= self.ema < 1, "train.ema", "must lie in [0, 1) (0 = off)")
-        _check(0 <= self.warmup_epochs < self.epochs, "train.warmup_epochs", "must lie in [0, train.epochs)")
+        _check(self.warmup_epochs == "auto" or 0 <= self.warmup_epochs < self.epochs, "train.warmup_epochs",
+               "must be auto or lie in [0, train.epochs)")
         for key in ("aug_rotate", "aug_translate", "aug_scale", "aug_intensity"):
             _check(getattr(self, key) >= 0, f"train.{key}", "must be >= 0 (0 = off)")
         _check(self.width >= 1, "train.width", "must be >= 1")
@@ -413,7 +433,8 @@ class TuneParams:
 
 
 def param_type(dotted: str) -> Any:
-    """The type a dotted params key holds (``int``, ``float``, a ``Literal``, ...), None if no such key."""
+    """The type a dotted params key holds (``int``, ``float``, a ``Literal``, ...), None if no such
+    key; for a number that may also be ``auto``, the number's type."""
     cls: Any = Params
     for part in dotted.split("."):
         if not dataclasses.is_dataclass(cls):
@@ -422,7 +443,8 @@ def param_type(dotted: str) -> Any:
         if part not in hints:
             return None
         cls = hints[part]
-    return cls
+    numbers = [a for a in typing.get_args(cls) if a in (int, float)]
+    return numbers[0] if numbers else cls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -548,8 +570,13 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, where)
+        inner = [a for a in args if a is not type(None)]
+        for option in inner[:-1]:  # the first type the value fits (a number, else a choice like auto)
+            try:
+                return _coerce(option, value, where)
+            except PipelineError:
+                pass
+        return _coerce(inner[-1], value, where)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise PipelineError(f"'{where}' must be a list, got {value!r}")

@@ -58,7 +58,7 @@ def refusals(params: Params) -> list[str]:
                      "image's influence is no longer bounded by the clipping norm; use none or class_weight)")
     if cfg.sampler != "none":
         found.append(f"train.sampler={cfg.sampler} (the accounting assumes Poisson sampling)")
-    if cfg.grad_clip:
+    if cfg.grad_clip not in (0, "auto"):  # auto is off under DP-SGD
         found.append("train.grad_clip>0 (per-image clipping is train.privacy.max_grad_norm)")
     if cfg.model != "seed_cnn" and cfg.norm != "group":
         found.append(f"train.norm={cfg.norm} (batch statistics mix images; use train.norm=group)")

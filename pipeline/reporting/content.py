@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from pipeline.core import kernels, paths
-from pipeline.core.config import Params, TrainParams, effective_loss, flatten
+from pipeline.core.config import Params, TrainParams, effective_loss, effective_train, flatten
 from pipeline.core.dataset import SPLITS
 from pipeline.core.files import file_digest, fmt, read_csv, read_json
 from pipeline.data import catalog
@@ -245,7 +245,7 @@ def determinism_text(timing: dict[str, Any]) -> str:
 
 
 def model_rows(params: Params, records: dict[str, Any]) -> list[list[Any]]:
-    train, cfg = records["train"], params.train
+    train, cfg = records["train"], effective_train(params.train, records["data"].get("task"))
     optimizer = f"{cfg.optimizer} (lr {cfg.lr}, weight decay {cfg.weight_decay}" + (
         f", momentum {cfg.momentum})" if cfg.optimizer == "sgd" else ")")
     config = records["model_config"]

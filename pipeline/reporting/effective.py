@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.core.config import Params, as_dict, effective_loss, flatten
+from pipeline.core.config import Params, as_dict, effective_loss, effective_train, flatten
 from pipeline.data.privacy import public_params
 
 
@@ -42,6 +42,11 @@ def notes(params: Params, records: dict[str, Any]) -> dict[str, str]:
         found["balance.smote_k_neighbors"] = f"not used: balance.strategy is {params.balance.strategy}"
     if cfg.optimizer != "sgd":
         found["train.momentum"] = f"not used: train.optimizer is {cfg.optimizer}"
+    ran = effective_train(cfg, data.get("task"))
+    for key in ("warmup_epochs", "grad_clip"):
+        if getattr(cfg, key) == "auto":
+            found[f"train.{key}"] = f"{getattr(ran, key)} (auto, for {cfg.norm} norm" + (
+                ", DP-SGD clips per image)" if key == "grad_clip" and cfg.privacy.enabled else ")")
     loss = effective_loss(cfg.loss, data.get("task"))
     if cfg.loss != loss:
         found["train.loss"] = f"{loss} (auto, for a {data.get('task')} task)"
