@@ -28,14 +28,17 @@ from pipeline.core.config import load_params, write_params
 from pipeline.core.files import fmt
 
 DATA = REPO.parent / "shared" / "data" / "medmnist"
+# Every value explicit: train.warmup_epochs and train.grad_clip default to auto, which is itself
+# one of these recipes for group norm.
+GROUP = {"train.norm": "group", "train.warmup_epochs": 0, "train.grad_clip": 0.0}
 RECIPES: dict[str, dict[str, Any]] = {
     "batch norm (default)": {},
-    "group, batch-norm recipe": {"train.norm": "group"},
-    "group, lr 0.001": {"train.norm": "group", "train.lr": 0.001},
-    "group, warm-up 2": {"train.norm": "group", "train.warmup_epochs": 2},
-    "group, lr 0.001, warm-up 2": {"train.norm": "group", "train.lr": 0.001, "train.warmup_epochs": 2},
-    "group, warm-up 2, clip 1": {"train.norm": "group", "train.warmup_epochs": 2, "train.grad_clip": 1.0},
-    "group, lr 0.001, warm-up 2, clip 1": {"train.norm": "group", "train.lr": 0.001, "train.warmup_epochs": 2,
+    "group, batch-norm recipe": GROUP,
+    "group, lr 0.001": {**GROUP, "train.lr": 0.001},
+    "group, warm-up 2": {**GROUP, "train.warmup_epochs": 2},
+    "group, lr 0.001, warm-up 2": {**GROUP, "train.lr": 0.001, "train.warmup_epochs": 2},
+    "group, warm-up 2, clip 1 (auto)": {"train.norm": "group"},
+    "group, lr 0.001, warm-up 2, clip 1": {**GROUP, "train.lr": 0.001, "train.warmup_epochs": 2,
                                            "train.grad_clip": 1.0},
 }
 FAST = {"evaluate.baselines": [], "evaluate.corruptions": [], "evaluate.bootstrap": 100}
