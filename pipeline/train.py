@@ -401,9 +401,8 @@ def assemble(params: Params, prepared: Path = paths.PREPARED, models: Path = pat
         "left_chance": all(t["left_chance"] for t in trained),
         "improved_after_first_epoch": None if None in improved else all(improved),
     }}
-    save_checkpoint(model_path, ensemble, {"class_names": meta["class_names"],
-                                           "best_epoch": [t["best_epoch"] for t in trained],
-                                           **({"task": task.name} if task.family != "single" else {})})
+    save_checkpoint(model_path, ensemble, {"class_names": meta["class_names"],  # one class per image: no task entry
+                                           "best_epoch": [t["best_epoch"] for t in trained]})
     columns = ("fold", *history_columns(task))
     write_csv(out_dir / paths.HISTORY, columns, [[row[c] for c in columns] for row in histories])
     write_json(out_dir / paths.METRICS, metrics)
