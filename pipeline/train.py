@@ -57,7 +57,7 @@ from pipeline.core.runtime import (
     select_device,
 )
 from pipeline.data.labels import counts
-from pipeline.modeling import distributed, dp_sgd, loader
+from pipeline.modeling import distributed, dp_sgd, loader, pretrained
 from pipeline.modeling.checkpoints import load_checkpoint, load_progress, save_checkpoint, save_progress
 from pipeline.modeling.distributed import World
 from pipeline.modeling.networks import Classifier, Ensemble, ModelConfig, build_model, count_parameters, predict_proba
@@ -214,7 +214,9 @@ class Training:
                              image_size=size[0], width=cfg.width, mean=rounded(mean), std=rounded(std) or 1.0,
                              norm=cfg.norm, ndim=len(size))
         torch.manual_seed(params.seed)  # weight initialisation draws from the global generator
-        self.network = build_model(config).to(device, memory_format=layout(cfg, len(size)))
+        network = build_model(config)
+        self.pretrained = pretrained.load(network, cfg.pretrained) if cfg.pretrained.weights else None
+        self.network = network.to(device, memory_format=layout(cfg, len(size)))
         self.model = self.network if world.size == 1 else nn.parallel.DistributedDataParallel(
             self.network, device_ids=[device.index] if device.type == "cuda" else None)
         self.optimizer = make_optimizer(self.model, cfg)
@@ -288,7 +290,7 @@ class Training:
 def fit(params: Params, task: Task, data: TrainingSet, val: dict[str, Any], meta: dict[str, Any], key: str,
         device: torch.device, checkpoint: Path | None = None, world: World = distributed.ALONE,
         on_epoch: Callable[[int, float | None], None] | None = None
-        ) -> tuple[Classifier, list[dict[str, Any]], int, dict[str, Any] | None]:
+        ) -> tuple[Classifier, list[dict[str, Any]], int, dict[str, Any] | None, dict[str, Any] | None]:
     """Train on ``device`` with early stopping on the task's validation metric (ROC AUC, or kappa
     for grades); returns the best model, history, best epoch and, with ``train.privacy.enabled``,
     the DP-SGD guarantee spent (None otherwise).
@@ -310,7 +312,7 @@ def fit(params: Params, task: Task, data: TrainingSet, val: dict[str, Any], meta
         if on_epoch:
             on_epoch(len(training.history), training.history[-1][f"val_{task.selection}"])
     network, guarantee = training.finish()
-    return network, training.history, training.best_epoch, guarantee
+    return network, training.history, training.best_epoch, guarantee, training.pretrained
 
 
 def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.BALANCED,
@@ -326,8 +328,8 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
              f", worker {world.rank + 1} of {world.size}" if world.size > 1 else "")
     device = world.device or select_device(params.train.device)  # torchrun's worker has its own GPU
     start = time.perf_counter()
-    model, history, best_epoch, guarantee = fit(params, task, data, val, meta, fingerprint(params, prepared, balanced),
-                                                device, checkpoint, world, on_epoch)
+    model, history, best_epoch, guarantee, weights = fit(
+        params, task, data, val, meta, fingerprint(params, prepared, balanced), device, checkpoint, world, on_epoch)
     seconds = time.perf_counter() - start
     best = history[best_epoch - 1]
     metrics = {"train": {
@@ -342,13 +344,16 @@ def run(params: Params, prepared: Path = paths.PREPARED, balanced: Path = paths.
     }}
     if guarantee is not None:
         metrics["train"]["privacy"] = guarantee
+    if weights is not None:
+        metrics["train"]["pretrained"] = weights
     if not world.is_main:
         return metrics
     # A checkpoint names its task unless it has one class per image (as every checkpoint made
     # before the other tasks existed): the single-label checkpoint keeps its bytes.
     save_checkpoint(model_path, model, {"class_names": meta["class_names"], "best_epoch": best_epoch,
                                         **({"task": task.name} if task.family != "single" else {}),
-                                        **({"privacy": guarantee} if guarantee else {})})
+                                        **({"privacy": guarantee} if guarantee else {}),
+                                        **({"pretrained": weights} if weights else {})})
     columns = history_columns(task)
     write_csv(out_dir / paths.HISTORY, columns, [[rounded(row[c]) for c in columns] for row in history])
     write_json(out_dir / paths.METRICS, metrics)

@@ -21,8 +21,11 @@ reads, ROC AUC (kappa for grades). The test split is never opened.
   its params again, so a study resumes where it was.
 - The best trial's params are written to ``--out`` (default ``reports/tune/<study>.yaml``) with
   the study's facts (trials complete, pruned and failed, the best value, each param's
-  importance); ``python -m pipeline.tune args FILE`` prints them as ``-S key=value`` for
-  ``dvc exp run``, so the final model is an ordinary, reproducible DVC experiment.
+  importance, the prepared data's sha256); ``python -m pipeline.tune args FILE`` prints them as
+  ``-S key=value`` for ``dvc exp run``, with ``tune.result=FILE``, so the final model is an
+  ordinary, reproducible DVC experiment whose report states the search. A preset
+  (``presets/<dataset>.yaml``) is such a file with a ``setting``: the dataset and design it was
+  searched on, printed first.
 - MLflow gets one run for the study (its facts, the best params) with a nested run per trial.
 
 Needs the prepared data (``dvc repro prepare``).
@@ -172,7 +175,7 @@ def storage_url(storage: str) -> str:
         else storage
 
 
-def summarise(params: Params, study: Any) -> dict[str, Any]:
+def summarise(params: Params, study: Any, prepared_sha256: str) -> dict[str, Any]:
     """The study's facts and its best trial: what the output file and MLflow hold."""
     import optuna
     from optuna.trial import TrialState
@@ -188,11 +191,12 @@ def summarise(params: Params, study: Any) -> dict[str, Any]:
         importances = {k: rounded(v) for k, v in optuna.importance.get_param_importances(
             study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=params.tune.seed)).items()}
     return {"study": study.study_name, "trials": len(trials), **states, "best_trial": best.number,
+            "prepared_sha256": prepared_sha256,
             "best_value": rounded(best.value),
             "objective": (f"validation metric, mean over {params.cv.k} folds" if params.cv.k
                           else "validation metric of the single split"),
             "space": [{k: list(v) if isinstance(v, tuple) else v for k, v in vars(d).items()
-                       if v not in (None, (), False)} for d in params.tune.space],
+                       if v is not None and v is not False and v != ()} for d in params.tune.space],
             "importance": importances, "params": dict(best.params)}  # exact: the experiment reruns this trial
 
 
@@ -249,7 +253,7 @@ def run(params: Params, prepared: Path = paths.PREPARED, storage: str = DEFAULT_
     import optuna
 
     study = optuna.load_study(study_name=name, storage=storage_url(storage))
-    summary = summarise(params, study)
+    summary = summarise(params, study, load_meta(prepared)["arrays_sha256"])
     out = out or TUNE_DIR / f"{name}.yaml"
     write_text(out, yaml.safe_dump(summary, sort_keys=False, allow_unicode=True))
     if log_mlflow:
@@ -261,21 +265,22 @@ def run(params: Params, prepared: Path = paths.PREPARED, storage: str = DEFAULT_
 
 
 def overrides_args(values: dict[str, Any]) -> list[str]:
-    """``-S key=value`` arguments for ``dvc exp run`` (values in YAML's flow style)."""
-    def flow(value: Any) -> str:
+    """``-S key=value`` arguments for ``dvc exp run`` (values in YAML's flow style, lists as JSON)."""
+    def flow(value: Any) -> str:  # no spaces: the arguments survive the shell's word splitting of $(...)
+        if isinstance(value, (list, dict)):
+            return json.dumps(value, separators=(",", ":"))
         return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
     return [arg for key, value in values.items() for arg in ("-S", f"{key}={flow(value)}")]
 
 
-def read_best(path: Path) -> dict[str, Any]:
-    """The best params of a study's output file (or of a preset with a ``params`` mapping)."""
-    try:
-        found = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: not found") from None
-    if not isinstance(found, dict) or not isinstance(found.get("params"), dict):
-        raise PipelineError(f"{path}: expected a 'params' mapping of dotted keys (a pipeline.tune output)")
-    return found["params"]
+def preset_args(path: Path) -> list[str]:
+    """``-S`` arguments that make a DVC experiment of a study file or preset: its ``setting`` (the
+    dataset and design it was searched on), its best params, and ``tune.result`` (the report then
+    states the search)."""
+    from pipeline.reporting.search import read_study
+
+    found = read_study(path)
+    return overrides_args({**found.get("setting", {}), **found["params"], "tune.result": str(path)})
 
 
 def main() -> None:
@@ -283,7 +288,7 @@ def main() -> None:
         parser = argparse.ArgumentParser(prog="python -m pipeline.tune args")
         parser.add_argument("file", type=Path)
         args = parser.parse_args(sys.argv[2:])
-        run_command(lambda: print(" ".join(overrides_args(read_best(args.file)))))
+        run_command(lambda: print(" ".join(preset_args(args.file))))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=paths.PARAMS, type=Path, help="params file (default: params.yaml)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import yaml
 
 from pipeline.core.config import load_params, write_params
 from pipeline.core.errors import PipelineError
+from pipeline.reporting.search import read_study
 from tests.conftest import REPO, TINY
 
 SPACE = [{"key": "train.lr", "low": 0.001, "high": 0.01, "log": True},
@@ -45,7 +47,7 @@ def test_a_study_runs_its_trials_on_validation_only_and_repeats_with_its_seed(pr
     first = tune.run(params, prepared_without_test / "prepared", str(tmp_path / "a.db"), "a", out=tmp_path / "a.yaml",
                      log_mlflow=False)
     assert first["trials"] == 3 and first["complete"] + first["pruned"] + first["fail"] == 3 and first["complete"] >= 1
-    best = tune.read_best(tmp_path / "a.yaml")
+    best = read_study(tmp_path / "a.yaml")["params"]
     assert set(best) == {"train.lr", "balance.strategy", "train.warmup_epochs"}
     assert 0.001 <= best["train.lr"] <= 0.01 and best["balance.strategy"] in ("class_weight", "oversample")
     assert isinstance(best["train.warmup_epochs"], int)
@@ -68,18 +70,20 @@ def test_a_study_runs_its_trials_on_validation_only_and_repeats_with_its_seed(pr
 def test_the_best_params_apply_to_dvc_exp_run_as_overrides(prepared_without_test, tmp_path):
     from pipeline import tune
 
-    best = {"params": {"train.lr": 0.0023, "balance.strategy": "smote"}}
+    best = {"setting": {"data.name": "breastmnist", "cv.folds": [1, 2]},
+            "params": {"train.lr": 0.0023, "balance.strategy": "smote"}}
     (tmp_path / "best.yaml").write_text(yaml.safe_dump(best, sort_keys=False))
     out = subprocess.run([sys.executable, "-m", "pipeline.tune", "args", str(tmp_path / "best.yaml")],
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["-S", "train.lr=0.0023", "-S", "balance.strategy=smote"]
+    assert out.stdout.split() == ["-S", "data.name=breastmnist", "-S", "cv.folds=[1,2]", "-S", "train.lr=0.0023",
+                                  "-S", "balance.strategy=smote", "-S", f"tune.result={tmp_path / 'best.yaml'}"]
     with pytest.raises(PipelineError, match="needs a database server"):
         tune.run(load_params(REPO / "params.yaml"), prepared_without_test / "prepared", str(tmp_path / "x.db"),
                  workers=2)
     with pytest.raises(PipelineError, match="expected a 'params' mapping"):
         (tmp_path / "bad.yaml").write_text("lr: 1\n")
-        tune.read_best(tmp_path / "bad.yaml")
+        read_study(tmp_path / "bad.yaml")
 
 
 @pytest.mark.parametrize("entry, problem", [
@@ -160,3 +164,41 @@ def test_workers_share_a_study_on_postgresql_and_a_killed_workers_trial_runs_aga
     retried = [t for t in trials if t.system_attrs.get("failed_trial") == failed[0].number]
     assert len(retried) == 1 and retried[0].params == failed[0].params
     assert summary["complete"] + summary["pruned"] == 4
+
+
+def test_a_run_from_a_study_file_states_the_search_in_its_report(tiny_run, tmp_path):
+    """tune.result: the report says which study chose the params, how many trials on what, the
+    space and importances, and says so when the run's params or data are not the study's."""
+    from pipeline.core.config import as_dict, flatten
+    from pipeline.reporting import search
+    from tests.conftest import run_stages, tiny_params
+
+    root, params = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(root, copy)
+    ours = flatten(as_dict(params))
+    sha = json.loads((root / "reports/data/summary.json").read_text())["arrays_sha256"]
+    study = {"study": "tune-abc", "trials": 12, "complete": 5, "pruned": 6, "fail": 1, "best_trial": 4,
+             "prepared_sha256": sha, "best_value": 0.91234, "objective": "validation metric of the single split",
+             "space": [{"key": "train.lr", "low": 0.0003, "high": 0.01, "log": True},
+                       {"key": "train.aug_rotate", "low": 0.0, "high": 15.0}],
+             "importance": {"train.lr": 0.7, "train.aug_rotate": 0.3},
+             "params": {"train.lr": ours["train.lr"], "train.aug_rotate": ours["train.aug_rotate"]}}
+    (copy / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
+    found = search.context(tiny_params(copy, **{"tune.result": "study.yaml"}), {"data": {"arrays_sha256": sha}}, copy)
+    assert "2 searched params (train.lr, train.aug_rotate)" in found["intro"]
+    assert "12 trials (5 complete, 6 pruned, 1 failed)" in found["intro"] and "0.9123" in found["intro"]
+    assert found["rows"][0] == ["train.lr", "0.0003 to 0.01, log scale", str(ours["train.lr"]), "0.7"]
+    assert found["sentences"] == ["The study ran on the same prepared data as this run."]
+    run_stages(copy, tiny_params(copy, **{"evaluate.external": [{"name": "site_c", "source": "phantom",
+                                                                  "recalibrate": 0.3}],
+                                          "tune.result": "study.yaml", "train.aug_rotate": 1.0}), ("report",))
+    html = (copy / "reports/report.html").read_text()
+    assert "Hyperparameter search" in html and "tune-abc" in html
+    assert "differs from the study&#39;s best trial in train.aug_rotate" in html
+    study["prepared_sha256"] = "0" * 64
+    (copy / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
+    other = search.context(tiny_params(copy, **{"tune.result": "study.yaml"}), {"data": {"arrays_sha256": sha}}, copy)
+    assert other["sentences"] == [f"The study ran on other prepared data (sha256 {'0' * 12}…, this run's {sha[:12]}…)."]
+    with pytest.raises(PipelineError, match="missing.yaml: not found"):
+        search.context(tiny_params(copy, **{"tune.result": "missing.yaml"}), {"data": {}}, copy)

@@ -37,7 +37,8 @@ DicomFrames = Literal["error", "first"]
 Channels = Literal[1, 3]
 Dimensions = Literal[2, 3]  # images or volumes
 BalanceStrategy = Literal["none", "class_weight", "oversample", "undersample", "smote"]  # data.resampling.STRATEGIES
-Model = Literal["seed_cnn", "small_cnn", "resnet18"]  # modeling.networks.NETWORKS
+Model = Literal["seed_cnn", "small_cnn", "resnet18", "monai_resnet18", "resnet50", "densenet121", "efficientnet_b0",
+                "seresnext50"]  # modeling.networks.NETWORKS
 Optimizer = Literal["sgd", "adamw"]  # modeling.recipe.OPTIMIZERS
 Sampler = Literal["none", "weighted"]  # modeling.recipe.SAMPLERS
 Loss = Literal["auto", "cross_entropy", "focal", "corn"]  # modeling.recipe.LOSSES, and auto: effective_loss
@@ -195,6 +196,21 @@ class BalanceParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class PretrainedParams:
+    """Start from pretrained weights (see :mod:`pipeline.modeling.pretrained`)."""
+
+    weights: Union[str, None]
+    sha256: Union[str, None]
+    source: Union[str, None]
+
+    def __post_init__(self) -> None:
+        _check(self.sha256 is None or (len(self.sha256) == 64 and all(c in "0123456789abcdef" for c in self.sha256)),
+               "train.pretrained.sha256", "must be 64 lower-case hex digits")
+        _check(not (self.weights and "://" in self.weights and not self.sha256), "train.pretrained.sha256",
+               "is required for a URL (the download is checked against it)")
+
+
+@dataclasses.dataclass(frozen=True)
 class PrivacyParams:
     """DP-SGD with Opacus (see :mod:`pipeline.modeling.dp_sgd`)."""
 
@@ -242,6 +258,7 @@ class TrainParams:
     norm: Norm
     workers: int
     processes: int
+    pretrained: PretrainedParams
     privacy: PrivacyParams
 
     def __post_init__(self) -> None:
@@ -425,6 +442,7 @@ class TuneParams:
     seed: int  # the sampler's: the same seed and trials on one worker give the same trials
     pruning: bool  # stop a trial whose per-epoch validation metric falls below the median of earlier trials
     space: tuple[SearchDimension, ...]
+    result: Union[str, None]  # the study file whose best params this run applies; the report states its search
 
     def __post_init__(self) -> None:
         _check(self.trials >= 1, "tune.trials", "must be >= 1")

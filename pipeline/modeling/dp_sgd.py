@@ -139,7 +139,8 @@ def make_private(params: Params, network: nn.Module, optimizer: torch.optim.Opti
             module.__class__ = nn.Conv3d     # gradients need no layout trick (same parameters)
     problems = ModuleValidator.validate(network, strict=False)
     if problems:
-        raise PipelineError("train.privacy: the network is not DP-compatible: " + "; ".join(map(str, problems)))
+        found = sorted({f"{type(p).__name__}: {str(p).split('. ')[0]}" for p in problems})  # one line per kind
+        raise PipelineError(f"train.privacy: train.model={cfg.model} is not DP-compatible: " + "; ".join(found))
     # The engine derives the sampling rate (1 / number of batches) and the dataset size from a
     # loader; its Poisson loader is then driven by the run's own generator (below).
     positions = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(n_train)),

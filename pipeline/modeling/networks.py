@@ -199,6 +199,107 @@ class ResNet(nn.Module):
         return self.classifier(maps.mean(dim=spatial(maps)))
 
 
+def small_stem(config: ModelConfig) -> bool:
+    """Whether a network opens without the ImageNet stem's 4× downsampling: images up to 64 px
+    (MedMNIST's 28 and 64) and every volume. ImageNet's 7×7 stride-2 convolution and max-pool
+    leave a 28 px image 7 px wide before the first block, and DenseNet-121 or EfficientNet then
+    run out of pixels ("output size is too small"); MedMNIST's own ResNets use a 3×3 stride-1
+    stem at 28 px for the same reason. Volumes (28-64 voxels a side) take a 3×3×3 stride-2 stem."""
+    return config.ndim == 3 or config.image_size <= 64
+
+
+def _stem_conv(config: ModelConfig, out: int, stride: int | None = None) -> nn.Module:
+    stride = stride or (2 if config.ndim == 3 else 1)
+    return CONV[config.ndim](config.in_channels, out, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+class MonaiNet(nn.Module):
+    """One of MONAI's classification networks (``monai.networks.nets``), 2-D or 3-D from the data.
+
+    MONAI builds the network as published; the builders below give it a small-input stem where
+    :func:`small_stem` says so, and this wrapper makes every activation out of place (Captum's
+    ReLU hooks and gradients need it), swaps its batch norms for ``train.norm``'s and names the
+    layer Grad-CAM reads (``cam``, a dotted module path: the last feature map before pooling).
+    """
+
+    def __init__(self, net: nn.Module, cam: str, norm: str) -> None:
+        super().__init__()
+        self.net = net
+        self.cam = cam
+        for module in list(net.modules()):
+            if getattr(module, "inplace", False):
+                module.inplace = False
+            if norm != "batch":  # MONAI's norm arguments miss some layers (ResNet's shortcuts): swap every one
+                for name, child in module.named_children():
+                    if isinstance(child, (nn.BatchNorm2d, nn.BatchNorm3d)):
+                        ndim = 2 if isinstance(child, nn.BatchNorm2d) else 3
+                        setattr(module, name, NORMS[norm](child.num_features, ndim))
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        return self.net.get_submodule(self.cam)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _monai_resnet(config: ModelConfig, block: str, layers: list[int]) -> MonaiNet:
+    """MONAI's ResNet with widths w, 2w, 4w, 8w (w = ``train.width``; 64 is the published one)."""
+    from monai.networks.nets import ResNet as MonaiResNet
+
+    small = small_stem(config)
+    w = config.width
+    return MonaiNet(MonaiResNet(
+        block=block, layers=layers, block_inplanes=[w, 2 * w, 4 * w, 8 * w], spatial_dims=config.ndim,
+        n_input_channels=config.in_channels, conv1_t_size=3 if small else 7,
+        conv1_t_stride=2 if config.ndim == 3 or not small else 1, no_max_pool=small, shortcut_type="B",
+        num_classes=config.num_classes, bias_downsample=False, act=("relu", {"inplace": False})), "layer4", config.norm)
+
+
+def _monai_densenet121(config: ModelConfig) -> MonaiNet:
+    """DenseNet-121 (Huang et al. 2017; CheXNet's network): growth 32, blocks 6-12-24-16."""
+    from monai.networks.nets import DenseNet121
+
+    net = DenseNet121(spatial_dims=config.ndim, in_channels=config.in_channels, out_channels=config.num_classes,
+                      act=("relu", {"inplace": False}))
+    if small_stem(config):
+        net.features.conv0 = _stem_conv(config, 64)
+        net.features.pool0 = nn.Identity()
+    return MonaiNet(net, "features.norm5", config.norm)
+
+
+def _monai_efficientnet_b0(config: ModelConfig) -> MonaiNet:
+    """EfficientNet-B0 (Tan & Le 2019), with plain (not memory-efficient) Swish so that every
+    gradient is autograd's own; random initialisation (``train.pretrained`` loads weights)."""
+    from monai.networks.nets import EfficientNetBN
+
+    net = EfficientNetBN("efficientnet-b0", pretrained=False, spatial_dims=config.ndim,
+                         in_channels=config.in_channels, num_classes=config.num_classes)
+    net.set_swish(memory_efficient=False)
+    if small_stem(config):
+        # The stem and the second stage keep the resolution (volumes too: the 5×5×5 stages need
+        # voxels left): a 28 px image ends in a 4×4 map instead of 1×1, where batch statistics
+        # of one value per image blow the first gradients up (×1000) and Grad-CAM has one cell.
+        net._conv_stem = _stem_conv(config, net._conv_stem.out_channels, stride=1)
+        net._conv_stem_padding = nn.Identity()  # the new convolutions pad themselves
+        first = net._blocks[1][0]
+        first._depthwise_conv.stride = (1,) * config.ndim
+        first._depthwise_conv.padding = tuple(k // 2 for k in first._depthwise_conv.kernel_size)
+        first._depthwise_conv_padding = nn.Identity()
+    return MonaiNet(net, "_bn1", config.norm)  # the head's Swish module is shared with the stem's: one use per layer
+
+
+def _monai_seresnext50(config: ModelConfig) -> MonaiNet:
+    """SE-ResNeXt-50 (32×4d, squeeze-and-excitation; Hu et al. 2018)."""
+    from monai.networks.nets import SEResNeXt50
+
+    net = SEResNeXt50(spatial_dims=config.ndim, in_channels=config.in_channels, num_classes=config.num_classes)
+    if small_stem(config):
+        net.layer0.conv1 = _stem_conv(config, 64)
+        net.layer0.pool = nn.Identity()
+    return MonaiNet(net, "layer4", config.norm)
+
+
 class Classifier(nn.Module):
     """A network behind a fixed input standardisation; what every stage loads and calls."""
 
@@ -263,7 +364,16 @@ NETWORKS: dict[str, Callable[[ModelConfig], nn.Module]] = {
     "seed_cnn": lambda c: SeedCNN(c.in_channels, c.num_classes, c.image_size, c.ndim),
     "small_cnn": lambda c: SmallCNN(c.in_channels, c.num_classes, c.width, c.norm, c.ndim),
     "resnet18": lambda c: ResNet(c.in_channels, c.num_classes, c.width, c.image_size, norm=c.norm, ndim=c.ndim),
+    # MONAI's networks (monai.networks.nets), the ones this field reaches for first
+    "monai_resnet18": lambda c: _monai_resnet(c, "basic", [2, 2, 2, 2]),
+    "resnet50": lambda c: _monai_resnet(c, "bottleneck", [3, 4, 6, 3]),
+    "densenet121": _monai_densenet121,
+    "efficientnet_b0": _monai_efficientnet_b0,
+    "seresnext50": _monai_seresnext50,
 }
+# The networks whose channel widths follow train.width (the others keep their published widths).
+WIDTH_NETWORKS = ("small_cnn", "resnet18", "monai_resnet18", "resnet50")
+MONAI_NETWORKS = ("monai_resnet18", "resnet50", "densenet121", "efficientnet_b0", "seresnext50")
 
 
 def _build_net(config: ModelConfig) -> nn.Module:

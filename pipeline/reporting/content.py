@@ -23,6 +23,7 @@ from pipeline.core.dataset import SPLITS
 from pipeline.core.files import file_digest, fmt, read_csv, read_json
 from pipeline.data import catalog
 from pipeline.evaluation.metrics import COMPARISON, summary_keys
+from pipeline.modeling.networks import MONAI_NETWORKS, WIDTH_NETWORKS
 
 METRIC_NAMES = {"roc_auc_micro": "micro ROC AUC", "exact_match": "exact match (every finding right)",
                 "kappa": "quadratic weighted kappa", "mae": "mean absolute error (grades)",
@@ -71,7 +72,7 @@ def finding_rows(ev: dict[str, Any], names: list[str]) -> list[list[Any]]:
     return [[name, found[name]["n"], found[name]["positives"],
              *[f"{fmt(found[name][m])} ({fmt_ci(found[name], m)})" for m in FINDING_METRICS], threshold]
             for name, threshold in zip(names, ev["test"]["threshold"])]
-from pipeline.reporting import effective, external, folds, paired
+from pipeline.reporting import effective, external, folds, paired, search
 from pipeline.reporting.limitations import limitations
 from pipeline.reporting.provenance import git_state, versions
 
@@ -244,6 +245,20 @@ def determinism_text(timing: dict[str, Any]) -> str:
             f"requirements.lock and thread count ({found.get('threads')}) give the same bytes on {kernels.scope(found)}")
 
 
+def initialisation_text(name: str, weights: dict[str, Any] | None) -> str:
+    """How the weights started: random (whose scheme), or which tensors came from which file."""
+    random = ("MONAI's initialisation of the network" if name in MONAI_NETWORKS
+              else "PyTorch defaults (Kaiming-uniform)") + ", drawn from the run's seed"
+    if not weights:
+        return random
+    left = weights["tensors"] - weights["loaded"]
+    return (f"pretrained weights {weights['file']} (sha256 {weights['sha256']}), pretrained on "
+            f"{weights['source'] or 'data the run does not state (train.pretrained.source is empty)'}: "
+            f"{weights['loaded']} of {weights['tensors']} tensors loaded"
+            + (f"; the other {left} ({', '.join(weights['not_loaded'][:4])}{', …' if left > 4 else ''}) from "
+               + random if left else ""))
+
+
 def model_rows(params: Params, records: dict[str, Any]) -> list[list[Any]]:
     train, cfg = records["train"], effective_train(params.train, records["data"].get("task"))
     optimizer = f"{cfg.optimizer} (lr {cfg.lr}, weight decay {cfg.weight_decay}" + (
@@ -251,15 +266,15 @@ def model_rows(params: Params, records: dict[str, Any]) -> list[list[Any]]:
     config = records["model_config"]
     said = words(records)
     members = f"ensemble of {train['folds']} fold models, each " if "folds" in train else ""
-    return [["architecture", members + config["name"] + (f" (width {config['width']})" if config["name"] != "seed_cnn"
-                                                          else "")],
+    width = f" (width {config['width']})" if config["name"] in WIDTH_NETWORKS else ""
+    return [["architecture", members + config["name"] + width + (" (MONAI)" if config["name"] in MONAI_NETWORKS else "")],
             ["input", (f"{config['image_size']} px" if config.get("ndim", 2) == 2 else
                        f"{config['image_size']}³ voxels (volumes, 3-D layers)")
              + f", {config['in_channels']} channel(s), {len(records['data']['class_names'])} {said['unit']}"
             + (f" ({config['num_classes']} outputs)" if config["num_classes"] != len(records["data"]["class_names"])
                else "")],
             ["parameters", train["parameters"]],
-            ["initialisation", "PyTorch defaults (Kaiming-uniform), drawn from the run's seed"],
+            ["initialisation", initialisation_text(config["name"], train.get("pretrained"))],
             ["optimizer", optimizer],
             ["learning-rate schedule", schedule_text(cfg)],
             ["loss", loss_text(cfg, records["data"].get("task"))],
@@ -424,7 +439,8 @@ def context(params: Params, root: Path, records: dict[str, Any]) -> dict[str, An
                       "rows": [[n, balance["before"][n], balance["after"][n], balance["class_weights"][n]] for n in names],
                       "synthetic": balance["synthetic_images"]},
         "model": {"rows": model_rows(params, records), "curves": data_uri(root / paths.TRAIN_DIR / paths.CURVES),
-                  "history": [list(r.values()) for r in records["history"]], "history_header": list(records["history"][0])},
+                  "history": [list(r.values()) for r in records["history"]],
+                  "history_header": list(records["history"][0]), "search": search.context(params, records, root)},
         "results": results_context(root, records),
         "failures": {"intro": words(records)["failures"] + (
                          " Fold disagreements: the test images the fold models disagree on most (score: the standard "

@@ -41,7 +41,7 @@ CHAMPION = "champion"
 # One dotted segment of a metric name: what MLflow accepts on every platform, less its separator.
 _SAFE_SEGMENT = re.compile(r"[\w\- ]+")
 # What the logged model needs to score images: the packages its loader module imports.
-MODEL_REQUIREMENTS = ("torch", "numpy", "scipy", "pandas", "pyyaml")
+MODEL_REQUIREMENTS = ("torch", "numpy", "scipy", "pandas", "pyyaml", "monai")  # monai: its networks' code
 
 
 @dataclasses.dataclass(frozen=True)
