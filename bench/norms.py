@@ -8,6 +8,10 @@ validation-chosen threshold (what the choice is then measured by; it chooses not
 
     python bench/norms.py              # every recipe, seeds 0 1 2
     python bench/norms.py phantom      # the phantom instead
+    python bench/norms.py breastmnist "batch norm (default)" "group, auto, 2 processes"   # some recipes
+
+"2 processes" trains with ``train.processes: 2`` (DDP under torchrun, gloo, one thread each), as
+``python -m pipeline.train`` does.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from common import REPO, provenance
 
 from pipeline import balance, evaluate, prepare, train
 from pipeline.core.config import load_params, write_params
-from pipeline.core.files import fmt
+from pipeline.core.files import fmt, read_json
+from pipeline.modeling import distributed
 
 DATA = REPO.parent / "shared" / "data" / "medmnist"
 # Every value explicit: train.warmup_epochs and train.grad_clip default to auto, which is itself
@@ -40,6 +45,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "group, warm-up 2, clip 1 (auto)": {"train.norm": "group"},
     "group, lr 0.001, warm-up 2, clip 1": {**GROUP, "train.lr": 0.001, "train.warmup_epochs": 2,
                                            "train.grad_clip": 1.0},
+    "group, auto, 2 processes": {"train.norm": "group", "train.processes": 2},
 }
 FAST = {"evaluate.baselines": [], "evaluate.corruptions": [], "evaluate.bootstrap": 100}
 
@@ -47,12 +53,13 @@ FAST = {"evaluate.baselines": [], "evaluate.corruptions": [], "evaluate.bootstra
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     dataset = sys.argv[1] if len(sys.argv) > 1 else "breastmnist"
+    chosen = sys.argv[2:] or list(RECIPES)
     source = {} if dataset == "phantom" else {"data.source": "npz", "data.path": str(DATA / f"{dataset}.npz")}
     seeds = (0, 1, 2)
     print(provenance())
     rows = []
     with tempfile.TemporaryDirectory(prefix="medcnn-bench-norms-") as tmp, contextlib.chdir(tmp):
-        for name, recipe in RECIPES.items():
+        for name, recipe in ((n, RECIPES[n]) for n in chosen):
             val, test, seconds = [], [], []
             for seed in seeds:
                 params = load_params(write_params(Path(tmp) / "params.yaml", {**source, **FAST, **recipe,
@@ -61,7 +68,12 @@ def main() -> None:
                     prepare.run(params)
                 start = time.perf_counter()
                 balance.run(params)
-                val.append(train.run(params, checkpoint=None)["train"]["val_roc_auc"])
+                if params.train.processes > 1:
+                    if distributed.launch(params.train.processes, "pipeline.train", Path("params.yaml")):
+                        raise SystemExit(f"{name} seed {seed}: training failed")
+                    val.append(read_json(Path("reports/train/metrics.json"))["train"]["val_roc_auc"])
+                else:
+                    val.append(train.run(params, checkpoint=None)["train"]["val_roc_auc"])
                 seconds.append(time.perf_counter() - start)
                 test.append(evaluate.run(params)["test"]["roc_auc"])
                 print(f"{dataset} {name} seed {seed}: validation {val[-1]}, test {test[-1]}", file=sys.stderr,
