@@ -405,9 +405,12 @@ def assemble(params: Params, prepared: Path = paths.PREPARED, models: Path = pat
         "chance_loss": trained[0]["chance_loss"],
         "left_chance": all(t["left_chance"] for t in trained),
         "improved_after_first_epoch": None if None in improved else all(improved),
+        **({"pretrained": trained[0]["pretrained"]} if "pretrained" in trained[0] else {}),  # every fold's start
     }}
     save_checkpoint(model_path, ensemble, {"class_names": meta["class_names"],  # one class per image: no task entry
-                                           "best_epoch": [t["best_epoch"] for t in trained]})
+                                           "best_epoch": [t["best_epoch"] for t in trained],
+                                           **({"pretrained": trained[0]["pretrained"]} if "pretrained" in trained[0]
+                                              else {})})
     columns = ("fold", *history_columns(task))
     write_csv(out_dir / paths.HISTORY, columns, [[row[c] for c in columns] for row in histories])
     write_json(out_dir / paths.METRICS, metrics)

@@ -173,6 +173,8 @@ def test_densenet_runs_every_stage_from_pretrained_weights(densenet_run, tmp_pat
     assert {"grad_cam", "guided_grad_cam"} <= set(json.dumps(explained).replace('"', " ").split())
     html = (root / "reports/report.html").read_text()
     assert "densenet121 (MONAI)" in html and sha in html and "pretrained on a DenseNet of this test" in html
+    card = (root / "reports/model_card.md").read_text()
+    assert f"densenet121 CNN started from pretrained weights start.pt (sha256 {sha})" in card
     images = load_split(root / "data/prepared", "test")["images"][:6]
     np.savez(tmp_path / "new.npz", test_images=images)
     counts = predict.run(tmp_path / "new.npz", tmp_path / "out.csv", root / "models/model.pt")

@@ -749,7 +749,9 @@ def card_context(params: Params, records: dict[str, Any]) -> dict[str, Any]:
         "stopping": ("each fold model: " if params.cv.k else "") + f"early stopping after {params.train.patience} "
                     f"epochs without a better validation {words(records)['selection']}",
         "architecture": (f"Ensemble of {params.cv.k} {params.train.model} CNNs (one per cross-validation fold)"
-                         if params.cv.k else f"{params.train.model} CNN"),
+                         if params.cv.k else f"{params.train.model} CNN") + (
+            f" started from {initialisation_text(params.train.model, records['train']['pretrained'])}"
+            if records["train"].get("pretrained") else ""),
         "chosen_on": "the pooled out-of-fold predictions" if params.cv.k else "validation",
         "cross_validated": (f"{ev['cross_validation']['folds']} folds of whole patients over "
                             f"{ev['cross_validation']['images']} development images: pooled out-of-fold ROC AUC "
