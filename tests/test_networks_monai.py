@@ -45,16 +45,27 @@ def test_monai_network_trains_explains_and_folds_at_28_px(name):
     assert cam.shape[:2] == (4, 1) and 1 <= cam.shape[-1] < 28 and cam.abs().sum() > 0  # the last feature map
     with torch.no_grad():
         torch.testing.assert_close(folded(model)(x), model(x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model.to(memory_format=torch.channels_last)(x.contiguous(
+            memory_format=torch.channels_last)), model(x), atol=1e-4, rtol=1e-4)  # train.channels_last
 
 
 @pytest.mark.parametrize("name", MONAI_NETWORKS)
-def test_group_norm_variant_has_no_batch_norm_and_passes_opacus(name):
+def test_group_norm_variant_has_no_batch_norm_and_trains_under_opacus(name):
+    """Opacus' validator passes it and its per-image gradients add up to the batch gradient
+    (MONAI's in-place residual sums would break them: the wrapper adds out of place)."""
+    from opacus import GradSampleModule
     from opacus.validators import ModuleValidator
 
+    torch.manual_seed(0)
     model = build_model(config(name, norm="group"))
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     assert any(isinstance(m, nn.GroupNorm) for m in model.modules())
     assert ModuleValidator.validate(model, strict=False) == []
+    sampled = GradSampleModule(model)
+    nn.functional.cross_entropy(sampled(torch.rand(3, 1, 28, 28)), torch.tensor([0, 1, 0])).backward()
+    for p in model.parameters():
+        torch.testing.assert_close(p.grad_sample.mean(dim=0), p.grad, atol=1e-4, rtol=1e-3)
+    sampled._close()
 
 
 @pytest.mark.parametrize("name", MONAI_NETWORKS)

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import itertools
 import math
+import types
 from collections.abc import Callable
 
 import numpy as np
@@ -213,6 +214,25 @@ def _stem_conv(config: ModelConfig, out: int, stride: int | None = None) -> nn.M
     return CONV[config.ndim](config.in_channels, out, kernel_size=3, stride=stride, padding=1, bias=False)
 
 
+def _residual_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """MONAI's ``ResNetBlock``/``ResNetBottleneck.forward`` with the residual added out of place
+    (``out += residual`` on a hooked tensor breaks Opacus' per-image gradients) and its own ReLU
+    after the sum (Captum's ReLU hooks need one module per use)."""
+    residual = x if self.downsample is None else self.downsample(x)
+    out = self.act(self.bn1(self.conv1(x)))
+    if hasattr(self, "conv3"):  # bottleneck
+        out = self.bn3(self.conv3(self.act(self.bn2(self.conv2(out)))))
+    else:
+        out = self.bn2(self.conv2(out))
+    return self.act_out(out + residual)
+
+
+def _se_residual_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """MONAI's ``SEBlock.forward`` with the residual added out of place."""
+    residual = self.project(x)
+    return self.act(self.se_layer(self.conv3(self.conv2(self.conv1(x)))) + residual)
+
+
 class MonaiNet(nn.Module):
     """One of MONAI's classification networks (``monai.networks.nets``), 2-D or 3-D from the data.
 
@@ -226,9 +246,18 @@ class MonaiNet(nn.Module):
         super().__init__()
         self.net = net
         self.cam = cam
-        for module in list(net.modules()):
+        from monai.networks.blocks.squeeze_and_excitation import SEBlock
+        from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
+
+        for module in net.modules():
             if getattr(module, "inplace", False):
                 module.inplace = False
+        for module in list(net.modules()):
+            if isinstance(module, (ResNetBlock, ResNetBottleneck)):
+                module.act_out = copy.deepcopy(module.act)  # no state: the state_dict keeps MONAI's keys
+                module.forward = types.MethodType(_residual_forward, module)
+            elif isinstance(module, SEBlock):
+                module.forward = types.MethodType(_se_residual_forward, module)
             if norm != "batch":  # MONAI's norm arguments miss some layers (ResNet's shortcuts): swap every one
                 for name, child in module.named_children():
                     if isinstance(child, (nn.BatchNorm2d, nn.BatchNorm3d)):
