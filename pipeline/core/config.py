@@ -495,15 +495,20 @@ class Params:
     tune: TuneParams
 
 
+def read_yaml(path: Path, missing: str) -> Any:
+    """A YAML file's content; a missing file or bad YAML is one :class:`PipelineError` naming it."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: {missing}") from None
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{path}: not valid YAML ({exc})") from None
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate a params file; every problem is a :class:`PipelineError`."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: params file not found") from None
-    except yaml.YAMLError as exc:
-        raise PipelineError(f"{path}: not valid YAML ({exc})") from None
+    raw = read_yaml(path, "params file not found")
     try:
         return build(Params, raw, "")
     except PipelineError as exc:

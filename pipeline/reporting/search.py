@@ -13,21 +13,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipeline.core.config import Params, as_dict, flatten
+from pipeline.core.config import Params, as_dict, flatten, read_yaml
 from pipeline.core.errors import PipelineError
 from pipeline.core.files import fmt
 
 
 def read_study(path: Path) -> dict[str, Any]:
     """A ``pipeline.tune`` output or preset: a mapping with the best ``params`` (dotted keys)."""
-    try:
-        found = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: not found (tune.result names a pipeline.tune output or a preset)") from None
-    except yaml.YAMLError as exc:
-        raise PipelineError(f"{path}: not YAML ({exc})") from None
+    found = read_yaml(path, "not found (tune.result names a pipeline.tune output or a preset)")
     if not isinstance(found, dict) or not isinstance(found.get("params"), dict):
         raise PipelineError(f"{path}: expected a 'params' mapping of dotted keys (a pipeline.tune output)")
     return found
