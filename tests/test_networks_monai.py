@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from captum.attr import LayerGradCam
+from captum.attr import GuidedGradCam, LayerGradCam
 from torch import nn
 
 from pipeline import predict
@@ -42,7 +42,10 @@ def test_monai_network_trains_explains_and_folds_at_28_px(name):
     assert not any(getattr(m, "inplace", False) for m in model.modules())  # Captum's hooks need out-of-place
     model.eval()
     cam = LayerGradCam(model, model.cam_layer).attribute(x, target=1)
-    assert cam.shape[:2] == (4, 1) and 1 <= cam.shape[-1] < 28 and cam.abs().sum() > 0  # the last feature map
+    assert cam.shape[:2] == (4, 1) and 1 < cam.shape[-1] < 28 and cam.abs().sum() > 0  # the last feature map
+    predicted = model(x).argmax(dim=1)  # Guided Grad-CAM keeps positive evidence: the decision's class has some
+    guided = GuidedGradCam(model, model.cam_layer).attribute(x.clone().requires_grad_(True), target=predicted)
+    assert guided.shape == x.shape and torch.isfinite(guided).all() and guided.abs().sum() > 0
     with torch.no_grad():
         torch.testing.assert_close(folded(model)(x), model(x), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(model.to(memory_format=torch.channels_last)(x.contiguous(

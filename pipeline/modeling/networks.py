@@ -216,12 +216,12 @@ def _stem_conv(config: ModelConfig, out: int, stride: int | None = None) -> nn.M
 
 def _residual_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """MONAI's ``ResNetBlock``/``ResNetBottleneck.forward`` with the residual added out of place
-    (``out += residual`` on a hooked tensor breaks Opacus' per-image gradients) and its own ReLU
-    after the sum (Captum's ReLU hooks need one module per use)."""
+    (``out += residual`` on a hooked tensor breaks Opacus' per-image gradients) and one ReLU
+    module per use (Captum's ReLU hooks need it; MONAI calls ``act`` two or three times)."""
     residual = x if self.downsample is None else self.downsample(x)
     out = self.act(self.bn1(self.conv1(x)))
     if hasattr(self, "conv3"):  # bottleneck
-        out = self.bn3(self.conv3(self.act(self.bn2(self.conv2(out)))))
+        out = self.bn3(self.conv3(self.act_mid(self.bn2(self.conv2(out)))))
     else:
         out = self.bn2(self.conv2(out))
     return self.act_out(out + residual)
@@ -254,7 +254,7 @@ class MonaiNet(nn.Module):
                 module.inplace = False
         for module in list(net.modules()):
             if isinstance(module, (ResNetBlock, ResNetBottleneck)):
-                module.act_out = copy.deepcopy(module.act)  # no state: the state_dict keeps MONAI's keys
+                module.act_mid, module.act_out = copy.deepcopy(module.act), copy.deepcopy(module.act)  # stateless
                 module.forward = types.MethodType(_residual_forward, module)
             elif isinstance(module, SEBlock):
                 module.forward = types.MethodType(_se_residual_forward, module)
@@ -307,7 +307,7 @@ def _monai_efficientnet_b0(config: ModelConfig) -> MonaiNet:
     net.set_swish(memory_efficient=False)
     if small_stem(config):
         # The stem and the second stage keep the resolution (volumes too: the 5×5×5 stages need
-        # voxels left): a 28 px image ends in a 4×4 map instead of 1×1, where batch statistics
+        # voxels left): a 28 px image ends in a 3×3 map instead of 1×1, where batch statistics
         # of one value per image blow the first gradients up (×1000) and Grad-CAM has one cell.
         net._conv_stem = _stem_conv(config, net._conv_stem.out_channels, stride=1)
         net._conv_stem_padding = nn.Identity()  # the new convolutions pad themselves
