@@ -4,7 +4,8 @@ For each ``train.model`` and each dataset (PneumoniaMNIST from ``../shared/data/
 the phantom at 32 px), runs prepare → balance → train → evaluate → explain in a temporary folder,
 each stage a subprocess that records its own peak RSS (VmHWM), and prints one Markdown row per
 network and seed: test ROC AUC and accuracy, train images/s (the train stage's own timing),
-the epochs run, and the peak RSS of train and explain. ResNets train at width 64 (the published
+the epochs run, and the peak RSS of train and explain (Grad-CAM, Integrated Gradients and
+occlusion). ResNets train at width 64 (the published
 width); the small CNN at its default.
 
 ``memory`` instead trains DenseNet-121 for one epoch on the phantom at 128 px and explains it
@@ -34,6 +35,9 @@ MODELS = ["small_cnn", "resnet18", "monai_resnet18", "resnet50", "densenet121", 
 DATASETS = {"phantom": {"data.phantom.image_size": 32},  # 32 px: the big networks at 64 px take hours here
             "pneumoniamnist": {"data.source": "npz", "data.path": str(MEDMNIST / "pneumoniamnist.npz")}}
 STAGES = ("prepare", "balance", "train", "evaluate", "explain")
+# The table's explain: Grad-CAM, Integrated Gradients and occlusion on 20 localisation images
+# (every method on the big networks takes hours on 2 cores; ``memory`` runs them all).
+EXPLAIN = {"explain.methods": ["grad_cam", "integrated_gradients", "occlusion"], "explain.localisation_images": 20}
 
 
 def run(work: Path, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -64,7 +68,7 @@ def table(models: list[str], datasets: list[str], seeds: list[int], epochs: int)
             for model in models:
                 for seed in seeds:
                     found = run(Path(tmp) / f"{dataset}-{model}-{seed}", {
-                        **DATASETS[dataset], "seed": seed, "train.model": model, "train.epochs": epochs,
+                        **DATASETS[dataset], **EXPLAIN, "seed": seed, "train.model": model, "train.epochs": epochs,
                         **({"train.width": 64} if "resnet" in model else {})})
                     print(f"| {dataset} | {model} | {found['parameters']:,} | {seed} | {fmt(found['auc'])} | "
                           f"{fmt(found['accuracy'])} | {found['images_per_second']:.0f} | {found['epochs']} | "
@@ -74,8 +78,8 @@ def table(models: list[str], datasets: list[str], seeds: list[int], epochs: int)
 def memory() -> None:
     with tempfile.TemporaryDirectory(prefix="medcnn-bench-networks-") as tmp:
         found = run(Path(tmp) / "densenet-128", {"data.phantom.image_size": 128, "train.model": "densenet121",
-                                                   "train.epochs": 1})
-    print("\nDenseNet-121 on the phantom at 128 px, one epoch, every explain method:\n")
+                                                   "train.epochs": 1, "explain.localisation_images": 10})
+    print("\nDenseNet-121 on the phantom at 128 px, one epoch, every explain method (10 localisation images):\n")
     print("| train peak RSS MB | explain peak RSS MB | explain / train | test ROC AUC |")
     print("|---|---|---|---|")
     print(f"| {found['train_mb']:.0f} | {found['explain_mb']:.0f} | {found['explain_mb'] / found['train_mb']:.2f} | "

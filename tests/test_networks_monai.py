@@ -193,3 +193,23 @@ def test_densenet_runs_every_stage_from_pretrained_weights(densenet_run, tmp_pat
     np.savez(tmp_path / "new.npz", test_images=images)
     counts = predict.run(tmp_path / "new.npz", tmp_path / "out.csv", root / "models/model.pt")
     assert counts["error"] == 0 and counts["ok"] + counts["warning"] == 6
+
+
+def test_gradient_methods_split_their_passes_to_the_activation_budget(monkeypatch, tmp_path):
+    """SmoothGrad and Integrated Gradients give the same maps whether their copies go through the
+    network in one pass or in passes of a few (what bounds explain's memory on big networks)."""
+    from pipeline.xai import attributions
+
+    torch.manual_seed(0)
+    model = build_model(config("monai_resnet18", classes=2)).eval()
+    cfg = tiny_params(tmp_path, **{"explain.smoothgrad_samples": 4, "explain.ig_steps": 4}).explain
+    x, t = torch.rand(3, 1, 28, 28), torch.tensor([0, 1, 1])
+    whole = {m: attributions.explainer(m, model, cfg, (1, 28, 28), 0)(x.clone().requires_grad_(True), t)
+             for m in ("smoothgrad", "integrated_gradients")}
+    per_image = attributions.activation_bytes(model, (1, 28, 28))
+    assert per_image > 0 and model.training is False
+    monkeypatch.setattr(attributions, "ACTIVATION_BUDGET", 5 * per_image)  # 5 copies per pass
+    assert attributions.images_per_pass(model, (1, 28, 28)) == 5
+    for method, expected in whole.items():
+        split = attributions.explainer(method, model, cfg, (1, 28, 28), 0)(x.clone().requires_grad_(True), t)
+        torch.testing.assert_close(split, expected, atol=1e-5, rtol=1e-4)
