@@ -21,6 +21,30 @@ def test_default_store_follows_dvc_root(monkeypatch, tmp_path):
     assert mlflow_adapter.redact_uri("postgresql://user:secret@db/mlflow") == "postgresql://***@db/mlflow"
 
 
+def test_an_experiment_another_worker_created_meanwhile_is_used(tmp_path):
+    """Two queue workers both find no experiment and both create it: the second uses the first's
+    (the store answers RESOURCE_ALREADY_EXISTS; this failed a 2-worker queue on the server once)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+
+    class LateClient(MlflowClient):
+        """Finds no experiment the first time it asks, as the other worker creates it."""
+
+        asked = 0
+
+        def get_experiment_by_name(self, name):
+            self.asked += 1
+            if self.asked == 1:
+                MlflowClient(uri).create_experiment(name)
+                return None
+            return super().get_experiment_by_name(name)
+
+    experiment_id = mlflow_adapter._experiment(LateClient(uri), "medcnn", default_store=False)
+    found = MlflowClient(uri).get_experiment(experiment_id)
+    assert found.name == "medcnn" and found.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 def test_track_logs_one_complete_run(tiny_run, mlflow_store, monkeypatch):
     from mlflow.tracking import MlflowClient
 

@@ -216,12 +216,24 @@ def _store_lock(uri: str) -> Iterator[None]:
 
 
 def _experiment(client: Any, name: str, default_store: bool) -> str:
+    """The id of experiment ``name``, created (tagged as model development) when it is new.
+
+    Two queue workers logging to one server can both find no experiment and both create it:
+    the second gets RESOURCE_ALREADY_EXISTS and uses the one the first created.
+    """
+    from mlflow.exceptions import MlflowException
+
     found = client.get_experiment_by_name(name)
     if found is None:
         # Only the default local store needs an absolute artifact folder: MLflow's default is
         # relative to the working directory, which under `dvc exp run --temp` is thrown away.
         location = (repository_root() / "mlartifacts").as_uri() if default_store else None
-        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+        try:
+            return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            found = client.get_experiment_by_name(name)
     for key, value in EXPERIMENT_KIND.items():
         if found.tags.get(key) != value:
             client.set_experiment_tag(found.experiment_id, key, value)
