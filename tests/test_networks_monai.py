@@ -137,10 +137,11 @@ def test_pretrained_url_is_fetched_once_into_the_cache_and_checked(tmp_path, mon
     monkeypatch.setenv("MEDCNN_CACHE", str(tmp_path / "cache"))
     _, sha = weights_file(tmp_path / "w.pt", "resnet50")
     url = (tmp_path / "w.pt").as_uri()
-    first = pretrained.resolve(PretrainedParams(url, sha, None))
-    assert first.parent == tmp_path / "cache" / "weights" and first.read_bytes() == (tmp_path / "w.pt").read_bytes()
+    first, digest = pretrained.resolve(PretrainedParams(url, sha, None))
+    assert digest == sha and first.parent == tmp_path / "cache" / "weights"
+    assert first.read_bytes() == (tmp_path / "w.pt").read_bytes()
     (tmp_path / "w.pt").unlink()  # the cached copy is used from now on
-    assert pretrained.resolve(PretrainedParams(url, sha, None)) == first
+    assert pretrained.resolve(PretrainedParams(url, sha, None)) == (first, sha)
     weights_file(tmp_path / "other.pt", "resnet50", seed=5)
     with pytest.raises(PipelineError, match="sha256 .* expected"):
         pretrained.resolve(PretrainedParams((tmp_path / "other.pt").as_uri(), sha.replace(sha[0], "0", 1)

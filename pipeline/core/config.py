@@ -206,8 +206,13 @@ class PretrainedParams:
     def __post_init__(self) -> None:
         _check(self.sha256 is None or (len(self.sha256) == 64 and all(c in "0123456789abcdef" for c in self.sha256)),
                "train.pretrained.sha256", "must be 64 lower-case hex digits")
-        _check(not (self.weights and "://" in self.weights and not self.sha256), "train.pretrained.sha256",
+        _check(not (self.is_url and not self.sha256), "train.pretrained.sha256",
                "is required for a URL (the download is checked against it)")
+
+    @property
+    def is_url(self) -> bool:
+        """``weights`` names a URL to fetch (``https://…``, ``file://…``), not a local path."""
+        return bool(self.weights) and "://" in self.weights
 
 
 @dataclasses.dataclass(frozen=True)

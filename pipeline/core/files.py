@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,29 @@ def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def download_verified(url: str, target: Path, algorithm: str, expected: str) -> None:
+    """Download ``url`` to ``target``, kept only when its ``algorithm`` digest is ``expected``.
+
+    The bytes go to a temporary file beside ``target`` and replace it in one rename, so a failed,
+    interrupted or corrupt download leaves nothing behind. A digest mismatch is a
+    :class:`PipelineError` naming the URL; network and disk errors (``OSError``, which
+    ``urllib.error.URLError`` is) propagate for the caller to word for its user.
+    """
+    from pipeline.core.errors import PipelineError
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            shutil.copyfileobj(response, out, 1 << 20)
+        found = file_digest(tmp, algorithm)
+        if found != expected:
+            raise PipelineError(f"{url}: downloaded file has {algorithm} {found}, expected {expected}; not kept")
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def digest_tree(root: str | Path) -> dict[str, str]:

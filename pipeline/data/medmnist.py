@@ -9,15 +9,10 @@ access the error says where to place a file downloaded elsewhere.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.files import file_digest
+from pipeline.core.files import download_verified, file_digest
 from pipeline.data import catalog
 
 log = logging.getLogger(__name__)
@@ -41,20 +36,10 @@ def fetch_medmnist(name: str, size: int, raw_dir: Path, url_template: str = cata
                                 "the file is corrupt or not the official release (move it away to download again)")
         return target
     url = url_template.format(file=target.name)
-    raw_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=raw_dir)
+    log.info("downloading %s", url)
     try:
-        log.info("downloading %s", url)
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-            shutil.copyfileobj(response, out, 1 << 20)
-        found = file_digest(tmp, "md5")
-        if found != expected:
-            raise PipelineError(f"{url}: downloaded file has MD5 {found}, not the official {expected}; not kept")
-        os.replace(tmp, target)
-    except (urllib.error.URLError, OSError) as exc:
+        download_verified(url, target, "md5", expected)
+    except OSError as exc:  # urllib.error.URLError is an OSError
         raise PipelineError(f"could not download {url} ({getattr(exc, 'reason', exc)}). Without network access, "
                             f"download {target.name} elsewhere and place it at {target} (MD5 {expected})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target

@@ -14,9 +14,6 @@ model package and the report.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +22,7 @@ from torch import nn
 
 from pipeline.core.config import PretrainedParams
 from pipeline.core.errors import PipelineError
-from pipeline.core.files import file_digest
+from pipeline.core.files import download_verified, file_digest
 
 # medcnn wraps every network in a Classifier (".net") and MONAI's in a MonaiNet (".net.net").
 PREFIXES = ("", "net.", "net.net.")
@@ -35,45 +32,44 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MEDCNN_CACHE") or Path.home() / ".cache" / "medcnn") / "weights"
 
 
-def is_url(weights: str) -> bool:
-    return "://" in weights
-
-
-def resolve(cfg: PretrainedParams) -> Path:
-    """The weights file on disk: a local file as given, a URL fetched once into the cache; either
-    checked against ``sha256`` when it is given."""
+def resolve(cfg: PretrainedParams) -> tuple[Path, str]:
+    """The weights file on disk and its sha256: a local file as given (checked against ``sha256``
+    when it is given), a URL fetched once into the cache and checked against ``sha256``."""
     assert cfg.weights
-    if is_url(cfg.weights):
-        target = cache_dir() / f"{cfg.sha256}-{Path(cfg.weights.split('?')[0]).name or 'weights.pt'}"
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    if cfg.is_url:
+        path = cache_dir() / f"{cfg.sha256}-{Path(cfg.weights.split('?')[0]).name or 'weights.pt'}"
+        if not path.exists():
             try:
-                with os.fdopen(fd, "wb") as out, urllib.request.urlopen(cfg.weights, timeout=60) as response:
-                    shutil.copyfileobj(response, out)
-                found = file_digest(Path(tmp), "sha256")
-                if found != cfg.sha256:
-                    raise PipelineError(f"train.pretrained.weights {cfg.weights}: sha256 {found}, expected "
-                                        f"{cfg.sha256} (nothing was kept)")
-                os.replace(tmp, target)
-            except OSError as exc:
-                raise PipelineError(f"train.pretrained.weights {cfg.weights}: cannot fetch ({exc})") from None
-            finally:
-                Path(tmp).unlink(missing_ok=True)
-        path = target
+                download_verified(cfg.weights, path, "sha256", str(cfg.sha256))
+            except OSError as exc:  # urllib.error.URLError is an OSError
+                raise PipelineError(f"train.pretrained.weights {cfg.weights}: cannot fetch "
+                                    f"({getattr(exc, 'reason', exc)})") from None
     else:
         path = Path(cfg.weights)
         if not path.is_file():
             raise PipelineError(f"train.pretrained.weights {path}: file not found")
-    found = file_digest(path, "sha256")
+    found = file_digest(path, "sha256")  # a cached copy too: it is checked on every use
     if cfg.sha256 and found != cfg.sha256:
         raise PipelineError(f"{path}: sha256 {found}, but train.pretrained.sha256 is {cfg.sha256}")
-    return path
+    return path, found
+    assert cfg.sha256
+    path = cache_dir() / f"{cfg.sha256}-{Path(cfg.weights.split('?')[0]).name or 'weights.pt'}"
+    if not path.exists():
+        try:
+            download_verified(cfg.weights, path, "sha256", cfg.sha256)
+        except OSError as exc:  # urllib.error.URLError is an OSError
+            raise PipelineError(f"train.pretrained.weights {cfg.weights}: cannot fetch "
+                                f"({getattr(exc, 'reason', exc)})") from None
+    found = file_digest(path, "sha256")
+    if found != cfg.sha256:  # the cache is the user's disk: a changed file is reported, never replaced
+        raise PipelineError(f"{path}: sha256 {found}, but train.pretrained.sha256 is {cfg.sha256} "
+                            "(the cached copy changed; move it away to fetch again)")
+    return path, found
 
 
 def load(network: nn.Module, cfg: PretrainedParams) -> dict[str, Any]:
     """Copy the matching tensors of ``cfg.weights`` into ``network``; returns what was loaded."""
-    path = resolve(cfg)
+    path, sha256 = resolve(cfg)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
@@ -96,7 +92,7 @@ def load(network: nn.Module, cfg: PretrainedParams) -> dict[str, Any]:
         raise PipelineError(f"{path}: none of its {len(state)} tensors matches the network's names and shapes "
                             f"(its first: {', '.join(list(state)[:3])}; the network's: {', '.join(list(own)[2:5])})")
     network.load_state_dict(loaded, strict=False)
-    return {"file": path.name, "sha256": file_digest(path, "sha256"), "source": cfg.source,
+    return {"file": path.name, "sha256": sha256, "source": cfg.source,
             "loaded": len(loaded), "tensors": len(own) - 2, "not_loaded": skipped}
 
 
