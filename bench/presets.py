@@ -4,19 +4,20 @@
 (``../shared/data/medmnist/``) with this file's search space for it (the test split is not
 read) and writes the study's output as the preset, with ``setting``: the params that select
 the dataset and the design the study ran under, which ``python -m pipeline.tune args`` prints
-before the tuned ones. ``measure DATASET SEEDS…`` then runs prepare → evaluate with the default
+before the tuned ones. ``measure DATASET --seeds …`` then runs prepare → evaluate with the default
 params and with the preset for each seed and prints test ROC AUC and accuracy side by side.
 
     python bench/presets.py tune breastmnist
-    python bench/presets.py tune breastmnist 10 optuna.db tune-7510998d4a   # finish a stopped study at 10
-    python bench/presets.py measure breastmnist 0 1 2
+    # finish a stopped study, at 10 trials in all:
+    python bench/presets.py tune breastmnist --trials 10 --storage optuna.db --name tune-7510998d4a
+    python bench/presets.py measure breastmnist --seeds 0 1 2
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -109,15 +110,20 @@ def measure(dataset: str, seeds: list[int]) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["tune", "measure"])
+    parser.add_argument("dataset", choices=sorted(STUDIES))
+    parser.add_argument("--trials", type=int, help="tune: trials instead of the dataset's count")
+    parser.add_argument("--storage", help="tune: an existing Optuna storage, to finish a study stopped early")
+    parser.add_argument("--name", help="tune: the study's name in --storage")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="measure: the seeds (default 0 1 2)")
+    args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    command, dataset, *seeds = sys.argv[1:]
-    if dataset not in STUDIES:
-        raise SystemExit(f"unknown dataset {dataset} (known: {', '.join(STUDIES)})")
     print(provenance())
-    if command == "tune":
-        tune_preset(dataset, *([int(seeds[0])] if seeds else []), *seeds[1:])
+    if args.command == "tune":
+        tune_preset(args.dataset, args.trials, args.storage, args.name)
     else:
-        measure(dataset, [int(s) for s in seeds] or [0, 1, 2])
+        measure(args.dataset, args.seeds)
 
 
 if __name__ == "__main__":
