@@ -58,35 +58,52 @@ def interpolation(ndim: int) -> str:
 Explainer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (inputs N×C×…, targets N) → N×C×…
 
 
-# Gradient methods run many copies of each image through the network at once (Integrated
-# Gradients' steps, SmoothGrad's noisy samples, and Captum's sensitivity check on top). The
-# activations each copy keeps for the backward pass bound how many go in one pass: with
-# DenseNet-121 at 128 px, SmoothGrad's 576 copies held 23.5 GB. The default small CNN at 64 px
-# keeps about 2 MB per copy, so its passes (at most 576 copies) are not split and its maps keep
-# their bytes.
+# Many methods run many copies of each image through the network at once: Integrated
+# Gradients' steps and SmoothGrad's noisy samples with gradients, occlusion's and LIME's
+# perturbed copies without, and Captum's infidelity and sensitivity checks on top. What each
+# copy holds bounds how many go in one pass: with DenseNet-121 at 128 px, SmoothGrad's 576
+# copies held 23.5 GB and occlusion under the sensitivity check 9.5 GB. The default small CNN
+# at 64 px holds about 2 MB per copy with gradients and 0.75 MB without, so none of its passes
+# (at most 576 and 1,024 copies) is split and its maps keep their bytes.
 ACTIVATION_BUDGET = 2 * 1024**3
 
 
+def _nbytes(value: object) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    return sum(_nbytes(v) for v in value) if isinstance(value, (tuple, list)) else 0
+
+
 @torch.no_grad()
-def activation_bytes(model: nn.Module, shape: tuple[int, ...]) -> int:
-    """Bytes of the outputs of every leaf module for one input of ``shape``: about what one image
-    keeps for the backward pass (measured in eval mode: batch norms' running statistics stay)."""
-    total, training = [0], model.training
-    hooks = [m.register_forward_hook(lambda m, i, o: total.__setitem__(0, total[0] + (
-        o.numel() * o.element_size() if isinstance(o, torch.Tensor) else 0)))
-             for m in model.modules() if not list(m.children())]
+def footprint(model: nn.Module, shape: tuple[int, ...]) -> tuple[int, int]:
+    """Bytes one input of ``shape`` holds in a pass through ``model``: (with gradients, without).
+
+    With gradients, every leaf module's output stays for the backward pass: their sum. Without,
+    a module's inputs and output live together while it runs, and its callers' inputs beside
+    them: twice the largest inputs + output of any module (DenseNet-121 at 128 px: 4 MB
+    estimated, 3.8 MB measured per occluded copy). Measured in eval mode, so batch norms'
+    running statistics stay as they are.
+    """
+    leaves, largest, training = [0], [0], model.training
+
+    def hook(module: nn.Module, inputs: tuple, output: object) -> None:
+        if not list(module.children()):
+            leaves[0] += _nbytes(output)
+        largest[0] = max(largest[0], _nbytes(inputs) + _nbytes(output))
+    hooks = [m.register_forward_hook(hook) for m in model.modules()]
     try:
         model.eval()(torch.zeros(1, *shape))
     finally:
         model.train(training)
-        for hook in hooks:
-            hook.remove()
-    return total[0]
+        for handle in hooks:
+            handle.remove()
+    return leaves[0], 2 * largest[0]
 
 
-def images_per_pass(model: nn.Module, shape: tuple[int, ...]) -> int:
-    """How many inputs one gradient pass may hold within :data:`ACTIVATION_BUDGET`."""
-    return max(1, ACTIVATION_BUDGET // max(1, activation_bytes(model, shape)))
+def images_per_pass(model: nn.Module, shape: tuple[int, ...], gradients: bool = True) -> int:
+    """How many inputs one pass, with or without gradients, may hold within :data:`ACTIVATION_BUDGET`."""
+    with_gradients, without = footprint(model, shape)
+    return max(1, ACTIVATION_BUDGET // max(1, with_gradients if gradients else without))
 
 
 def _saliency(model: nn.Module, cfg: ExplainParams, shape: tuple[int, int, int], seed: int) -> Explainer:
@@ -100,7 +117,9 @@ def _integrated_gradients(model: nn.Module, cfg: ExplainParams, shape: tuple[int
 
     ig = IntegratedGradients(model)
     per_pass = min(4 * cfg.ig_steps, images_per_pass(model, shape))
-    return lambda x, t: ig.attribute(x, baselines=0.0, target=t, n_steps=cfg.ig_steps, internal_batch_size=per_pass)
+    # Captum's least is one step of every input at once (fewer, and it warns and takes that).
+    return lambda x, t: ig.attribute(x, baselines=0.0, target=t, n_steps=cfg.ig_steps,
+                                     internal_batch_size=max(len(x), per_pass))
 
 
 def _smoothgrad(model: nn.Module, cfg: ExplainParams, shape: tuple[int, int, int], seed: int) -> Explainer:
@@ -162,8 +181,9 @@ def _occlusion(model: nn.Module, cfg: ExplainParams, shape: tuple[int, int, int]
     channels, height = shape[:2]
     patch = (channels, *[max(2, round(per_axis(cfg.occlusion_window, len(shape) - 1) * height))] * (len(shape) - 1))
     occlusion = Occlusion(model)
-    return lambda x, t: occlusion.attribute(x, sliding_window_shapes=patch, strides=patch,
-                                            baselines=0.0, target=t, perturbations_per_eval=64)
+    copies = images_per_pass(model, shape, gradients=False)  # occluded copies of the whole batch per pass
+    return lambda x, t: occlusion.attribute(x, sliding_window_shapes=patch, strides=patch, baselines=0.0, target=t,
+                                            perturbations_per_eval=min(64, max(1, copies // len(x))))
 
 
 def _lime(model: nn.Module, cfg: ExplainParams, shape: tuple[int, int, int], seed: int) -> Explainer:
@@ -182,6 +202,7 @@ def _lime(model: nn.Module, cfg: ExplainParams, shape: tuple[int, int, int], see
 
     lime = Lime(model, perturb_func=perturb)
     cells = features.reshape(-1)
+    per_pass = min(64, images_per_pass(model, shape, gradients=False))
 
     def superpixels_kept(sample: torch.Tensor, original: torch.Tensor, **kwargs: object) -> torch.Tensor:
         # Captum's default transform, bit for bit (each pixel kept or set to the baseline, 0),
@@ -196,7 +217,7 @@ def _lime(model: nn.Module, cfg: ExplainParams, shape: tuple[int, int, int], see
         draws["generator"].manual_seed(seed)
         return torch.cat([lime.attribute(x[i:i + 1], baselines=0.0, target=t[i:i + 1],
                                          feature_mask=features.expand(1, channels, *spatial),
-                                         n_samples=cfg.lime_samples, perturbations_per_eval=64)
+                                         n_samples=cfg.lime_samples, perturbations_per_eval=per_pass)
                           for i in range(len(x))])
     return explain_lime
 

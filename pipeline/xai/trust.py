@@ -29,6 +29,7 @@ from torch import nn
 
 from pipeline.core.files import DECIMALS, rounded
 from pipeline.evaluation.metrics import average_precision
+from pipeline.xai.attributions import images_per_pass
 
 
 def _probabilities(model: nn.Module, batch: torch.Tensor, target: int) -> np.ndarray:
@@ -86,34 +87,65 @@ def faithfulness(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, 
     return out
 
 
+class _Copies:
+    """The random perturbations of ``n_perturb`` copies of ``n`` inputs, drawn at once (as one
+    pass of all copies would draw them) and handed out in Captum's order, the next few copies of
+    every input per call: a check's value does not depend on how its copies are batched."""
+
+    def __init__(self, n: int, n_perturb: int, draw: Callable[[tuple[int, ...], torch.Generator], torch.Tensor],
+                 seed: int) -> None:
+        self.n, self.n_perturb, self.draw, self.seed = n, n_perturb, draw, seed
+        self.drawn: torch.Tensor | None = None
+        self.given = 0
+
+    def next(self, x: torch.Tensor) -> torch.Tensor:
+        """Perturbations for ``x``: k copies of each input, repeated in place (``repeat_interleave``)."""
+        if self.drawn is None:
+            generator = torch.Generator().manual_seed(self.seed)
+            self.drawn = self.draw((self.n * self.n_perturb, *x.shape[1:]), generator).view(
+                self.n, self.n_perturb, *x.shape[1:])
+        k = len(x) // self.n
+        out = self.drawn[:, self.given:self.given + k].reshape(x.shape)
+        self.given += k
+        return out
+
+
 def captum_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, maps: np.ndarray,
                   explain_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], seed: int,
                   n_perturb: int) -> dict[str, float]:
     """Captum ``infidelity`` (noise σ 0.05, normalised) and ``sensitivity_max`` (radius 0.02).
 
     Both perturb the inputs at random; the perturbations come from generators seeded with
-    ``seed``, never from torch's global one.
+    ``seed``, never from torch's global one, and each copy of each input gets the same
+    perturbation however many copies Captum passes at once (see ``max_examples_per_batch``).
     """
     from captum.metrics import infidelity, sensitivity_max
 
-    noise_draws = torch.Generator().manual_seed(seed)
+    shape, n = tuple(inputs.shape[1:]), len(inputs)
+    noise = _Copies(n, n_perturb, lambda size, draws: 0.05 * torch.randn(size, generator=draws), seed)
 
     def perturb(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        noise = 0.05 * torch.randn(x.shape, generator=noise_draws)
-        return noise, x - noise
+        drawn = noise.next(x)
+        return drawn, x - drawn
 
-    ball_draws = torch.Generator().manual_seed(seed)
+    radius = 0.02
+    ball = _Copies(n, n_perturb, lambda size, draws: torch.empty(size).uniform_(-radius, radius, generator=draws),
+                   seed)
 
     def in_ball(x: torch.Tensor | tuple, perturb_radius: float) -> tuple[torch.Tensor, ...]:
-        # Captum's default: uniform noise in the L-infinity ball of the radius.
+        # Captum's default: uniform noise in the L-infinity ball of the radius (``radius``, drawn by ``ball``).
         tensors = x if isinstance(x, tuple) else (x,)
-        return tuple(t + torch.empty(t.shape).uniform_(-perturb_radius, perturb_radius, generator=ball_draws)
-                     for t in tensors)
+        return tuple(t + ball.next(t) for t in tensors)
 
     channels = inputs.shape[1]
     # Contiguous copies: Captum views attributions flat, which an expanded (stride-0) tensor cannot be.
     attributions = (torch.from_numpy(maps)[:, None].expand(-1, channels, *maps.shape[1:]) / channels).contiguous()
-    inf = infidelity(model, perturb, inputs, attributions, target=targets, n_perturb_samples=n_perturb, normalize=True)
+    # Each check runs n_perturb copies of the inputs: as many go in one pass as the activation
+    # budget allows, within Captum's bounds (the inputs once, at least; all copies, at most).
+    forward_copies, gradient_copies = (min(n * n_perturb, max(n, images_per_pass(model, shape, gradients)))
+                                       for gradients in (False, True))
+    inf = infidelity(model, perturb, inputs, attributions, target=targets, n_perturb_samples=n_perturb, normalize=True,
+                     max_examples_per_batch=forward_copies)
 
     def explain(x: torch.Tensor | tuple, target: torch.Tensor) -> torch.Tensor | tuple:
         # Captum hands the (perturbed, repeated) inputs over as a tuple. Its first call explains
@@ -126,8 +158,8 @@ def captum_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
             out = explain_fn(tensor.detach().clone().requires_grad_(True), target).detach().contiguous()
         return (out,) if isinstance(x, tuple) else out
 
-    sens = sensitivity_max(explain, inputs, perturb_func=in_ball, n_perturb_samples=n_perturb, perturb_radius=0.02,
-                           target=targets)
+    sens = sensitivity_max(explain, inputs, perturb_func=in_ball, n_perturb_samples=n_perturb, perturb_radius=radius,
+                           target=targets, max_examples_per_batch=gradient_copies)
     return {"infidelity": rounded(float(inf.mean())), "sensitivity_max": rounded(float(sens.mean()))}
 
 
