@@ -147,6 +147,10 @@ def test_pretrained_url_is_fetched_once_into_the_cache_and_checked(tmp_path, mon
         pretrained.resolve(PretrainedParams((tmp_path / "other.pt").as_uri(), sha.replace(sha[0], "0", 1)
                                             if sha[0] != "0" else "1" + sha[1:], None))
     assert sorted(p.name for p in first.parent.iterdir()) == [first.name]  # nothing partial was kept
+    first.write_bytes(first.read_bytes()[:-1])  # the cached copy changed on the user's disk
+    with pytest.raises(PipelineError, match="cached copy changed"):
+        pretrained.resolve(PretrainedParams(url, sha, None))
+    assert first.exists()  # reported, never replaced
 
 
 def test_pretrained_errors_name_the_file(tmp_path):

@@ -49,21 +49,9 @@ def resolve(cfg: PretrainedParams) -> tuple[Path, str]:
         if not path.is_file():
             raise PipelineError(f"train.pretrained.weights {path}: file not found")
     found = file_digest(path, "sha256")  # a cached copy too: it is checked on every use
-    if cfg.sha256 and found != cfg.sha256:
-        raise PipelineError(f"{path}: sha256 {found}, but train.pretrained.sha256 is {cfg.sha256}")
-    return path, found
-    assert cfg.sha256
-    path = cache_dir() / f"{cfg.sha256}-{Path(cfg.weights.split('?')[0]).name or 'weights.pt'}"
-    if not path.exists():
-        try:
-            download_verified(cfg.weights, path, "sha256", cfg.sha256)
-        except OSError as exc:  # urllib.error.URLError is an OSError
-            raise PipelineError(f"train.pretrained.weights {cfg.weights}: cannot fetch "
-                                f"({getattr(exc, 'reason', exc)})") from None
-    found = file_digest(path, "sha256")
-    if found != cfg.sha256:  # the cache is the user's disk: a changed file is reported, never replaced
-        raise PipelineError(f"{path}: sha256 {found}, but train.pretrained.sha256 is {cfg.sha256} "
-                            "(the cached copy changed; move it away to fetch again)")
+    if cfg.sha256 and found != cfg.sha256:  # a changed cached copy is reported, never replaced
+        raise PipelineError(f"{path}: sha256 {found}, but train.pretrained.sha256 is {cfg.sha256}"
+                            + (" (the cached copy changed: move it away to fetch it again)" if cfg.is_url else ""))
     return path, found
 
 
