@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.core.errors import PipelineError
+
 
 def write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file in the same folder, then rename)."""
@@ -129,8 +131,6 @@ def download_verified(url: str, target: Path, algorithm: str, expected: str) -> 
     :class:`PipelineError` naming the URL; network and disk errors (``OSError``, which
     ``urllib.error.URLError`` is) propagate for the caller to word for its user.
     """
-    from pipeline.core.errors import PipelineError
-
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     try:

@@ -100,10 +100,15 @@ def footprint(model: nn.Module, shape: tuple[int, ...]) -> tuple[int, int]:
     return leaves[0], 2 * largest[0]
 
 
+def copies_per_pass(bytes_per_copy: int) -> int:
+    """How many copies of ``bytes_per_copy`` each (see :func:`footprint`) fit in :data:`ACTIVATION_BUDGET`."""
+    return max(1, ACTIVATION_BUDGET // max(1, bytes_per_copy))
+
+
 def images_per_pass(model: nn.Module, shape: tuple[int, ...], gradients: bool = True) -> int:
     """How many inputs one pass, with or without gradients, may hold within :data:`ACTIVATION_BUDGET`."""
     with_gradients, without = footprint(model, shape)
-    return max(1, ACTIVATION_BUDGET // max(1, with_gradients if gradients else without))
+    return copies_per_pass(with_gradients if gradients else without)
 
 
 def _saliency(model: nn.Module, cfg: ExplainParams, shape: tuple[int, int, int], seed: int) -> Explainer:

@@ -29,7 +29,7 @@ from torch import nn
 
 from pipeline.core.files import DECIMALS, rounded
 from pipeline.evaluation.metrics import average_precision
-from pipeline.xai.attributions import images_per_pass
+from pipeline.xai.attributions import copies_per_pass, footprint
 
 
 def _probabilities(model: nn.Module, batch: torch.Tensor, target: int) -> np.ndarray:
@@ -142,8 +142,9 @@ def captum_scores(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     attributions = (torch.from_numpy(maps)[:, None].expand(-1, channels, *maps.shape[1:]) / channels).contiguous()
     # Each check runs n_perturb copies of the inputs: as many go in one pass as the activation
     # budget allows, within Captum's bounds (the inputs once, at least; all copies, at most).
-    forward_copies, gradient_copies = (min(n * n_perturb, max(n, images_per_pass(model, shape, gradients)))
-                                       for gradients in (False, True))
+    with_gradients, without = footprint(model, shape)  # one probe pass for both checks
+    gradient_copies, forward_copies = (min(n * n_perturb, max(n, copies_per_pass(bytes_per_copy)))
+                                       for bytes_per_copy in (with_gradients, without))
     inf = infidelity(model, perturb, inputs, attributions, target=targets, n_perturb_samples=n_perturb, normalize=True,
                      max_examples_per_batch=forward_copies)
 
